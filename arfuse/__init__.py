@@ -1,0 +1,30 @@
+"""arfuse: one fast, trustworthy call for tensor-parallel allreduce + residual add + RMSNorm.
+
+>>> import arfuse
+>>> sorted(arfuse.__all__)[:3]
+['AllReduceFusion', 'ArfuseError', 'BackendError']
+"""
+from arfuse import backends as _backends  # noqa: F401  (registers the backends)
+from arfuse.api import AllReduceFusion
+from arfuse.core.counters import strict
+from arfuse.core.errors import ArfuseError, BackendError, FallbackError, PeerTimeoutError
+from arfuse.core.types import Pattern, Plan
+from arfuse.functional import all_reduce, residual_rmsnorm, rmsnorm
+from arfuse.module import FusedAddRMSNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllReduceFusion",
+    "ArfuseError",
+    "BackendError",
+    "FallbackError",
+    "FusedAddRMSNorm",
+    "Pattern",
+    "PeerTimeoutError",
+    "Plan",
+    "all_reduce",
+    "residual_rmsnorm",
+    "rmsnorm",
+    "strict",
+]

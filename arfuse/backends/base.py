@@ -1,0 +1,146 @@
+"""The one Backend contract every path implements, the Workspace it owns, and the registry selection reads.
+
+A backend joins arfuse by subclassing :class:`Backend` and calling :func:`register` at import time; the
+selector and the executor never name backends.
+
+Lifecycle, per fusion object:
+  1. ``check(problem, caps, variant)`` - pure, no side effects: the reason it cannot run, or None.
+  2. ``prepare(capacity, caps, group)`` - collective over ``group`` (every rank calls it), once, before any
+     CUDA-graph capture; returns a Workspace or raises. The executor votes on the outcome so that all ranks
+     keep or drop the backend together.
+  3. ``run(ws, variant, pattern, x, residual, weight, eps, scale, out, residual_out)`` - writes ``out``
+     (and ``residual_out`` for residual patterns); returns nothing. Must be graph-capturable.
+  4. ``ws.close()`` - idempotent; frees buffers.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Dict, FrozenSet, List, Optional, Tuple
+
+import torch
+
+from arfuse.core.types import Capacity, GroupCaps, Pattern, Problem
+
+ALL_PATTERNS: FrozenSet[Pattern] = frozenset(Pattern)
+
+
+@dataclass(frozen=True)
+class Support:
+    """What a backend declares it can do; :meth:`Backend.check` tests a problem against it."""
+
+    devices: FrozenSet[str]
+    dtypes: FrozenSet[torch.dtype]
+    patterns: FrozenSet[Pattern] = ALL_PATTERNS
+    world_sizes: Optional[FrozenSet[int]] = None  # None: any
+    max_bytes: Optional[int] = None  # per call (tokens * hidden * itemsize); None: unlimited
+    hidden_multiple: int = 1
+    max_hidden: Optional[int] = None
+
+    def reason(self, problem: Problem) -> Optional[str]:
+        if problem.device_type not in self.devices:
+            return f"device {problem.device_type} not supported (needs {'/'.join(sorted(self.devices))})"
+        if problem.dtype not in self.dtypes:
+            names = "/".join(sorted(str(d).replace("torch.", "") for d in self.dtypes))
+            return f"dtype {str(problem.dtype).replace('torch.', '')} not supported (needs {names})"
+        if problem.pattern not in self.patterns:
+            return f"pattern {problem.pattern.name} not supported"
+        if self.world_sizes is not None and problem.world_size not in self.world_sizes:
+            return f"world size {problem.world_size} not supported (needs one of {sorted(self.world_sizes)})"
+        if problem.hidden_size % self.hidden_multiple:
+            return f"hidden size {problem.hidden_size} is not a multiple of {self.hidden_multiple}"
+        if self.max_hidden is not None and problem.hidden_size > self.max_hidden:
+            return f"hidden size {problem.hidden_size} exceeds {self.max_hidden}"
+        if self.max_bytes is not None and problem.nbytes > self.max_bytes:
+            return f"{problem.nbytes} bytes per call exceeds the backend limit of {self.max_bytes}"
+        return None
+
+
+class Workspace:
+    """Buffers a backend owns for one fusion object. Subclasses free them in ``_release``."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        """Free the buffers. Idempotent; safe at interpreter exit."""
+        if self.closed:
+            return
+        self.closed = True
+        self._release()
+
+    def _release(self) -> None:
+        pass
+
+    def input_buffer(self, num_tokens: int) -> Optional[torch.Tensor]:
+        """A tensor the caller may write its input into so the backend skips its copy-in, or None."""
+        return None
+
+    def raise_if_failed(self) -> None:
+        """Raise the error a previous asynchronous launch recorded (e.g. a peer timeout), if any."""
+
+
+class Backend(abc.ABC):
+    """One way to compute the fused op. Subclasses set ``name``, ``variants``, ``support`` and ``priority``."""
+
+    name: str = ""
+    variants: Tuple[str, ...] = ("default",)
+    support: Support
+    priority: int = 100  # static preference when neither a tuned table nor the defaults decide; lower wins
+    needs_prepare_vote: bool = True  # False for paths whose prepare cannot fail on one rank alone
+
+    def check(self, problem: Problem, caps: GroupCaps, variant: str) -> Optional[str]:
+        """Why this backend/variant cannot run ``problem`` on ``caps``, or None. Pure.
+
+        Its dependence on ``problem.num_tokens`` must be monotone: refusing n tokens means refusing every larger
+        count (selection finds each path's largest size by bisection).
+        """
+        if variant not in self.variants:
+            return f"unknown variant {variant!r} (has {', '.join(self.variants)})"
+        return self.support.reason(problem) or self.check_group(caps) or self.check_variant(problem, caps, variant)
+
+    def check_group(self, caps: GroupCaps) -> Optional[str]:
+        """Group-level requirements (P2P, arch, installed packages). Pure."""
+        return None
+
+    def check_variant(self, problem: Problem, caps: GroupCaps, variant: str) -> Optional[str]:
+        """Variant-level limits (e.g. a one-shot size cap). Pure."""
+        return None
+
+    @abc.abstractmethod
+    def prepare(self, capacity: Capacity, caps: GroupCaps, group) -> Workspace:
+        """Allocate and exchange buffers for ``capacity``. Collective over ``group``; not graph-safe."""
+
+    @abc.abstractmethod
+    def run(self, ws: Workspace, variant: str, pattern: Pattern, x: torch.Tensor,
+            residual: Optional[torch.Tensor], weight: Optional[torch.Tensor], eps: float,
+            scale: Optional[torch.Tensor], out: torch.Tensor, residual_out: Optional[torch.Tensor]) -> None:
+        """Compute ``pattern`` into ``out`` (and ``residual_out``). ``residual`` may be ``residual_out`` itself
+        (in-place mode). Collective; graph-capturable."""
+
+
+_REGISTRY: Dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Add a backend instance to the registry (replacing one of the same name) and return it."""
+    if not backend.name:
+        raise ValueError("register: backend.name must be a non-empty string")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def get(name: str) -> Backend:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; registered: {', '.join(_REGISTRY) or 'none'}") from None
+
+
+def registered() -> List[Backend]:
+    """Registered backends in registration order."""
+    return list(_REGISTRY.values())

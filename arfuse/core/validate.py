@@ -1,0 +1,115 @@
+"""Argument checks run on every rank before any collective starts.
+
+Only what each rank can check locally is checked here. What needs other ranks' arguments (the same token count
+and hidden size on every rank) is the caller's contract; a mismatch there is caught by the kernels' bounded waits
+on GPU, not here.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from arfuse.core.types import Capacity
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_eps(op: str, eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"{op}: eps must be finite and > 0, got {eps}")
+    return eps
+
+
+def _span(t: torch.Tensor):
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' memory ranges intersect (an empty tensor overlaps nothing)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    a0, a1 = _span(a)
+    b0, b1 = _span(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_tensor(op: str, name: str, t, *, dtype: torch.dtype, device: torch.device, shape: tuple) -> torch.Tensor:
+    """``t`` must be a contiguous tensor of ``shape``, ``dtype`` and ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must have dtype {dtype_name(dtype)}, got {dtype_name(t.dtype)}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} must be on {device}, got {t.device}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous (call .contiguous() first)")
+    return t
+
+
+def check_input(op: str, x, capacity: Capacity) -> int:
+    """``x`` is the (tokens, hidden) input; return its token count."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D (tokens, hidden), got {x.dim()}-D shape {tuple(x.shape)}")
+    if x.dtype != capacity.dtype:
+        raise TypeError(f"{op}: x must have dtype {dtype_name(capacity.dtype)} (the fusion object's dtype), "
+                        f"got {dtype_name(x.dtype)}")
+    if x.device != capacity.device:
+        raise ValueError(f"{op}: x must be on {capacity.device} (the fusion object's device), got {x.device}")
+    if x.shape[1] != capacity.hidden_size:
+        raise ValueError(f"{op}: x.shape[1] must equal hidden_size={capacity.hidden_size}, got {x.shape[1]}")
+    if x.shape[0] > capacity.max_tokens:
+        raise ValueError(f"{op}: x has {x.shape[0]} tokens, more than max_tokens={capacity.max_tokens}")
+    if not x.is_contiguous():
+        raise ValueError(f"{op}: x must be contiguous (call .contiguous() first)")
+    return x.shape[0]
+
+
+def check_weight(op: str, weight, capacity: Capacity) -> torch.Tensor:
+    return check_tensor(op, "weight", weight, dtype=capacity.dtype, device=capacity.device,
+                        shape=(capacity.hidden_size,))
+
+
+def check_scale(op: str, scale, device: torch.device) -> torch.Tensor:
+    """The FP8 scale: a positive finite float, or a one-element float32 tensor on the device."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.dtype != torch.float32:
+            raise TypeError(f"{op}: scale must be a one-element float32 tensor, got {scale.dtype} "
+                            f"with {scale.numel()} elements")
+        if scale.device != device:
+            raise ValueError(f"{op}: scale must be on {device}, got {scale.device}")
+        return scale.reshape(1)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{op}: scale must be a float or a float32 tensor, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{op}: scale must be finite and > 0, got {scale}")
+    return torch.full((1,), float(scale), dtype=torch.float32, device=device)
+
+
+def check_outputs_disjoint(op: str, outputs: dict, inputs: dict, allowed: Optional[tuple] = None) -> None:
+    """No output may share memory with an input or another output (except the allowed in-place pair)."""
+    names = list(outputs)
+    for i, oname in enumerate(names):
+        o = outputs[oname]
+        for other in names[i + 1:]:
+            if overlaps(o, outputs[other]):
+                raise ValueError(f"{op}: {oname} and {other} must not share memory")
+        for iname, t in inputs.items():
+            if t is None or allowed == (oname, iname):
+                continue
+            if overlaps(o, t):
+                raise ValueError(f"{op}: {oname} must not share memory with {iname}")

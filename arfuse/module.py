@@ -1,0 +1,50 @@
+"""``FusedAddRMSNorm``: the ``nn.Module`` a TP model swaps in for its post-attention / post-MLP norm."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from arfuse.api import AllReduceFusion
+
+
+class FusedAddRMSNorm(nn.Module):
+    """Holds an RMSNorm's weight and eps and runs ``allreduce(x) + residual -> RMSNorm`` through ``fusion``.
+
+    ``forward(x, residual)`` returns ``(normed, new_residual)``; ``forward(x)`` (no residual) returns
+    ``rmsnorm(allreduce(x))``. ``x`` may have leading batch dimensions; they are flattened to tokens.
+    ``inplace_residual=True`` updates ``residual`` in place. Collective; graph-capturable; compiles.
+
+    >>> fusion = AllReduceFusion(max_tokens=8, hidden_size=16, dtype=torch.float32, device="cpu")
+    >>> norm = FusedAddRMSNorm(16, eps=1e-6, fusion=fusion, dtype=torch.float32)
+    >>> y, r = norm(torch.randn(2, 3, 16), torch.randn(2, 3, 16))
+    >>> y.shape, r.shape
+    (torch.Size([2, 3, 16]), torch.Size([2, 3, 16]))
+    >>> fusion.close()
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, fusion: Optional[AllReduceFusion] = None, *,
+                 dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
+                 inplace_residual: bool = False):
+        super().__init__()
+        if not isinstance(fusion, AllReduceFusion):
+            raise TypeError(f"FusedAddRMSNorm: fusion must be an AllReduceFusion, got {type(fusion).__name__}")
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype or fusion.capacity.dtype,
+                                              device=device or fusion.capacity.device))
+        self.eps = eps
+        self.fusion = fusion
+        self.inplace_residual = inplace_residual
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if residual is None:
+            return self.fusion.rmsnorm(flat, self.weight, self.eps).view(shape)
+        normed, res = self.fusion.residual_rmsnorm(flat, residual.reshape(-1, shape[-1]), self.weight, self.eps,
+                                                   inplace=self.inplace_residual)
+        return normed.view(shape), (residual if self.inplace_residual else res.view(shape))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, inplace_residual={self.inplace_residual}"

@@ -1,0 +1,158 @@
+"""The executor behind :class:`arfuse.AllReduceFusion`: agreed capabilities, prepared workspaces, precomputed
+plans, dispatch and counting. Collectives happen only in the constructor (probe, prepare, votes) and inside
+``Backend.run``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional
+
+import torch
+
+from arfuse.backends import base
+from arfuse.core.counters import Counters, log_once, logger, resolve_strict
+from arfuse.core.errors import BackendError, FallbackError, PeerTimeoutError
+from arfuse.core.types import Capacity, GroupCaps, Pattern, Plan
+from arfuse.probe import vote
+from arfuse.probe.group import group_caps
+from arfuse.select import policy, table as tables
+
+REFERENCE = policy.REFERENCE
+
+
+class Executor:
+    """Owns one fusion object's state. Collective to construct: every rank of ``group`` must build it together."""
+
+    def __init__(self, group, capacity: Capacity, requested: str = policy.AUTO, strict: Optional[bool] = None,
+                 table_path=None, caps: Optional[GroupCaps] = None):
+        self.group = group
+        self.capacity = capacity
+        self.requested = requested
+        self.strict_arg = strict
+        self.counters = Counters()
+        self.closed = False
+        self.backends: Dict[str, base.Backend] = {b.name: b for b in base.registered()}
+        self.workspaces: Dict[str, base.Workspace] = {}
+        self.disabled: Dict[str, str] = {}
+        self.caps = caps if caps is not None else group_caps(group, capacity.device)
+        self.table_entry, self.table_source = self._match_table(table_path)
+        try:
+            self._prepare_until_stable()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction ---------------------------------------------------------------------------------------
+    def _match_table(self, table_path):
+        cap, caps = self.capacity, self.caps
+        for table, source in ((tables.load_tuned(table_path), "tuned"), (tables.builtin_defaults(), "defaults")):
+            if table is None:
+                continue
+            entry = table.match(caps.gpu_name, caps.world_size, cap.dtype, cap.hidden_size)
+            if entry is not None:
+                return entry, source
+        return None, "priority"
+
+    def _live_backends(self) -> Dict[str, base.Backend]:
+        return {n: b for n, b in self.backends.items() if n not in self.disabled}
+
+    def _build_plans(self) -> Dict[Pattern, List[Optional[Plan]]]:
+        live = self._live_backends()
+        plans = {}
+        for pattern in Pattern:
+            segments = policy.plan_segments(pattern, self.capacity, self.caps, live, self.requested,
+                                            self.table_entry, self.table_source)
+            plans[pattern] = policy.expand(segments, self.capacity.max_tokens)
+        return plans
+
+    def _prepare_until_stable(self) -> None:
+        self._prepare(REFERENCE)
+        while True:
+            self.plans = self._build_plans()
+            needed = sorted({p.backend for rows in self.plans.values() for p in rows if p is not None}
+                            - set(self.workspaces))
+            if not needed:
+                return
+            for name in needed:
+                self._prepare(name)
+
+    def _prepare(self, name: str) -> None:
+        backend = self.backends[name]
+        ws, why = None, None
+        try:
+            ws = backend.prepare(self.capacity, self.caps, self.group)
+        except Exception as e:  # any failure must become a vote, or the other ranks would wait forever
+            why = f"{type(e).__name__}: {e}"
+        ok, reason = (ws is not None, why)
+        if backend.needs_prepare_vote:
+            ok, reason = vote.agree(ok, why, self.group)
+        if ok:
+            self.workspaces[name] = ws
+            return
+        if ws is not None:
+            ws.close()
+        if name == REFERENCE:
+            raise BackendError(f"arfuse: the reference backend failed to prepare: {reason}")
+        self._disable(name, f"{name}: prepare failed on {reason}")
+        if resolve_strict(self.strict_arg):
+            raise FallbackError(name, self.disabled[name])
+
+    def _disable(self, name: str, reason: str) -> None:
+        self.disabled[name] = reason
+        self.counters.count_fallback(reason)
+        log_once(f"disable:{reason}", f"arfuse: backend {name} disabled, falling back: {reason}")
+
+    # -- per call -------------------------------------------------------------------------------------------
+    def plan(self, pattern: Pattern, num_tokens: int) -> Plan:
+        return self.plans[pattern][num_tokens]
+
+    def run(self, pattern: Pattern, x: torch.Tensor, residual, weight, eps: float, scale, out, residual_out) -> None:
+        """Dispatch one validated call. Collective."""
+        n = x.shape[0]
+        if n == 0:
+            return
+        plan = self.plans[pattern][n]
+        if plan.fallback:
+            self._fallback(plan)
+        backend = self.backends[plan.backend]
+        try:
+            backend.run(self.workspaces[plan.backend], plan.variant, pattern, x, residual, weight, eps, scale,
+                        out, residual_out)
+        except PeerTimeoutError as e:
+            self.counters.count_error(f"{plan.key}: {e}")
+            raise
+        except Exception as e:  # a backend bug or launch failure: never return its partial output as valid
+            self._on_backend_error(plan, e)
+            return self.run(pattern, x, residual, weight, eps, scale, out, residual_out)
+        self.counters.count_call(plan.key)
+
+    def _fallback(self, plan: Plan) -> None:
+        if resolve_strict(self.strict_arg):
+            raise FallbackError(policy.parse_request(self.requested)[0], plan.reason)
+        self.counters.count_fallback(plan.reason)
+        log_once(f"fallback:{plan.reason}", f"arfuse: falling back to {plan.backend}: {plan.reason}")
+
+    def _on_backend_error(self, plan: Plan, error: Exception) -> None:
+        reason = f"{plan.key} raised {type(error).__name__}: {error}"
+        self.counters.count_error(reason)
+        if plan.backend == REFERENCE or resolve_strict(self.strict_arg):
+            raise BackendError(f"arfuse: {reason}") from error
+        self._disable(plan.backend, reason)
+        self.plans = self._build_plans()
+        logger.log(logging.DEBUG, "arfuse: plans rebuilt without %s", plan.backend)
+
+    def input_buffer(self, pattern: Pattern, num_tokens: int) -> Optional[torch.Tensor]:
+        plan = self.plans[pattern][num_tokens]
+        return self.workspaces[plan.backend].input_buffer(num_tokens)
+
+    def raise_if_failed(self) -> None:
+        for ws in self.workspaces.values():
+            ws.raise_if_failed()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for ws in self.workspaces.values():
+            ws.close()
+        self.workspaces.clear()

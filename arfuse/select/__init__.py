@@ -1,0 +1,1 @@
+"""Selection: which backend/variant runs each (pattern, token count). Pure functions plus the table loader."""
