@@ -1,0 +1,70 @@
+"""Float64 oracle and reproducible per-rank inputs, shared by the demo, the benchmark, the tuner and the tests.
+
+Every rank can rebuild every other rank's input from the seed, so the float64 reference needs no communication.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from arfuse.core.types import FP8_MAX, Pattern
+
+# Worst relative error (||out - ref|| / ||ref||) accepted per output dtype.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float8_e4m3fn: 7e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call's inputs: ``x`` per rank (fresh random each), shared ``residual`` and ``weight``."""
+
+    tokens: int
+    hidden: int
+    dtype: torch.dtype
+    seed: int
+    eps: float = 1e-6
+    scale: float = 0.05
+
+    def _gen(self, salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
+
+    def x(self, rank: int, device="cpu") -> torch.Tensor:
+        g = self._gen(17 + rank)
+        return torch.randn(self.tokens, self.hidden, generator=g).to(self.dtype).to(device)
+
+    def residual(self, device="cpu") -> torch.Tensor:
+        return torch.randn(self.tokens, self.hidden, generator=self._gen(1)).to(self.dtype).to(device)
+
+    def weight(self, device="cpu") -> torch.Tensor:
+        w = 1.0 + 0.1 * torch.randn(self.hidden, generator=self._gen(2))
+        return w.to(self.dtype).to(device)
+
+
+def reference(case: Case, world_size: int, pattern: Pattern) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(out, residual_out) in float64 for ``pattern`` (out before FP8 rounding for the FP8 pattern)."""
+    s = sum(case.x(r).double() for r in range(world_size))
+    if pattern is Pattern.ALLREDUCE:
+        return s, None
+    res_out = None
+    if pattern.has_residual:
+        s = s + case.residual().double()
+        res_out = s
+    norm = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + case.eps) * case.weight().double()
+    if pattern is Pattern.RESIDUAL_RMSNORM_FP8:
+        norm = (norm / case.scale).clamp(-FP8_MAX, FP8_MAX)
+    return norm, res_out
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; inf if ``out`` has a NaN (e.g. an unwritten poisoned element)."""
+    out = out.detach().to("cpu", torch.float64)
+    if torch.isnan(out).any():
+        return float("inf")
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN (or the FP8 NaN) so unwritten elements are caught."""
+    return t.fill_(float("nan"))
