@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import weakref
 from typing import Dict, Optional, Tuple, Union
 
@@ -12,12 +14,12 @@ from arfuse.core import validate as v
 from arfuse.core.counters import StatsView, logger
 from arfuse.core.types import FP8_DTYPE, Capacity, GroupCaps, Pattern, Plan
 from arfuse.probe import vote
-from arfuse.runtime.custom_op import register_executor
+from arfuse.runtime.custom_op import call, register_executor
 from arfuse.runtime.executor import Executor
 from arfuse.select import policy
 
 Tensor = torch.Tensor
-_fused = torch.ops.arfuse.fused_
+DEFAULT_TIMEOUT_S = 10.0
 
 
 def _default_device(group) -> torch.device:
@@ -46,6 +48,16 @@ def _check_backend_name(requested) -> str:
     return requested
 
 
+def _check_timeout(timeout_s) -> float:
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("ARFUSE_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        raise TypeError(f"AllReduceFusion: timeout_s must be a number, got {type(timeout_s).__name__}")
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise ValueError(f"AllReduceFusion: timeout_s must be finite and > 0, got {timeout_s}")
+    return float(timeout_s)
+
+
 def _close_at_exit(executor: Executor) -> None:
     try:
         executor.close()
@@ -66,6 +78,8 @@ class AllReduceFusion:
     ``"triton_symm"``, ``"flashinfer"``) or ``"name/variant"``. A named path that cannot run a size falls back
     to ``torch_ref`` (logged once, counted) or, in strict mode, raises :class:`FallbackError`.
     ``strict``: None follows :class:`arfuse.strict`. ``table_path``: a tuning table (default: ``arfuse tune``'s).
+    ``timeout_s``: how long a kernel waits for a peer before recording :class:`PeerTimeoutError` (default
+    ``ARFUSE_TIMEOUT_S`` or 10 s).
 
     >>> fusion = AllReduceFusion(max_tokens=8, hidden_size=16, dtype=torch.float32, device="cpu")
     >>> x, res, w = torch.randn(4, 16), torch.randn(4, 16), torch.ones(16)
@@ -79,7 +93,7 @@ class AllReduceFusion:
 
     def __init__(self, group=None, *, max_tokens: int, hidden_size: int, dtype: torch.dtype = torch.bfloat16,
                  device: Union[str, torch.device, None] = None, backend: str = "auto",
-                 strict: Optional[bool] = None, table_path=None):
+                 strict: Optional[bool] = None, table_path=None, timeout_s: Optional[float] = None):
         op = "AllReduceFusion"
         for name, value in (("max_tokens", max_tokens), ("hidden_size", hidden_size)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -91,8 +105,9 @@ class AllReduceFusion:
         if strict is not None and not isinstance(strict, bool):
             raise TypeError(f"{op}: strict must be a bool or None, got {type(strict).__name__}")
         requested = _check_backend_name(backend)
+        timeout_s = _check_timeout(timeout_s)
         device = _normalize_device(device) if device is not None else _default_device(group)
-        self.capacity = Capacity(max_tokens, hidden_size, dtype, device)
+        self.capacity = Capacity(max_tokens, hidden_size, dtype, device, timeout_s)
         self._executor = Executor(group, self.capacity, requested, strict, table_path)
         self._handle = register_executor(self._executor)
         self._finalizer = weakref.finalize(self, _close_at_exit, self._executor)
@@ -128,9 +143,11 @@ class AllReduceFusion:
         v.check_input(op, x, self.capacity)
         v.check_weight(op, weight, self.capacity)
         eps = v.check_eps(op, eps)
+        provided = out is not None
         out = self._output(op, "out", out, x, self.capacity.dtype)
-        self._check_disjoint(op, {"out": out}, {"x": x, "weight": weight})
-        _fused(x, None, weight, None, eps, self._handle, int(Pattern.RMSNORM), out, None)
+        if provided:
+            self._check_disjoint(op, {"out": out}, {"x": x, "weight": weight})
+        call(self._executor, self._handle, Pattern.RMSNORM, x, None, weight, None, eps, out, None)
         return out
 
     def all_reduce(self, x: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
@@ -138,9 +155,11 @@ class AllReduceFusion:
         op = "all_reduce"
         self._check_open(op)
         v.check_input(op, x, self.capacity)
+        provided = out is not None
         out = self._output(op, "out", out, x, self.capacity.dtype)
-        self._check_disjoint(op, {"out": out}, {"x": x})
-        _fused(x, None, None, None, 1.0, self._handle, int(Pattern.ALLREDUCE), out, None)
+        if provided:
+            self._check_disjoint(op, {"out": out}, {"x": x})
+        call(self._executor, self._handle, Pattern.ALLREDUCE, x, None, None, None, 1.0, out, None)
         return out
 
     def _residual_call(self, op, pattern, x, residual, weight, eps, scale, out, residual_out, inplace, out_dtype):
@@ -154,15 +173,24 @@ class AllReduceFusion:
             raise TypeError(f"{op}: inplace must be a bool, got {type(inplace).__name__}")
         if inplace and residual_out is not None:
             raise ValueError(f"{op}: pass either inplace=True or residual_out, not both")
+        # Only caller-provided memory can overlap anything, so fresh outputs skip the (costly) overlap check.
+        given = {}
+        if out is not None:
+            given["norm_out"] = out
+        if inplace or residual_out is not None:
+            given["residual_out"] = residual if inplace else residual_out
         out = self._output(op, "quant_out" if scale is not None else "norm_out", out, x, out_dtype)
         res_out = residual if inplace else self._output(op, "residual_out", residual_out, x, cap.dtype)
-        self._check_disjoint(op, {"norm_out": out, "residual_out": res_out},
-                             {"x": x, "residual": residual, "weight": weight},
-                             allowed=("residual_out", "residual") if inplace else None)
-        _fused(x, None if inplace else residual, weight, scale, eps, self._handle, int(pattern), out, res_out)
+        if given:
+            self._check_disjoint(op, {k: (out if k == "norm_out" else res_out) for k in given},
+                                 {"x": x, "residual": residual, "weight": weight},
+                                 allowed=("residual_out", "residual") if inplace else None)
+        call(self._executor, self._handle, pattern, x, None if inplace else residual, weight, scale, eps, out,
+             res_out)
         return out, res_out
 
-    def _output(self, op: str, name: str, given: Optional[Tensor], x: Tensor, dtype: torch.dtype) -> Tensor:
+    @staticmethod
+    def _output(op: str, name: str, given: Optional[Tensor], x: Tensor, dtype: torch.dtype) -> Tensor:
         if given is None:
             return torch.empty(x.shape, dtype=dtype, device=x.device)
         return v.check_tensor(op, name, given, dtype=dtype, device=x.device, shape=tuple(x.shape))

@@ -4,6 +4,7 @@ Every rank can rebuild every other rank's input from the seed, so the float64 re
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -68,3 +69,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def poison(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN (or the FP8 NaN) so unwritten elements are caught."""
     return t.fill_(float("nan"))
+
+
+def digest(*tensors: torch.Tensor) -> str:
+    """SHA-256 of the tensors' dtypes, shapes and raw bytes: equal digests mean bitwise-identical outputs."""
+    h = hashlib.sha256()
+    for t in tensors:
+        flat = t.detach().contiguous().cpu().reshape(-1)
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -72,8 +72,8 @@ class Workspace:
     def _release(self) -> None:
         pass
 
-    def input_buffer(self, num_tokens: int) -> Optional[torch.Tensor]:
-        """A tensor the caller may write its input into so the backend skips its copy-in, or None."""
+    def input_buffer(self, variant: str, num_tokens: int) -> Optional[torch.Tensor]:
+        """A tensor the caller may write its input into so ``variant`` skips its copy-in, or None."""
         return None
 
     def raise_if_failed(self) -> None:
@@ -88,6 +88,7 @@ class Backend(abc.ABC):
     support: Support
     priority: int = 100  # static preference when neither a tuned table nor the defaults decide; lower wins
     needs_prepare_vote: bool = True  # False for paths whose prepare cannot fail on one rank alone
+    multi_host: bool = False  # True if it runs on ranks spread over hosts (needs neither P2P nor shared memory)
 
     def check(self, problem: Problem, caps: GroupCaps, variant: str) -> Optional[str]:
         """Why this backend/variant cannot run ``problem`` on ``caps``, or None. Pure.

@@ -33,6 +33,7 @@ class TorchRefBackend(Backend):
                       dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}))
     priority = 1000
     needs_prepare_vote = False
+    multi_host = True
 
     def prepare(self, capacity: Capacity, caps: GroupCaps, group) -> RefWorkspace:
         return RefWorkspace(group, caps.world_size)

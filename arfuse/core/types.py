@@ -41,6 +41,7 @@ class Capacity:
     hidden_size: int
     dtype: torch.dtype
     device: torch.device
+    timeout_s: float = 10.0  # bound on any wait for a peer inside a kernel
 
     @property
     def itemsize(self) -> int:

@@ -39,6 +39,8 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors' memory ranges intersect (an empty tensor overlaps nothing)."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False  # different allocations never overlap
     a0, a1 = _span(a)
     b0, b1 = _span(b)
     return a0 < b1 and b0 < a1

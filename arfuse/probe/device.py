@@ -41,7 +41,7 @@ def symm_mem_reason() -> Optional[str]:
     if not torch.cuda.is_available():
         return "symm_mem: CUDA not available"
     try:
-        import torch.distributed._symmetric_memory  # noqa: F401
+        importlib.import_module("torch.distributed._symmetric_memory")
     except ImportError as e:
         return f"symm_mem: torch.distributed._symmetric_memory not importable ({e})"
     return None

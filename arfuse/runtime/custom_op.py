@@ -51,3 +51,14 @@ def fused_(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[t
 @fused_.register_fake
 def _fused_fake(x, residual, weight, scale, eps, handle, pattern, out, residual_out) -> None:
     return None
+
+
+def call(executor: Executor, handle: int, pattern: Pattern, x: torch.Tensor, residual, weight, scale, eps: float,
+         out: torch.Tensor, residual_out) -> None:
+    """Run one fused call: through the registered op while tracing (compile, export, fake tensors), straight to
+    the executor in eager mode, where the op's dispatch would cost ~100 µs of Python per call."""
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        fused_(x, residual, weight, scale, eps, handle, int(pattern), out, residual_out)
+    else:
+        executor.run(pattern, x, residual if residual is not None else residual_out, weight, eps, scale, out,
+                     residual_out)

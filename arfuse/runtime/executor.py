@@ -36,6 +36,7 @@ class Executor:
         self.disabled: Dict[str, str] = {}
         self.caps = caps if caps is not None else group_caps(group, capacity.device)
         self.table_entry, self.table_source = self._match_table(table_path)
+        self._note_group_restriction()
         try:
             self._prepare_until_stable()
         except BaseException:
@@ -44,20 +45,42 @@ class Executor:
 
     # -- construction ---------------------------------------------------------------------------------------
     def _match_table(self, table_path):
+        """The table entry all ranks use. Each rank matches its own files, then every rank takes rank 0's result,
+        so ranks whose tables differ (e.g. per-host cache dirs) still plan alike. Collective."""
         cap, caps = self.capacity, self.caps
+        found = (None, "priority")
         for table, source in ((tables.load_tuned(table_path), "tuned"), (tables.builtin_defaults(), "defaults")):
             if table is None:
                 continue
-            entry = table.match(caps.gpu_name, caps.world_size, cap.dtype, cap.hidden_size)
+            entry = table.match(tables.device_key(caps), caps.world_size, cap.dtype, cap.hidden_size)
             if entry is not None:
-                return entry, source
-        return None, "priority"
+                found = (entry, source)
+                break
+        every = vote.all_gather_object(found, self.group)
+        if any(f != every[0] for f in every):
+            differ = [r for r, f in enumerate(every) if f != every[0]]
+            reason = f"selection table differs on ranks {differ} from rank 0; all ranks use rank 0's"
+            self.counters.count_fallback(reason)
+            log_once(f"table-differs:{reason}", f"arfuse: {reason}")
+        entry, source = every[0]
+        if entry is not None and entry.scaled_from is not None:
+            source = f"{source} (scaled from hidden {entry.scaled_from})"
+        return entry, source
+
+    def _note_group_restriction(self) -> None:
+        restriction = policy.group_restriction(self.caps)
+        if restriction is not None:
+            self.counters.count_fallback(restriction)
+            log_once(f"restriction:{restriction}", f"arfuse: {restriction}; only multi-host backends run",
+                     logging.INFO)
 
     def _live_backends(self) -> Dict[str, base.Backend]:
         return {n: b for n, b in self.backends.items() if n not in self.disabled}
 
-    def _build_plans(self) -> Dict[Pattern, List[Optional[Plan]]]:
+    def _build_plans(self, prepared_only: bool = False) -> Dict[Pattern, List[Optional[Plan]]]:
         live = self._live_backends()
+        if prepared_only:  # after construction no rank may prepare (collective) on its own
+            live = {n: b for n, b in live.items() if n in self.workspaces}
         plans = {}
         for pattern in Pattern:
             segments = policy.plan_segments(pattern, self.capacity, self.caps, live, self.requested,
@@ -138,12 +161,12 @@ class Executor:
         if plan.backend == REFERENCE or resolve_strict(self.strict_arg):
             raise BackendError(f"arfuse: {reason}") from error
         self._disable(plan.backend, reason)
-        self.plans = self._build_plans()
+        self.plans = self._build_plans(prepared_only=True)
         logger.log(logging.DEBUG, "arfuse: plans rebuilt without %s", plan.backend)
 
     def input_buffer(self, pattern: Pattern, num_tokens: int) -> Optional[torch.Tensor]:
         plan = self.plans[pattern][num_tokens]
-        return self.workspaces[plan.backend].input_buffer(num_tokens)
+        return self.workspaces[plan.backend].input_buffer(plan.variant, num_tokens)
 
     def raise_if_failed(self) -> None:
         for ws in self.workspaces.values():

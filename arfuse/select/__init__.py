@@ -1,1 +1,2 @@
-"""Selection: which backend/variant runs each (pattern, token count). Pure functions plus the table loader."""
+"""Selection: which backend/variant runs each (pattern, token count). ``policy`` decides (pure functions),
+``table`` reads and validates selection tables, ``build`` writes them (from timings or benchmark results)."""

@@ -1,0 +1,139 @@
+"""Symmetric-memory workspace for arfuse's own kernels: one ``torch.distributed._symmetric_memory`` allocation per
+fusion object, carved into regions, plus the device-side call counters and a host-mapped error record.
+
+Layout (elements of the workspace dtype; every offset a multiple of 64 so kernels move 16-byte vectors):
+  one-shot input, two halves | one-shot zero-copy input | two-shot: world_size slots of one token chunk
+  (the peers' rows of this rank's chunk) | two-shot gather buffer (every chunk's sums) || sentinel-filled, for the
+  barrier-free kernels: Lamport one-shot, 2 buffers x world_size slots | Lamport two-shot reduce slots, 2 buffers
+  | Lamport two-shot gather, 2 buffers.
+Multicast is never used: only the peers' own pointers (peer-to-peer NVLink).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from arfuse.backends.base import Workspace
+from arfuse.core.errors import BackendError, PeerTimeoutError
+from arfuse.core.types import Capacity
+from arfuse.kernels.launch_config import OP_NAMES, SymmArgs
+
+DEFAULT_SIGNAL_PAD_BYTES = 9216  # torch's default; read from torch when it can tell
+MAX_PEERS = 8
+
+
+def _signal_pad_bytes() -> int:
+    import torch.distributed._symmetric_memory as symm_mem
+
+    getter = getattr(symm_mem, "get_signal_pad_size", None)
+    return int(getter()) if getter is not None else DEFAULT_SIGNAL_PAD_BYTES
+
+
+def _round64(n: int) -> int:
+    # Multiples of 64 elements keep every offset divisible by 16, which Triton specialises on, so every
+    # derived address is provably 16-byte aligned and loads/stores stay 16 bytes wide.
+    return (n + 63) // 64 * 64
+
+
+def _padded(values) -> tuple:
+    values = [int(v) for v in values]
+    return tuple(values + [0] * (MAX_PEERS - len(values)))
+
+
+class SymmWorkspace(Workspace):
+    """Buffers and handles for ``triton_symm``. Collective to create (rendezvous + a real P2P check)."""
+
+    def __init__(self, capacity: Capacity, group, rank: int, world_size: int, one_shot_tokens: int,
+                 lamport_tokens: int, two_shot_tokens: int):
+        super().__init__()
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.capacity = capacity
+        self.rank, self.world_size = rank, world_size
+        self.one_shot_tokens = one_shot_tokens
+        self.failed: Optional[str] = None
+        h, dev = capacity.hidden_size, capacity.device
+        os_region = _round64(one_shot_tokens * h)
+        ts_slot = _round64(-(-two_shot_tokens // world_size) * h)
+        gather = _round64(two_shot_tokens * h)
+        lam_slot = _round64(lamport_tokens * h)
+        offsets, cursor = {}, 0
+        for name, size in (("one_shot", 2 * os_region), ("zero_copy", os_region), ("two_shot", world_size * ts_slot),
+                           ("gather", gather), ("lamport", 2 * world_size * lam_slot),
+                           ("lts_rs", 2 * world_size * ts_slot), ("lts_gather", 2 * gather)):
+            offsets[name], cursor = cursor, cursor + size
+        self.offsets = offsets
+        self.buffer = symm_mem.empty(cursor, dtype=capacity.dtype, device=dev)
+        self.handle = symm_mem.rendezvous(self.buffer, group if group is not None else dist.group.WORLD)
+        self._fill_sentinel(offsets["lamport"])
+        max_grid = _signal_pad_bytes() // (4 * world_size)
+        self.state = torch.zeros(6 + max_grid, dtype=torch.int32, device=dev)
+        self.err = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+        self._err_view = self.err.numpy()
+        self.args = SymmArgs(
+            peer_ptrs=_padded(self.handle.buffer_ptrs), pad_ptrs=_padded(self.handle.signal_pad_ptrs),
+            err_ptr=self.err.data_ptr(), lamport_state=self.state[0:2], one_shot_state=self.state[2:4],
+            lts_state=self.state[4:6], barrier_gen=self.state[6:], rank=rank, world_size=world_size,
+            timeout_ns=int(capacity.timeout_s * 1e9), max_grid=max_grid,
+            one_shot_off=offsets["one_shot"], one_shot_half=os_region, zero_copy_off=offsets["zero_copy"],
+            two_shot_off=offsets["two_shot"], two_shot_slot=ts_slot, gather_off=offsets["gather"],
+            lamport_off=offsets["lamport"], lamport_slot=lam_slot, lamport_buffer=world_size * lam_slot,
+            lts_rs_off=offsets["lts_rs"], lts_rs_buffer=world_size * ts_slot, lts_gather_off=offsets["lts_gather"],
+            lts_gather_buffer=gather)
+        self._check_peer_access(group)
+
+    def _fill_sentinel(self, start: int) -> None:
+        """Fill the barrier-free kernels' buffers with -0.0, their "not yet written" mark."""
+        tail = self.buffer[start:]
+        bits = tail.view(torch.int16 if tail.element_size() == 2 else torch.int32)
+        bits.fill_(-32768 if tail.element_size() == 2 else -(2 ** 31))
+
+    def _check_peer_access(self, group) -> None:
+        """Write a rank-specific pattern, then read every peer's through its P2P mapping (the driver's answer
+        to "can access peer" is not trusted)."""
+        probe = self.buffer[self.offsets["zero_copy"]:self.offsets["zero_copy"] + 8]
+        probe.fill_(float(self.rank + 1))
+        torch.cuda.synchronize()
+        dist.barrier(group=group)
+        for peer in range(self.world_size):
+            view = self.handle.get_buffer(peer, (8,), self.capacity.dtype, self.offsets["zero_copy"])
+            got = view.float().cpu()
+            if not torch.all(got == peer + 1):
+                raise BackendError(f"triton_symm: rank {self.rank} reads wrong data from rank {peer}'s buffer "
+                                   f"(expected {peer + 1}, got {got.tolist()}): P2P access does not work")
+        dist.barrier(group=group)
+        torch.cuda.synchronize()
+
+    def input_buffer(self, variant: str, num_tokens: int) -> Optional[torch.Tensor]:
+        """Only the one-shot kernel copies its input in; the others read ``x`` where it is."""
+        if variant != "one_shot" or num_tokens > self.one_shot_tokens:
+            return None
+        start, h = self.offsets["zero_copy"], self.capacity.hidden_size
+        return self.buffer[start:start + num_tokens * h].view(num_tokens, h)
+
+    def is_zero_copy(self, x: torch.Tensor) -> bool:
+        return x.data_ptr() == self.buffer.data_ptr() + self.offsets["zero_copy"] * x.element_size()
+
+    def raise_if_failed(self) -> None:
+        if self.failed is None and self._err_view[0] != 0:
+            _, op, peer, rank = (int(v) for v in self._err_view)
+            whom = f"rank {peer}" if peer >= 0 else "a peer"
+            self.failed = (f"arfuse triton_symm: the {OP_NAMES.get(op, 'unknown')} kernel on rank {rank} waited "
+                           f"more than {self.capacity.timeout_s:g} s for {whom} (it skipped the call, passed "
+                           f"other shapes, or died); this fusion object can no longer be used: close it")
+        if self.failed is not None:
+            raise PeerTimeoutError(self.failed)
+
+    def _release(self) -> None:
+        self.args = None
+        self.handle = None
+        self.buffer = None
+        self.state = None
+
+
+def tokens_within(capacity: Capacity, max_bytes: int) -> int:
+    """How many tokens of ``capacity``'s rows fit in ``max_bytes`` (at least 1, at most its max_tokens)."""
+    per_token = capacity.hidden_size * capacity.itemsize
+    return max(1, min(capacity.max_tokens, max_bytes // per_token))

@@ -1,0 +1,91 @@
+"""``triton_symm``: arfuse's own fused kernels (Triton over torch symmetric memory), four variants:
+
+- ``lamport``: barrier-free one-shot push (smallest sizes, up to ``LAMPORT_MAX_BYTES`` per call);
+- ``one_shot``: every rank reads every peer, one barrier (up to ``ONE_SHOT_MAX_BYTES``; zero-copy input);
+- ``two_shot``: token-partitioned push reduce-scatter + all-gather, two barriers;
+- ``lamport_two_shot``: the same data flow with no barrier: every wait polls sentinel-filled local memory, so
+  each row's epilogue overlaps the traffic of the others (two-shot sizes up to ``TWO_SHOT_MAX_BYTES``).
+
+Needs only torch + Triton on CUDA, one host with working P2P among all ranks (checked for real at prepare).
+All waits on peers are bounded by ``Capacity.timeout_s``; a timeout is recorded on the device and raised as
+:class:`PeerTimeoutError` by the next call or ``check_health()``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from arfuse.backends.base import Backend, Support, register
+from arfuse.backends.symm_workspace import SymmWorkspace, tokens_within
+from arfuse.core.types import Capacity, GroupCaps, Pattern, Problem
+
+NAME = "triton_symm"
+LAMPORT_MAX_BYTES = 2 << 20  # per call; Lamport pushes (world-1)x the tensor and keeps 2 x world copies
+ONE_SHOT_MAX_BYTES = 64 << 20  # per call; beyond this two-shot moves half the bytes
+TWO_SHOT_MAX_BYTES = 64 << 20  # per call; bounds the workspace (NCCL takes larger calls)
+MIN_SM = (8, 0)  # system-scope acquire/release atomics and 16-byte vector loads
+
+
+class TritonSymmBackend(Backend):
+    name = NAME
+    # Static preference (when no table decides): barrier-free first, the one-shot pull last.
+    variants = ("lamport", "lamport_two_shot", "two_shot", "one_shot")
+    support = Support(devices=frozenset({"cuda"}),
+                      dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}),
+                      world_sizes=frozenset(range(2, 9)), hidden_multiple=8, max_hidden=16384)
+    priority = 10
+
+    def check_group(self, caps: GroupCaps) -> Optional[str]:
+        if not caps.single_host:
+            return f"ranks are not on one host ({caps.note('single_host')})"
+        if not caps.p2p:
+            return f"no P2P access between all ranks ({caps.note('p2p')})"
+        if not caps.symm_mem:
+            return f"torch symmetric memory unavailable ({caps.note('symm_mem')})"
+        if not caps.triton:
+            return f"Triton not installed ({caps.note('triton')})"
+        if caps.sm is None or tuple(caps.sm) < MIN_SM:
+            return f"needs compute capability >= {MIN_SM[0]}.{MIN_SM[1]}, group has {caps.sm}"
+        return None
+
+    def check_variant(self, problem: Problem, caps: GroupCaps, variant: str) -> Optional[str]:
+        if variant == "lamport_two_shot" and problem.pattern is Pattern.RESIDUAL_RMSNORM_FP8:
+            # Measured 2026-11-28 (4x H200): right values, but 2 of 32 FP8 cases differed in a few bits between
+            # ranks; the barrier two-shot, same data flow, was bitwise identical. Refused until explained.
+            return "lamport_two_shot: FP8 output not yet bitwise identical across ranks (bench/NOTES.md)"
+        limit = {"lamport": LAMPORT_MAX_BYTES, "one_shot": ONE_SHOT_MAX_BYTES}.get(variant, TWO_SHOT_MAX_BYTES)
+        if problem.nbytes > limit:
+            return f"{variant} is limited to {limit} bytes per call, got {problem.nbytes}"
+        return None
+
+    def prepare(self, capacity: Capacity, caps: GroupCaps, group) -> SymmWorkspace:
+        return SymmWorkspace(capacity, group, caps.rank, caps.world_size,
+                             one_shot_tokens=tokens_within(capacity, ONE_SHOT_MAX_BYTES),
+                             lamport_tokens=tokens_within(capacity, LAMPORT_MAX_BYTES),
+                             two_shot_tokens=tokens_within(capacity, TWO_SHOT_MAX_BYTES))
+
+    def run(self, ws: SymmWorkspace, variant: str, pattern: Pattern, x: torch.Tensor,
+            residual: Optional[torch.Tensor], weight: Optional[torch.Tensor], eps: float,
+            scale: Optional[torch.Tensor], out: torch.Tensor, residual_out: Optional[torch.Tensor]) -> None:
+        ws.raise_if_failed()
+        if variant == "lamport":
+            from arfuse.kernels.lamport import lamport
+
+            lamport(ws.args, x, residual, weight, eps, scale, out, residual_out, int(pattern))
+        elif variant == "one_shot":
+            from arfuse.kernels.one_shot import one_shot
+
+            one_shot(ws.args, x, residual, weight, eps, scale, out, residual_out, int(pattern),
+                     copy_in=not ws.is_zero_copy(x))
+        elif variant == "two_shot":
+            from arfuse.kernels.two_shot import two_shot
+
+            two_shot(ws.args, x, residual, weight, eps, scale, out, residual_out, int(pattern))
+        else:
+            from arfuse.kernels.lamport_two_shot import lamport_two_shot
+
+            lamport_two_shot(ws.args, x, residual, weight, eps, scale, out, residual_out, int(pattern))
+
+
+register(TritonSymmBackend())

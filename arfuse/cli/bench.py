@@ -1,0 +1,221 @@
+"""``arfuse bench``: every arfuse backend/variant, ``auto`` and the peers side by side, in one launch.
+
+Each world size is a separate spawn of ranks on this host (under ``torchrun``: the current world only). Every
+path is checked against the float64 reference before it is timed; a wrong one is reported FAILED, not timed.
+Prints a latency table and a speed-up table per shape, and writes ``--json`` / ``--plot`` when asked. Exit code
+1 if any path FAILED (the outputs are still written). torch is imported inside the functions: ``arfuse --help``
+imports every command module.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+DEFAULT_TOKENS = tuple(1 << k for k in range(12))  # 1 .. 2048
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+          "fp32": "float32", "float32": "float32"}
+
+
+def int_list(text: str) -> Tuple[int, ...]:
+    """``"1,2,4"`` -> (1, 2, 4); every value a positive int."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+def dtype_list(text: str) -> Tuple[str, ...]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in DTYPES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"unknown dtype(s) {bad or text!r}; choose from {', '.join(DTYPES)}")
+    return tuple(dict.fromkeys(DTYPES[n] for n in names))
+
+
+def name_list(text: str) -> Tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """Arguments ``bench`` and ``tune`` share."""
+    p.add_argument("--hidden", type=int_list, default=None, help="hidden sizes (default: 4096,8192 GPU; 1024 CPU)")
+    p.add_argument("--dtype", type=dtype_list, default=("bfloat16",), help="dtypes (default: bfloat16)")
+    p.add_argument("--world-sizes", type=int_list, default=None,
+                   help="world sizes, each a separate spawn (default: 2,4,.. up to the GPU count; 2 on CPU); "
+                        "under torchrun only the current world")
+    p.add_argument("--backends", type=name_list, default=(),
+                   help="only these paths: backend names, name/variant, auto, peer names or 'peers' (default: all)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if visible")
+    p.add_argument("--replays", type=int, default=20,
+                   help="timed replays of a graph of 10 calls (default: 20, the least PERFORMANCE.md allows)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up replays (default: 3)")
+    p.add_argument("--cpu-repeats", type=int, default=7,
+                   help="CPU: timed samples of 10 eager calls, median taken (default: 7)")
+    p.add_argument("--seed", type=int, default=0, help="input seed (default: 0)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per spawn (default: 1800)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int_list, default=DEFAULT_TOKENS, help="token counts (default: 1,2,4,...,2048)")
+    add_common(p)
+    p.add_argument("--table", default=None, help="tuning table for auto (default: ARFUSE_TUNE_FILE or the cache)")
+    p.add_argument("--no-peers", action="store_true", help="leave out the unfused peers")
+    p.add_argument("--json", default=None, metavar="PATH", help="write every measurement as JSON")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write latency vs tokens as PNG")
+    p.add_argument("--from-json", default=None, metavar="PATH",
+                   help="measure nothing: print the tables of a saved --json result (and --plot it)")
+
+
+def resolve_device(args: argparse.Namespace) -> str:
+    import torch
+
+    if args.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("arfuse: --device cuda but no CUDA device is visible")
+    return args.device
+
+
+def world_sizes(args: argparse.Namespace, device: str) -> Tuple[int, ...]:
+    import torch
+
+    if args.world_sizes:
+        return args.world_sizes
+    if device == "cpu":
+        return (2,)
+    count = torch.cuda.device_count()
+    return tuple(1 << k for k in range(1, count.bit_length()) if 1 << k <= count) or (1,)
+
+
+def sweep_config(args: argparse.Namespace, device: str, tokens, peers: bool, auto: bool, table=None):
+    from arfuse.bench.runner import SweepConfig
+    from arfuse.bench.timing import TimingConfig
+
+    hidden = args.hidden or ((4096, 8192) if device == "cuda" else (1024,))
+    try:
+        timing = TimingConfig(warmup=args.warmup, replays=args.replays, cpu_repeats=args.cpu_repeats)
+    except ValueError as e:
+        raise SystemExit(f"arfuse: {e}") from None
+    return SweepConfig(tokens=tuple(tokens), hidden=tuple(hidden), dtypes=tuple(args.dtype),
+                       only=tuple(args.backends), peers=peers, auto=auto, timing=timing, seed=args.seed,
+                       table_path=table, progress=not args.no_progress)
+
+
+def launch_each(fn, args: argparse.Namespace, device: str, *fn_args,
+                on_result: Optional[Callable[[List], None]] = None) -> Tuple[List, Optional[str]]:
+    """Run ``fn(rank, world, *fn_args)`` for every requested world size (or in the current torchrun world).
+
+    Returns (rank 0's result per world size, the error that stopped the run or None). Under torchrun, ranks
+    other than 0 get an empty list. ``on_result(results so far)`` runs after each world size, so a long run
+    that is cut short still leaves its finished part behind.
+    """
+    from arfuse.launch import RankFailed, init_rank, run_ranks, under_torchrun
+
+    if under_torchrun():
+        import torch.distributed as dist
+
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if args.world_sizes and tuple(args.world_sizes) != (world,):
+            raise SystemExit(f"arfuse: under torchrun the world size is {world}; --world-sizes "
+                             f"{','.join(map(str, args.world_sizes))} cannot be honoured")
+        init_rank(rank, world, device)
+        try:
+            result = fn(rank, world, *fn_args)
+        finally:
+            dist.destroy_process_group()
+        return ([result] if rank == 0 else []), None
+    results: List = []
+    for world in world_sizes(args, device):
+        try:
+            results.append(run_ranks(fn, world, *fn_args, device=device, timeout_s=args.timeout)[0])
+        except (RankFailed, TimeoutError, ValueError) as e:
+            return results, f"TP{world}: {e}"
+        if on_result is not None:
+            on_result(results)
+    return results, None
+
+
+def bench_rank(rank: int, world: int, cfg, device: str) -> dict:
+    """One rank of ``arfuse bench`` (process group initialised). Collective. Rank 0 adds the machine facts
+    (so the launching process never initialises CUDA)."""
+    from arfuse.bench.report import machine_info
+    from arfuse.bench.runner import sweep
+
+    result = sweep(cfg, None, device)
+    if rank == 0:
+        result["machine"] = machine_info()
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    from arfuse.bench import report
+    from arfuse.select.table import default_tune_path
+
+    if args.from_json:
+        try:
+            doc = json.loads(Path(args.from_json).read_text())
+            report.validate(doc)
+        except (OSError, ValueError) as e:
+            print(f"arfuse bench: cannot use {args.from_json}: {e}", file=sys.stderr)
+            return 2
+        report.print_report(doc)
+        write_outputs(doc, None, args.plot)
+        return 0
+    if args.table and not Path(args.table).is_file():
+        print(f"arfuse bench: --table {args.table}: no such file (auto would silently use the defaults)",
+              file=sys.stderr)
+        return 2
+    device = resolve_device(args)
+    cfg = sweep_config(args, device, args.tokens, peers=not args.no_peers, auto=True, table=args.table)
+    auto_table = Path(args.table) if args.table else default_tune_path()
+
+    def make_doc(runs):
+        config = {"tokens": list(cfg.tokens), "hidden": list(cfg.hidden), "dtypes": list(cfg.dtypes),
+                  "world_sizes": sorted({s["world_size"] for r in runs for s in r["shapes"]}), "device": device,
+                  "only": list(cfg.only), "timing_method": cfg.timing.method(device),
+                  "pattern": "residual_rmsnorm", "seed": cfg.seed, "auto_table": str(auto_table),
+                  "auto_table_found": auto_table.is_file()}
+        return report.document(runs[0]["machine"], config, runs)
+
+    def save_so_far(runs):
+        write_outputs(make_doc(runs), args.json, None, quiet=True)
+
+    runs, error = launch_each(bench_rank, args, device, cfg, device, on_result=save_so_far)
+    if not runs:
+        if error:
+            print(f"arfuse bench: FAILED: {error}", file=sys.stderr)
+            return 1
+        return 0  # a torchrun rank other than 0: rank 0 reports
+    doc = make_doc(runs)
+    report.print_report(doc)
+    write_outputs(doc, args.json, args.plot)
+    if error:
+        print(f"arfuse bench: stopped early: {error}", file=sys.stderr)
+        return 1
+    return 1 if any(m["status"] == "FAILED" for m in doc["measurements"]) else 0
+
+
+def write_outputs(doc: dict, json_path: Optional[str], plot_path: Optional[str], quiet: bool = False) -> None:
+    from arfuse.bench.plot import plot
+
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=1, allow_nan=False, default=_json_default) + "\n")
+        if not quiet:
+            print(f"arfuse bench: wrote {path}")
+    if plot_path:
+        print(f"arfuse bench: wrote {plot(doc, plot_path)}")
+
+
+def _json_default(value):
+    raise TypeError(f"arfuse bench: {type(value).__name__} is not JSON-serialisable: {value!r}")
+

@@ -1,0 +1,288 @@
+"""``arfuse demo``: run the fused ops over a sweep of token counts on every local rank and check each result.
+
+With no GPU it spawns ``--ranks`` CPU processes (default 2) over gloo; with GPUs, one rank per GPU over NCCL;
+under ``torchrun`` it joins that launch instead of spawning. Every output is written into a NaN-poisoned
+tensor, compared with the float64 reference (:mod:`arfuse.verify`) on fresh random inputs per rank, and must be
+bitwise identical on every rank (digests gathered to rank 0). Exit code 1 if any check fails.
+
+torch is imported inside the functions: ``arfuse --help`` imports every command module.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+SWEEP = (1, 3, 16, 64, 128, 257)
+PATTERNS = {"residual_rmsnorm": "RESIDUAL_RMSNORM", "residual_rmsnorm_fp8": "RESIDUAL_RMSNORM_FP8",
+            "rmsnorm": "RMSNORM", "all_reduce": "ALLREDUCE"}  # op name -> arfuse.Pattern member
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+          "fp32": "float32", "float32": "float32"}
+MAX_GPU_RANKS = 8
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What every rank runs; plain values so it pickles into spawned ranks."""
+
+    device: str
+    tokens: Tuple[int, ...]
+    hidden: int
+    dtype: str
+    backend: str
+    iters: int
+    warmup: int = 3
+    seed: int = 1234
+    scale: float = 0.05
+
+
+@dataclass(frozen=True)
+class RankRow:
+    """One rank's result for one (tokens, pattern)."""
+
+    tokens: int
+    pattern: str
+    path: str
+    err_out: float
+    err_residual: Optional[float]
+    tolerance: float
+    digest: str
+    median_us: float
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: the ranks' results combined."""
+
+    tokens: int
+    pattern: str
+    path: str
+    err_out: float
+    err_residual: Optional[float]
+    median_us: float
+    problem: Optional[str]  # None: every check passed
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ranks", type=_positive_int, default=None,
+                   help=f"ranks to spawn (default: 2 on CPU, one per GPU up to {MAX_GPU_RANKS})")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cuda when GPUs are visible, else cpu (default: auto)")
+    p.add_argument("--backend", default="auto", help="'auto', a backend name or 'name/variant' (default: auto)")
+    p.add_argument("--hidden", type=_positive_int, default=None, help="hidden size (default: 1024 CPU, 8192 GPU)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="input dtype (default: bf16)")
+    p.add_argument("--tokens", type=_token_list, default=SWEEP,
+                   help=f"comma-separated token counts (default: {','.join(map(str, SWEEP))})")
+    p.add_argument("--iters", type=_positive_int, default=None, help="timed calls per row (default: 20 CPU, 100 GPU)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from arfuse.launch import RankFailed, run_ranks, under_torchrun
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("arfuse demo: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    config = DemoConfig(device=device, tokens=tuple(args.tokens),
+                        hidden=args.hidden or (8192 if device == "cuda" else 1024), dtype=DTYPES[args.dtype],
+                        backend=args.backend, iters=args.iters or (100 if device == "cuda" else 20))
+    if under_torchrun():
+        return _run_in_torchrun(config)
+    ranks = args.ranks or (min(torch.cuda.device_count(), MAX_GPU_RANKS) if device == "cuda" else 2)
+    if device == "cuda" and ranks > torch.cuda.device_count():
+        print(f"arfuse demo: --ranks {ranks} needs {ranks} GPUs, found {torch.cuda.device_count()}",
+              file=sys.stderr)
+        return 2
+    try:
+        result = run_ranks(demo_rank, ranks, config, device=device)[0]
+    except (RankFailed, TimeoutError) as e:
+        detail = str(e) if getattr(args, "verbose", False) else str(e).strip().splitlines()[-1]
+        print(f"arfuse demo: FAILED: {detail}", file=sys.stderr)
+        return 1
+    return _report(config, ranks, *result)
+
+
+def _run_in_torchrun(config: DemoConfig) -> int:
+    import torch.distributed as dist
+
+    from arfuse.launch import init_rank
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    init_rank(rank, world, config.device)
+    try:
+        result = demo_rank(rank, world, config)
+    finally:
+        dist.destroy_process_group()
+    return _report(config, world, *result) if rank == 0 else _exit_code(result[0], result[2])
+
+
+def demo_rank(rank: int, world_size: int, config: DemoConfig):
+    """One rank's share of the demo (the default process group is initialised). Collective.
+
+    Returns ``(rows, stats, stats_agree)``, combined over all ranks, on every rank.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from arfuse import AllReduceFusion
+
+    dtype = getattr(torch, config.dtype)
+    device = torch.device("cuda", torch.cuda.current_device()) if config.device == "cuda" else torch.device("cpu")
+    if device.type == "cpu":  # ranks share this host's cores; oversubscribed OpenMP threads spin and crawl
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    mine: List[RankRow] = []
+    with AllReduceFusion(max_tokens=max(config.tokens), hidden_size=config.hidden, dtype=dtype, device=device,
+                         backend=config.backend) as fusion:
+        for i, tokens in enumerate(config.tokens):
+            for j, pattern in enumerate(PATTERNS):
+                mine.append(_check_one(fusion, config, tokens, pattern, config.seed + 97 * i + j, rank, world_size))
+        stats = fusion.stats()
+    gathered: List[Tuple[List[RankRow], dict]] = [None] * world_size  # type: ignore[list-item]
+    dist.all_gather_object(gathered, (mine, dict(stats)))
+    rows = [_combine([g[0][k] for g in gathered]) for k in range(len(mine))]
+    return rows, stats, all(g[1] == dict(stats) for g in gathered)
+
+
+def _check_one(fusion, config: DemoConfig, tokens: int, pattern: str, seed: int, rank: int,
+               world_size: int) -> RankRow:
+    import torch
+
+    from arfuse import Pattern
+    from arfuse.verify import TOLERANCE, Case, digest, poison, reference, rel_err
+
+    dtype = getattr(torch, config.dtype)
+    device = fusion.capacity.device
+    case = Case(tokens, config.hidden, dtype, seed, scale=config.scale)
+    x, residual, weight = case.x(rank, device), case.residual(device), case.weight(device)
+    out_dtype = torch.float8_e4m3fn if pattern == "residual_rmsnorm_fp8" else dtype
+    out = poison(torch.empty(x.shape, dtype=out_dtype, device=device))
+    res_out = poison(torch.empty_like(x)) if pattern.startswith("residual") else None
+    call = _bind(fusion, pattern, x, residual, weight, case, out, res_out)
+
+    before = fusion.stats()["calls"]
+    call()
+    after = fusion.stats()["calls"]
+    path = ",".join(k for k in sorted(after) if after[k] != before.get(k, 0)) or "none"
+
+    ref_out, ref_res = reference(case, world_size, Pattern[PATTERNS[pattern]])
+    err_out = rel_err(out, ref_out)
+    err_res = rel_err(res_out, ref_res) if res_out is not None else None
+    outputs = (out,) if res_out is None else (out, res_out)
+    return RankRow(tokens, pattern, path, err_out, err_res, TOLERANCE[out_dtype], digest(*outputs),
+                   _median_us(call, config, device))
+
+
+def _bind(fusion, pattern, x, residual, weight, case, out, res_out):
+    """A zero-argument call of ``pattern`` writing into the caller-provided outputs."""
+    if pattern == "residual_rmsnorm":
+        return lambda: fusion.residual_rmsnorm(x, residual, weight, case.eps, norm_out=out, residual_out=res_out)
+    if pattern == "residual_rmsnorm_fp8":
+        return lambda: fusion.residual_rmsnorm_fp8(x, residual, weight, case.scale, case.eps, quant_out=out,
+                                                   residual_out=res_out)
+    if pattern == "rmsnorm":
+        return lambda: fusion.rmsnorm(x, weight, case.eps, out=out)
+    return lambda: fusion.all_reduce(x, out=out)
+
+
+def _median_us(call, config: DemoConfig, device) -> float:
+    """Median of ``config.iters`` eager calls (CUDA events on GPU), after warm-up and a barrier."""
+    import torch
+    import torch.distributed as dist
+
+    for _ in range(config.warmup):
+        call()
+    dist.barrier()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(config.iters)]
+        for start, end in events:
+            start.record()
+            call()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) * 1e3 for start, end in events]
+    else:
+        for _ in range(config.iters):
+            t0 = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def _combine(per_rank: Sequence[RankRow]) -> Row:
+    """Merge one row across ranks: worst error, slowest median, and the first failed check if any."""
+    first = per_rank[0]
+    err_out = max(r.err_out for r in per_rank)
+    residuals = [r.err_residual for r in per_rank if r.err_residual is not None]
+    err_res = max(residuals) if residuals else None
+    problem = None
+    if len({r.path for r in per_rank}) > 1:
+        problem = "ranks ran different paths"
+    elif first.path == "none":
+        problem = "no call was counted"
+    elif err_out > first.tolerance:
+        problem = f"output error > {first.tolerance:g}"
+    elif err_res is not None and err_res > first.tolerance:
+        problem = f"residual error > {first.tolerance:g}"
+    elif len({r.digest for r in per_rank}) > 1:
+        problem = "outputs differ across ranks"
+    return Row(first.tokens, first.pattern, first.path, err_out, err_res, max(r.median_us for r in per_rank),
+               problem)
+
+
+def _exit_code(rows: Sequence[Row], stats_agree: bool) -> int:
+    return 1 if any(r.problem for r in rows) or not stats_agree else 0
+
+
+def _report(config: DemoConfig, ranks: int, rows: Sequence[Row], stats, stats_agree: bool) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    fabric = "NCCL" if config.device == "cuda" else "gloo"
+    table = Table(title=f"arfuse demo: {ranks} ranks ({config.device}, {fabric}), hidden {config.hidden}, "
+                        f"{config.dtype}, backend {config.backend}",
+                  caption=f"error: ||out - ref|| / ||ref|| against float64, worst rank; "
+                          f"time: median of {config.iters} eager calls, slowest rank")
+    for name, justify in (("tokens", "right"), ("pattern", "left"), ("backend", "left"), ("err out", "right"),
+                          ("err residual", "right"), ("time µs", "right"), ("status", "left")):
+        table.add_column(name, justify=justify)
+    for r in rows:
+        table.add_row(str(r.tokens), r.pattern, r.path, f"{r.err_out:.2e}",
+                      "-" if r.err_residual is None else f"{r.err_residual:.2e}", f"{r.median_us:.1f}",
+                      "[green]ok[/green]" if r.problem is None else f"[red]FAIL: {r.problem}[/red]")
+    console.print(table)
+    console.print(str(stats), markup=False, highlight=False)
+    if not stats_agree:
+        console.print("[red]FAIL: the ranks' path counters differ[/red]")
+    if _exit_code(rows, stats_agree):
+        failed = sum(r.problem is not None for r in rows)
+        console.print(f"[red]{failed} of {len(rows)} checks FAILED[/red]")
+        return 1
+    console.print(f"[green]all {len(rows)} checks passed[/green]")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _token_list(text: str) -> Tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"token counts must be >= 1, got {text!r}")
+    return values

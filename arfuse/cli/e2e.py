@@ -1,0 +1,224 @@
+"""``arfuse e2e``: TTFT and per-token latency of a TP Llama-style model for several norm paths, in one launch.
+
+Each rank builds its shard of the model once (same seed on every rank), then for every path: switches the
+norms, runs the agreement check (greedy decoding, teacher-forced on the reference path's tokens), times prefill
+(TTFT) and decode (TPOT). The reference is ``unfused`` when listed, else the first path. Prints a table with
+the change against the reference, writes JSON, and exits 1 if a path disagrees with the reference.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from typing import Dict, List, Optional, Tuple
+
+
+def _int_list(text: str) -> Tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _str_list(text: str) -> Tuple[str, ...]:
+    values = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one path")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="llama3-70b", help="tiny | llama3-8b | llama3-70b (default: llama3-70b)")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    p.add_argument("--tp", type=int, default=None, help="ranks (default: all GPUs, or 2 on CPU)")
+    p.add_argument("--backends", type=_str_list, default=("auto", "unfused"),
+                   help="norm paths: auto, unfused, or arfuse backend names (default: auto,unfused)")
+    p.add_argument("--prompt-lens", type=_int_list, default=(128, 512, 2048), help="TTFT prompt lengths")
+    p.add_argument("--batches", type=_int_list, default=(1, 8, 32, 64), help="TPOT decode batches")
+    p.add_argument("--kv-len", type=int, default=1024, help="KV length of the timed decode step")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefill-repeats", type=int, default=5)
+    p.add_argument("--decode-replays", type=int, default=20)
+    p.add_argument("--check-steps", type=int, default=8, help="greedy steps compared between paths")
+    p.add_argument("--timeout", type=float, default=1200.0, help="seconds before the ranks are killed")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    preset: str
+    layers: Optional[int]
+    paths: Tuple[str, ...]
+    prompt_lens: Tuple[int, ...]
+    batches: Tuple[int, ...]
+    kv_len: int
+    dtype: str
+    seed: int
+    prefill_repeats: int
+    decode_replays: int
+    check_steps: int
+    device: str
+    check_batch: int = 2
+    check_prompt_len: int = 32
+
+    @property
+    def reference(self) -> str:
+        return "unfused" if "unfused" in self.paths else self.paths[0]
+
+    @property
+    def max_tokens(self) -> int:
+        return max(max(self.prompt_lens), max(self.batches), self.check_batch * self.check_prompt_len)
+
+
+def _device_info(device) -> dict:
+    import torch
+
+    from arfuse.launch import MULTICAST_GUARDS
+
+    info = {"type": device.type, "env": {k: os.environ.get(k) for k in MULTICAST_GUARDS}}
+    if device.type == "cuda":
+        info.update(name=torch.cuda.get_device_name(device), count=torch.cuda.device_count(),
+                    capability=list(torch.cuda.get_device_capability(device)))
+    return info
+
+
+def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
+    """One rank's whole run (module level, so ``run_ranks`` can spawn it). Collective."""
+    import torch
+
+    from arfuse.models import generate, llama, timing, tp
+
+    device = torch.device("cuda", torch.cuda.current_device()) if spec.device == "cuda" else torch.device("cpu")
+    dtype = getattr(torch, spec.dtype)
+    cfg = timing.TimingConfig(prefill_repeats=spec.prefill_repeats, decode_replays=spec.decode_replays,
+                              seed=spec.seed)
+    results: Dict[str, dict] = {}
+    with torch.no_grad():
+        args = llama.preset(spec.preset, spec.layers)
+        model = tp.build(args, seed=spec.seed, dtype=dtype, device=device)
+        switch = tp.NormSwitch(model, None, tp.TPConfig(max_tokens=spec.max_tokens))
+        prompt = timing.random_tokens((spec.check_batch, spec.check_prompt_len), args.vocab_size, spec.seed, device)
+        order = [spec.reference] + [p for p in spec.paths if p != spec.reference]
+        ref_logits = ref_tokens = None
+        for path in order:
+            switch.use(path)
+            logits, tokens = generate.greedy(model, prompt, spec.check_steps, forced=ref_tokens)
+            if ref_logits is None:
+                ref_logits, ref_tokens = logits, tokens
+            check = generate.compare(ref_logits, logits, dtype)
+            check["ranks_identical"] = _identical_across_ranks(logits)
+            check["ok"] = check["ok"] and check["ranks_identical"]
+            ttft = {str(p): timing.time_prefill(model, p, cfg) for p in spec.prompt_lens}
+            tpot = {str(b): timing.time_decode(model, b, spec.kv_len, cfg) for b in spec.batches}
+            plans = {str(n): key for n, key in switch.plans(spec.prompt_lens + spec.batches).items()}
+            results[path] = {"ttft_ms": ttft, "tpot_ms": tpot, "check": check, "stats": switch.stats(),
+                             "plans": plans}
+        switch.close()
+    return {"results": results, "device": _device_info(device), "method": timing.method(device, cfg),
+            "model": dataclasses.asdict(args)}
+
+
+def _identical_across_ranks(logits) -> bool:
+    """Whether every rank computed bitwise the same logits. Collective."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    gathered: List[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, hashlib.sha256(logits.numpy().tobytes()).hexdigest())
+    return len(set(gathered)) == 1
+
+
+def _cell(value: float, base: Optional[float]) -> str:
+    """``"12.34 ms (-5.1%)"``: the value and its change against ``base`` (omitted for the reference)."""
+    if base is None or base <= 0:
+        return f"{value:.2f} ms"
+    return f"{value:.2f} ms ({(value / base - 1) * 100:+.1f}%)"
+
+
+def render(record: dict) -> None:
+    """Print the path x metric table (with the change against the reference) and the agreement check."""
+    from rich.console import Console
+    from rich.table import Table
+
+    ref, results = record["reference"], record["results"]
+    paths = list(results)
+    table = Table(title=f"arfuse e2e: {record['preset']} ({record['model']['n_layers']} layers), TP{record['tp']}, "
+                        f"{record['dtype']}, {record['device']['type']}")
+    table.add_column("metric")
+    for path in paths:
+        table.add_column(path + (" (ref)" if path == ref else ""), justify="right")
+    rows = [("TTFT", "ttft_ms", "P"), ("TPOT", "tpot_ms", "B")]
+    for label, key, var in rows:
+        for point in results[ref][key]:
+            base = results[ref][key][point]
+            cells = [_cell(results[p][key][point], None if p == ref else base) for p in paths]
+            table.add_row(f"{label}, {var}={point}", *cells)
+    table.add_row("logits vs ref", *[f"{results[p]['check']['logits_rel_err']:.1e}" for p in paths])
+    table.add_row("greedy tokens", *[f"{results[p]['check']['tokens_equal']}/{results[p]['check']['tokens']}"
+                                     for p in paths])
+    table.add_row("check", *["ok" if results[p]["check"]["ok"] else "FAILED" for p in paths])
+    Console().print(table)
+    for key, text in record["method"].items():
+        Console().print(f"  {key}: {text}")
+
+
+def _environment() -> dict:
+    import torch
+
+    import arfuse
+
+    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+           "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "arfuse": arfuse.__version__}
+    if torch.cuda.is_available() and torch.version.cuda:
+        env["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+    return env
+
+
+def run(args) -> int:
+    import torch
+
+    from arfuse import launch
+    from arfuse.models import llama
+
+    device = args.device or launch.default_device()
+    if args.preset not in llama.PRESETS:
+        raise SystemExit(f"arfuse e2e: --preset must be one of {', '.join(llama.PRESETS)}, got {args.preset!r}")
+    for name in ("kv_len", "prefill_repeats", "decode_replays", "check_steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"arfuse e2e: --{name.replace('_', '-')} must be >= 1")
+    tp = args.tp or (torch.cuda.device_count() if device == "cuda" else 2)
+    if tp < 1:
+        raise SystemExit(f"arfuse e2e: --tp must be >= 1, got {tp}")
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    spec = Spec(args.preset, args.layers, args.backends, args.prompt_lens, args.batches, args.kv_len, dtype,
+                args.seed, args.prefill_repeats, args.decode_replays, args.check_steps, device)
+    try:
+        llama.preset(spec.preset, spec.layers)  # validates --layers before spawning
+    except ValueError as e:
+        raise SystemExit(f"arfuse e2e: {e}") from None
+    outs = launch.run_ranks(_rank_main, tp, spec, device=device, timeout_s=args.timeout)
+    first = outs[0]
+    record = dict(_environment(), preset=spec.preset, tp=tp, dtype=dtype, reference=spec.reference,
+                  kv_len=spec.kv_len, check_steps=spec.check_steps, **first)
+    render(record)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
+    failed = [p for p, r in record["results"].items() if not r["check"]["ok"]]
+    if failed:
+        print(f"arfuse e2e: paths disagree with {spec.reference}: {', '.join(failed)}")
+        return 1
+    return 0

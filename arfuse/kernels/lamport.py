@@ -1,0 +1,76 @@
+"""Barrier-free one-shot allreduce + epilogue (Lamport style) for the smallest sizes.
+
+Equivalent torch::
+
+    dist.all_reduce(x)                  # summed in fp32, the same fixed order on every rank
+    residual_out, out = epilogue(x)
+
+Every rank pushes its rows into slot ``RANK`` of every peer's buffer; readers poll all peers' slots of a row at
+once until no element is the sentinel (see ``_sync``), sum them, and write the sentinel back. No start or end
+barrier. Two buffers alternate by a device-side call counter: a peer writes a buffer again only two calls later,
+which it reaches only after this rank's next push, i.e. after this rank's reset was complete. The residual row and
+the weight are loaded before polling, and the call counter is bumped before polling, so their latency hides
+behind the wait.
+"""
+import triton
+import triton.language as tl
+
+from arfuse.kernels._epilogue import finish_row, load_residual, load_weight
+from arfuse.kernels._sync import (OP_LAMPORT, bump_epoch, first_missing_slot, globaltimer, load_epoch,
+                                  no_negative_zero, peer_base, poll, record_error, sentinel_of)
+
+
+@triton.jit(do_not_specialize=["n_rows", "eps"])
+def lamport_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, x_ptr, res_ptr, w_ptr, out_ptr,
+                   res_out_ptr, scale_ptr, n_rows, eps, timeout_ns, region_off, slot_stride, buffer_stride,
+                   RANK: tl.constexpr, WS: tl.constexpr, WS_P2: tl.constexpr, H: tl.constexpr,
+                   BLOCK_H: tl.constexpr, PATTERN: tl.constexpr, BITS: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    dtype = x_ptr.dtype.element_ty
+    bits_ty = tl.int16 if BITS == 16 else tl.int32
+    sentinel = sentinel_of(BITS)
+    epoch = load_epoch(state_ptr)
+    base = region_off + (epoch % 2) * buffer_stride
+    slot_off = base + RANK * slot_stride
+
+    for row in range(pid, n_rows, nprog):
+        offs = row.to(tl.int64) * H + cols
+        v = no_negative_zero(tl.load(x_ptr + offs, mask=mask, other=0.0))
+        for p in tl.static_range(WS):
+            tl.store(peer_base(p, P0, P1, P2, P3, P4, P5, P6, P7, dtype, slot_off) + offs, v, mask=mask)
+    bump_epoch(state_ptr, epoch)
+
+    own = peer_base(RANK, P0, P1, P2, P3, P4, P5, P6, P7, bits_ty, base)
+    slots = tl.arange(0, WS_P2)
+    slot_rows = slots.to(tl.int64)[:, None] * slot_stride
+    mask2 = (slots < WS)[:, None] & mask[None, :]
+    w = load_weight(w_ptr, cols, mask, PATTERN)
+    start = globaltimer()
+    for row in range(pid, n_rows, nprog):
+        offs = row.to(tl.int64) * H + cols
+        res = load_residual(res_ptr, row, cols, mask, H, PATTERN)
+        ptrs = own + slot_rows + offs[None, :]
+        bits, ok = poll(ptrs, mask2, sentinel, start, timeout_ns)
+        if ok == 0:
+            record_error(err_ptr, first_missing_slot(bits, mask2, sentinel, slots, WS_P2), OP_LAMPORT, RANK)
+        acc = tl.sum(bits.to(dtype, bitcast=True).to(tl.float32), axis=0)
+        tl.store(ptrs, tl.full([WS_P2, BLOCK_H], sentinel, bits_ty), mask=mask2)
+        if ok != 0:
+            finish_row(acc, res, w, row, cols, mask, out_ptr, res_out_ptr, scale_ptr, eps, H, PATTERN)
+
+
+def lamport(a, x, residual, weight, eps: float, scale, out, residual_out, pattern: int) -> None:
+    """Launch the barrier-free one-shot kernel for ``x`` (tokens, hidden) with workspace args ``a``.
+    Collective over the workspace's ranks; graph-safe."""
+    from arfuse.kernels.launch_config import MAX_GRID, block_config, grid_size, next_power_of_2
+
+    n, hidden = x.shape
+    block_h, num_warps = block_config(hidden)
+    lamport_kernel[(grid_size(n, MAX_GRID),)](
+        *a.peer_ptrs, a.err_ptr, a.lamport_state, x, residual, weight, out, residual_out, scale,
+        n, eps, a.timeout_ns, a.lamport_off, a.lamport_slot, a.lamport_buffer,
+        RANK=a.rank, WS=a.world_size, WS_P2=next_power_of_2(a.world_size), H=hidden, BLOCK_H=block_h,
+        PATTERN=pattern, BITS=8 * x.element_size(), num_warps=num_warps)

@@ -1,0 +1,113 @@
+"""Barrier-free two-shot allreduce + epilogue (Lamport reduce-scatter and all-gather) for mid and large sizes.
+
+Equivalent torch::
+
+    dist.all_reduce(x)                  # reduce-scatter by token chunks, then all-gather of the sums
+    residual_out, out = epilogue(x)
+
+Tokens are split into ``WS`` contiguous chunks; rank ``c`` owns chunk ``c``; row ``j`` of every chunk belongs to
+block ``j % nprog`` on every rank. All remote accesses are posted writes into sentinel-filled buffers, and all
+waits are polls on local memory, so nothing waits at a barrier and each row's epilogue starts as soon as its sum
+arrives (overlapping the traffic of other rows):
+  1. block ``b`` pushes its rows of every other chunk into slot ``RANK`` of that owner's reduce buffer;
+  2. for its rows of this rank's chunk it polls the peers' slots, sums them with its own ``x`` (fp32), rounds to
+     the input dtype, pushes the sums into every peer's gather buffer and runs the epilogue at once;
+  3. for its rows of the other chunks it polls its own gather buffer and runs the epilogue.
+Consumed rows are reset to the sentinel. Buffers alternate by a device-side call counter; a rank can be two calls
+ahead only after every rank finished the older call (each call needs every rank's contribution to chunk 0).
+Every rank finishes from the same rounded sums, so outputs are bitwise identical; the epilogue is inlined at two
+call sites (own rows, gathered rows), so FMA contraction is off to make both round the same way.
+"""
+import triton
+import triton.language as tl
+
+from arfuse.kernels._epilogue import finish_row, load_residual, load_weight
+from arfuse.kernels._sync import (OP_LAMPORT_TWO_SHOT, bump_epoch, first_missing_slot, globaltimer, load_epoch,
+                                  no_negative_zero, peer_base, poll, record_error, sentinel_of)
+
+
+@triton.jit(do_not_specialize=["n_rows", "eps"])
+def lamport_two_shot_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, x_ptr, res_ptr, w_ptr, out_ptr,
+                            res_out_ptr, scale_ptr, n_rows, eps, timeout_ns, rs_off, rs_slot, rs_buffer,
+                            gather_off, gather_buffer, RANK: tl.constexpr, WS: tl.constexpr, WS_P2: tl.constexpr,
+                            H: tl.constexpr, BLOCK_H: tl.constexpr, PATTERN: tl.constexpr, BITS: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    dtype = x_ptr.dtype.element_ty
+    bits_ty = tl.int16 if BITS == 16 else tl.int32
+    sentinel = sentinel_of(BITS)
+    chunk = tl.cdiv(n_rows, WS)
+    epoch = load_epoch(state_ptr)
+    rs_base = rs_off + (epoch % 2) * rs_buffer
+    g_base = gather_off + (epoch % 2) * gather_buffer
+
+    for c in tl.static_range(WS):
+        if c != RANK:
+            slot = peer_base(c, P0, P1, P2, P3, P4, P5, P6, P7, dtype, rs_base + RANK * rs_slot)
+            for j in range(pid, chunk, nprog):
+                row = c * chunk + j
+                m = mask & (row < n_rows)
+                v = no_negative_zero(tl.load(x_ptr + row.to(tl.int64) * H + cols, mask=m, other=0.0))
+                tl.store(slot + j * H + cols, v, mask=m)
+    bump_epoch(state_ptr, epoch)
+
+    w = load_weight(w_ptr, cols, mask, PATTERN)
+    start = globaltimer()
+    own_slots = peer_base(RANK, P0, P1, P2, P3, P4, P5, P6, P7, bits_ty, rs_base)
+    slots = tl.arange(0, WS_P2)
+    slot_rows = slots.to(tl.int64)[:, None] * rs_slot
+    mask2 = ((slots < WS) & (slots != RANK))[:, None] & mask[None, :]
+    for j in range(pid, chunk, nprog):
+        row = RANK * chunk + j
+        if row < n_rows:
+            offs = row.to(tl.int64) * H + cols
+            res = load_residual(res_ptr, row, cols, mask, H, PATTERN)
+            mine = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            ptrs = own_slots + slot_rows + (j * H + cols)[None, :]
+            bits, ok = poll(ptrs, mask2, sentinel, start, timeout_ns)
+            if ok == 0:
+                missing = first_missing_slot(bits, mask2, sentinel, slots, WS_P2)
+                record_error(err_ptr, missing, OP_LAMPORT_TWO_SHOT, RANK)
+            summed = tl.sum(bits.to(dtype, bitcast=True).to(tl.float32), axis=0) + mine
+            tl.store(ptrs, tl.full([WS_P2, BLOCK_H], sentinel, bits_ty), mask=mask2)
+            summed = no_negative_zero(summed.to(dtype))
+            for p in tl.static_range(WS):
+                if p != RANK:
+                    peer = peer_base(p, P0, P1, P2, P3, P4, P5, P6, P7, dtype, g_base)
+                    tl.store(peer + offs, summed, mask=mask)
+            if ok != 0:
+                finish_row(summed.to(tl.float32), res, w, row, cols, mask, out_ptr, res_out_ptr, scale_ptr, eps, H,
+                           PATTERN)
+
+    gathered = peer_base(RANK, P0, P1, P2, P3, P4, P5, P6, P7, bits_ty, g_base)
+    for c in tl.static_range(WS):
+        if c != RANK:
+            for j in range(pid, chunk, nprog):
+                row = c * chunk + j
+                if row < n_rows:
+                    offs = row.to(tl.int64) * H + cols
+                    res = load_residual(res_ptr, row, cols, mask, H, PATTERN)
+                    bits, ok = poll(gathered + offs, mask, sentinel, start, timeout_ns)
+                    if ok == 0:
+                        record_error(err_ptr, c, OP_LAMPORT_TWO_SHOT, RANK)
+                    tl.store(gathered + offs, tl.full([BLOCK_H], sentinel, bits_ty), mask=mask)
+                    if ok != 0:
+                        acc = bits.to(dtype, bitcast=True).to(tl.float32)
+                        finish_row(acc, res, w, row, cols, mask, out_ptr, res_out_ptr, scale_ptr, eps, H, PATTERN)
+
+
+def lamport_two_shot(a, x, residual, weight, eps: float, scale, out, residual_out, pattern: int) -> None:
+    """Launch the barrier-free two-shot kernel for ``x`` (tokens, hidden) with workspace args ``a``.
+    Collective over the workspace's ranks; graph-safe."""
+    from arfuse.kernels.launch_config import MAX_GRID, block_config, grid_size, next_power_of_2
+
+    n, hidden = x.shape
+    block_h, num_warps = block_config(hidden)
+    chunk = -(-n // a.world_size)
+    lamport_two_shot_kernel[(grid_size(chunk, MAX_GRID),)](
+        *a.peer_ptrs, a.err_ptr, a.lts_state, x, residual, weight, out, residual_out, scale,
+        n, eps, a.timeout_ns, a.lts_rs_off, a.two_shot_slot, a.lts_rs_buffer, a.lts_gather_off,
+        a.lts_gather_buffer, RANK=a.rank, WS=a.world_size, WS_P2=next_power_of_2(a.world_size), H=hidden,
+        BLOCK_H=block_h, PATTERN=pattern, BITS=8 * x.element_size(), num_warps=num_warps, enable_fp_fusion=False)

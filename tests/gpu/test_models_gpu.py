@@ -1,0 +1,138 @@
+"""The TP model demo on 4 GPUs: a 2-layer llama3-8b-shaped model in bf16 at TP4 against TP1 of the same weights.
+
+Every norm path ("unfused", "auto" and each registered arfuse backend) is teacher-forced on the TP1 greedy
+tokens: logits within bf16 tolerance of TP1, greedy tokens equal up to near-ties, bitwise identical across
+ranks, two fused calls per layer per forward. KV-cache decode equals a full recompute; a CUDA-graph replay of
+the decode step equals the eager step. Then ``arfuse e2e`` end to end on the same shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+
+import pytest
+import torch
+
+from arfuse.backends import base
+from arfuse.cli import e2e
+from arfuse.launch import run_ranks
+from arfuse.models import generate, llama, timing, tp
+
+SEED = 11
+LAYERS = 2
+PROMPT = (2, 32)
+STEPS = 6
+BF16_TOL = generate.LOGITS_TOLERANCE[torch.bfloat16]
+
+
+def _paths():
+    return ("unfused", "auto") + tuple(b.name for b in base.registered())
+
+
+def _tp1_model(args, device):
+    with torch.device("meta"):
+        model = llama.Transformer(args)
+    return model.to(torch.bfloat16).to_empty(device=device).init_random_(SEED).requires_grad_(False)
+
+
+def _graph_vs_eager(model, prompt):
+    """Rel. error between a graph replay of a decode step and the same step run eagerly."""
+    batch, plen = prompt.shape
+    model.setup_caches(batch, plen + 1)
+    with torch.no_grad():
+        first = model(prompt).argmax(-1).view(batch, 1)
+        step = timing.DecodeStep(model, first, plen)
+        replayed = step(first, plen).float().cpu()
+        step.close()
+        eager = model(first, torch.tensor([plen], device=prompt.device)).float().cpu()
+    return generate.rel_err(replayed, eager)
+
+
+def _recompute(model, prompt, tokens, logits):
+    errors = []
+    for i in range(1, STEPS):
+        seq = torch.cat([prompt, tokens[:i].T.to(prompt.device)], dim=1)
+        model.setup_caches(seq.shape[0], seq.shape[1])
+        with torch.no_grad():
+            errors.append(generate.rel_err(logits[i], model(seq).float().cpu()))
+    return errors
+
+
+def _rank(rank, world, paths):
+    device = torch.device("cuda", torch.cuda.current_device())
+    args = llama.preset("llama3-8b", layers=LAYERS)
+    prompt = timing.random_tokens(PROMPT, args.vocab_size, SEED, device)
+    reference = _tp1_model(args, device)
+    ref_logits, ref_tokens = generate.greedy(reference, prompt, STEPS)
+    del reference
+    model = tp.build(args, seed=SEED, dtype=torch.bfloat16, device=device)
+    switch = tp.NormSwitch(model, None, tp.TPConfig(max_tokens=256))
+    out = {"checks": {}, "calls": {}, "digests": {}, "graph_vs_eager": {}}
+    for path in paths:
+        switch.use(path)
+        logits, _ = generate.greedy(model, prompt, STEPS, forced=ref_tokens)
+        out["checks"][path] = generate.compare(ref_logits, logits, torch.bfloat16)
+        out["calls"][path] = sum(switch.stats().get("calls", {}).values())
+        out["digests"][path] = hashlib.sha256(logits.numpy().tobytes()).hexdigest()
+        out["graph_vs_eager"][path] = _graph_vs_eager(model, prompt)
+    switch.use("auto")
+    logits, tokens = generate.greedy(model, prompt, STEPS)
+    out["recompute"] = _recompute(model, prompt, tokens, logits)
+    switch.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp4():
+    return run_ranks(_rank, 4, _paths(), device="cuda", timeout_s=600)
+
+
+@pytest.mark.gpu(min_gpus=4)
+def test_tp4_paths_agree_with_tp1(tp4):
+    failures = [f"rank {r} {path}: {check}" for r, out in enumerate(tp4) for path, check in out["checks"].items()
+                if not check["ok"]]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu(min_gpus=4)
+def test_tp4_two_fused_calls_per_layer(tp4):
+    # greedy() runs 3 forwards through arfuse: the prefill, the warm-up step and the captured step (replays
+    # are not counted)
+    for path, calls in tp4[0]["calls"].items():
+        assert calls == (0 if path == "unfused" else 3 * 2 * LAYERS), (path, calls)
+
+
+@pytest.mark.gpu(min_gpus=4)
+def test_tp4_ranks_bitwise_identical(tp4):
+    for path in tp4[0]["digests"]:
+        assert len({out["digests"][path] for out in tp4}) == 1, path
+
+
+@pytest.mark.gpu(min_gpus=4)
+def test_tp4_graph_replay_equals_eager(tp4):
+    for out in tp4:
+        assert all(e <= BF16_TOL / 5 for e in out["graph_vs_eager"].values()), out["graph_vs_eager"]
+
+
+@pytest.mark.gpu(min_gpus=4)
+def test_tp4_kv_decode_equals_full_recompute(tp4):
+    for out in tp4:
+        assert max(out["recompute"]) <= BF16_TOL, out["recompute"]
+
+
+@pytest.mark.gpu(min_gpus=4)
+def test_e2e_cli_tp4(tmp_path):
+    parser = argparse.ArgumentParser()
+    e2e.add_arguments(parser)
+    path = tmp_path / "e2e.json"
+    args = parser.parse_args(["--preset", "llama3-8b", "--layers", str(LAYERS), "--tp", "4", "--device", "cuda",
+                              "--backends", ",".join(_paths()), "--prompt-lens", "128,512", "--batches", "1,8",
+                              "--kv-len", "256", "--json", str(path)])
+    assert e2e.run(args) == 0
+    record = json.loads(path.read_text())
+    assert record["dtype"] == "bfloat16" and record["device"]["count"] >= 4 and record["nccl"]
+    for result in record["results"].values():
+        assert all(v > 0 for v in list(result["ttft_ms"].values()) + list(result["tpot_ms"].values()))
+        assert result["check"]["ok"]
+    assert "CUDA graph" in record["method"]["tpot"]

@@ -1,0 +1,171 @@
+"""The public API in one process (world size 1, no process group): results against the float64 reference,
+lifecycle (context manager, idempotent close, close on garbage collection and at interpreter exit),
+introspection, the functional forms' cache and the module drop-in."""
+from __future__ import annotations
+
+import gc
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import arfuse
+from arfuse import functional as F
+from arfuse.core.types import Pattern, Plan
+from arfuse.verify import TOLERANCE, Case, reference, rel_err
+from tests._ranks import OBJECT_CALLS_PER_EXERCISE, RECORDS_PER_EXERCISE, check_records, exercise
+
+REPO = Path(arfuse.__file__).resolve().parent.parent
+
+
+def test_public_surface_is_small_and_importable():
+    assert len(arfuse.__all__) <= 16
+    for name in arfuse.__all__:
+        assert getattr(arfuse, name) is not None, name
+    assert arfuse.Pattern.RESIDUAL_RMSNORM.has_residual and not arfuse.Pattern.RMSNORM.has_residual
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_op_matches_reference_at_world_size_1(dtype):
+    with arfuse.AllReduceFusion(max_tokens=40, hidden_size=48, dtype=dtype, device="cpu") as fusion:
+        records = []
+        for i, tokens in enumerate((1, 13, 40)):
+            records += exercise(fusion, Case(tokens, 48, dtype, seed=i), rank=0, world=1)
+        assert check_records([records], str(dtype)) == 3 * RECORDS_PER_EXERCISE
+        assert fusion.stats()["calls"] == {"torch_ref": 3 * OBJECT_CALLS_PER_EXERCISE}
+        assert fusion.caps.world_size == 1 and fusion.caps.dist_backend is None
+    F.close_all()
+
+
+def test_outputs_keep_input_dtype_and_math_is_fp32():
+    case = Case(5, 64, torch.bfloat16, seed=9)
+    with arfuse.AllReduceFusion(max_tokens=8, hidden_size=64, dtype=torch.bfloat16, device="cpu") as fusion:
+        norm, res = fusion.residual_rmsnorm(case.x(0), case.residual(), case.weight(), case.eps)
+    assert norm.dtype == res.dtype == torch.bfloat16
+    s = case.x(0).float() + case.residual().float()  # the norm is of the fp32 sum, not of the rounded residual
+    expected = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + case.eps) * case.weight().float()).bfloat16()
+    assert torch.equal(norm, expected)
+    assert torch.equal(res, s.bfloat16())
+
+
+def test_lifecycle_context_manager_and_idempotent_close():
+    with arfuse.AllReduceFusion(max_tokens=4, hidden_size=8, dtype=torch.float32, device="cpu") as fusion:
+        assert not fusion.closed and "torch_ref" in fusion.backends
+        assert "world_size=1" in repr(fusion)
+    assert fusion.closed and "closed" in repr(fusion)
+    fusion.close()
+    fusion.close()
+    assert fusion.closed
+
+
+def test_garbage_collected_object_closes_its_workspaces():
+    fusion = arfuse.AllReduceFusion(max_tokens=4, hidden_size=8, dtype=torch.float32, device="cpu")
+    workspaces = [ws for ws in fusion._executor.workspaces.values()]
+    del fusion
+    gc.collect()
+    assert workspaces and all(ws.closed for ws in workspaces)
+
+
+def test_interpreter_exit_closes_open_objects(tmp_path):
+    marker = tmp_path / "released"
+    script = textwrap.dedent(f"""
+        import torch, arfuse
+        from arfuse.backends.base import register
+        from arfuse.backends.torch_ref import RefWorkspace, TorchRefBackend
+
+        class Recording(RefWorkspace):
+            def _release(self):
+                open({str(marker)!r}, "w").write("released")
+
+        class RecordingRef(TorchRefBackend):
+            name = "test_recording"
+            def prepare(self, capacity, caps, group):
+                return Recording(group, caps.world_size)
+
+        register(RecordingRef())
+        keep = arfuse.AllReduceFusion(max_tokens=4, hidden_size=8, dtype=torch.float32, device="cpu",
+                                      backend="test_recording")
+        assert not keep.closed
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert marker.read_text() == "released"
+
+
+def test_stats_plan_and_introspection():
+    with arfuse.AllReduceFusion(max_tokens=16, hidden_size=8, dtype=torch.float32, device="cpu",
+                                backend="torch_ref") as fusion:
+        fusion.all_reduce(torch.ones(3, 8))
+        fusion.rmsnorm(torch.ones(3, 8), torch.ones(8))
+        stats = fusion.stats()
+        assert stats == {"calls": {"torch_ref": 2}, "fallbacks": {}, "errors": {}}
+        assert "torch_ref" in str(stats) and "2" in str(stats)
+        fusion.reset_stats()
+        assert fusion.stats()["calls"] == {}
+        for pattern in (Pattern.RESIDUAL_RMSNORM, "rmsnorm", "ALLREDUCE", "residual_rmsnorm_fp8"):
+            plan = fusion.plan(pattern, 16)
+            assert isinstance(plan, Plan) and plan.backend == "torch_ref" and not plan.fallback
+        assert fusion.disabled == {}
+        assert fusion.input_buffer(4) is None  # the reference path copies its input itself
+        fusion.check_health()
+
+
+def test_all_reduce_at_world_size_1_is_a_copy_into_a_new_tensor():
+    x = torch.randn(3, 8)
+    with arfuse.AllReduceFusion(max_tokens=4, hidden_size=8, dtype=torch.float32, device="cpu") as fusion:
+        out = fusion.all_reduce(x)
+    assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+
+
+def test_functional_forms_cache_and_regrow_their_object():
+    F.close_all()
+    case = Case(3, 32, torch.float32, seed=11)
+    F.rmsnorm(case.x(0), case.weight())
+    (key, first), = F._cache.items()
+    assert first.capacity.max_tokens == 4
+    F.all_reduce(case.x(0))
+    assert F._cache[key] is first  # reused
+    big = Case(9, 32, torch.float32, seed=12)
+    norm, res = F.residual_rmsnorm(big.x(0), big.residual(), big.weight(), big.eps)
+    ref_norm, ref_res = reference(big, 1, Pattern.RESIDUAL_RMSNORM)
+    assert max(rel_err(norm, ref_norm), rel_err(res, ref_res)) <= TOLERANCE[torch.float32]
+    grown = F._cache[key]
+    assert grown is not first and first.closed and grown.capacity.max_tokens == 16
+    F.close_all()
+    assert grown.closed and not F._cache
+
+
+def test_module_drop_in_shapes_inplace_and_repr():
+    case = Case(6, 16, torch.float32, seed=13)
+    with arfuse.AllReduceFusion(max_tokens=8, hidden_size=16, dtype=torch.float32, device="cpu") as fusion:
+        norm = arfuse.FusedAddRMSNorm(16, eps=case.eps, fusion=fusion, inplace_residual=True)
+        with torch.no_grad():
+            norm.weight.copy_(case.weight())
+        residual = case.residual().view(2, 3, 16)
+        y, r = norm(case.x(0).view(2, 3, 16), residual)
+        assert r is residual and y.shape == (2, 3, 16)
+        ref_norm, ref_res = reference(case, 1, Pattern.RESIDUAL_RMSNORM)
+        assert rel_err(y.reshape(6, 16), ref_norm) <= TOLERANCE[torch.float32]
+        assert rel_err(residual.reshape(6, 16), ref_res) <= TOLERANCE[torch.float32]
+        assert "inplace_residual=True" in repr(norm)
+        assert [n for n, _ in norm.named_parameters()] == ["weight"]
+
+
+def test_readme_snippet_runs(capsys):
+    snippet = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)[0]
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert "torch_ref" in capsys.readouterr().out
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    test_command = commands[1].strip().split("&&")[-1].strip()
+    assert test_command == "python -m pytest -q"
+    ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert test_command in ci_lines
