@@ -48,7 +48,9 @@ def _setup():
 
 
 def _backend_entry(backend, problem, caps, no_gpu: Optional[str]) -> Dict[str, Any]:
-    reasons = {v: backend.check(problem, caps, v) for v in backend.variants}
+    from arfuse.select.policy import why_not  # the selector's own verdict, multi-host restriction included
+
+    reasons = {v: why_not(backend, problem, caps, v) for v in backend.variants}
     capable = [v for v, r in reasons.items() if r is None]
     reason = "" if capable else next(iter(reasons.values()))
     if reason.startswith("device cpu") and no_gpu:
@@ -81,8 +83,11 @@ def collect(args) -> Dict[str, Any]:
     backends["flashinfer"].update(fi.as_dict(), available=backends["flashinfer"]["available"],
                                   reason=backends["flashinfer"]["reason"], installed=fi.available,
                                   probe_reason=fi.reason)
+    from arfuse.select.policy import group_restriction
+
     report = {
         "backends": backends,
+        "group_restriction": group_restriction(caps),
         "device": {"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": no_gpu is None,
                    "no_gpu_reason": no_gpu, "device": str(device),
                    "gpu_count": torch.cuda.device_count() if no_gpu is None else 0, "gpu_name": caps.gpu_name,
@@ -128,6 +133,9 @@ def _render(report: Dict[str, Any]) -> None:
         devt.add_row(key, str(dev[key]))
     for note in dev["notes"]:
         devt.add_row("note", note)
+    if report.get("group_restriction"):
+        devt.add_row("selection", f"{report['group_restriction']}: only NCCL + fused norm (and torch_ref) run "
+                                  "across hosts")
     console.print(devt)
 
 
