@@ -79,3 +79,21 @@ def digest(*tensors: torch.Tensor) -> str:
         h.update(f"{t.dtype}{tuple(t.shape)};".encode())
         h.update(flat.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def out_dtype(pattern: Pattern, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``pattern``'s main output for inputs of ``dtype``."""
+    return torch.float8_e4m3fn if pattern is Pattern.RESIDUAL_RMSNORM_FP8 else dtype
+
+
+def call_pattern(fusion, pattern: Pattern, case: Case, x: torch.Tensor, residual: torch.Tensor,
+                 weight: torch.Tensor, out: torch.Tensor, residual_out: Optional[torch.Tensor]):
+    """Run ``pattern`` on ``fusion`` (an AllReduceFusion) into the given outputs; returns (out, residual_out)."""
+    if pattern is Pattern.ALLREDUCE:
+        return fusion.all_reduce(x, out=out), None
+    if pattern is Pattern.RMSNORM:
+        return fusion.rmsnorm(x, weight, case.eps, out=out), None
+    if pattern is Pattern.RESIDUAL_RMSNORM:
+        return fusion.residual_rmsnorm(x, residual, weight, case.eps, norm_out=out, residual_out=residual_out)
+    return fusion.residual_rmsnorm_fp8(x, residual, weight, case.scale, case.eps, quant_out=out,
+                                       residual_out=residual_out)

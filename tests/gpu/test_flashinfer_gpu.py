@@ -16,7 +16,7 @@ from arfuse import AllReduceFusion, Pattern
 from arfuse.launch import run_ranks
 from arfuse.probe import vote
 from arfuse.probe.flashinfer_api import probe
-from arfuse.verify import TOLERANCE, Case, digest, poison, reference, rel_err
+from arfuse.verify import TOLERANCE, Case, call_pattern, digest, out_dtype, poison, reference, rel_err
 
 TOKENS = (1, 2, 3, 8, 17, 64, 128, 512, 1000, 2048)
 HIDDENS = (4096, 8192)
@@ -35,32 +35,22 @@ def _cases():
     return out
 
 
-def _out_dtype(pattern):
-    return torch.float8_e4m3fn if pattern is Pattern.RESIDUAL_RMSNORM_FP8 else BF16
 
 
-def _call(fusion, pattern, x, res, w, case, out, res_out):
-    if pattern is Pattern.ALLREDUCE:
-        return fusion.all_reduce(x, out=out), None
-    if pattern is Pattern.RMSNORM:
-        return fusion.rmsnorm(x, w, case.eps, out=out), None
-    if pattern is Pattern.RESIDUAL_RMSNORM:
-        return fusion.residual_rmsnorm(x, res, w, case.eps, norm_out=out, residual_out=res_out)
-    return fusion.residual_rmsnorm_fp8(x, res, w, case.scale, case.eps, quant_out=out, residual_out=res_out)
 
 
 def _check(fusion, group, local_rank, group_size, backend, pattern, case, dev, label):
     """One poisoned, checked call; returns its record (collective over ``group``)."""
     x, res, w = case.x(local_rank, dev), case.residual(dev), case.weight(dev)
-    out = poison(torch.empty(case.tokens, case.hidden, dtype=_out_dtype(pattern), device=dev))
+    out = poison(torch.empty(case.tokens, case.hidden, dtype=out_dtype(pattern, BF16), device=dev))
     res_out = poison(torch.empty_like(res)) if pattern.has_residual else None
-    out, res_out = _call(fusion, pattern, x, res, w, case, out, res_out)
+    out, res_out = call_pattern(fusion, pattern, case, x, res, w, out, res_out)
     torch.cuda.synchronize()
     ref, ref_res = reference(case, group_size, pattern)
     err = rel_err(out.float(), ref)
     err_res = rel_err(res_out, ref_res) if res_out is not None else 0.0
     digests = vote.all_gather_object(digest(*(t for t in (out, res_out) if t is not None)), group)
-    tol = TOLERANCE[_out_dtype(pattern)]
+    tol = TOLERANCE[out_dtype(pattern, BF16)]
     path = fusion.plan(pattern, case.tokens).key
     ok = err <= tol and err_res <= TOLERANCE[BF16] and len(set(digests)) == 1 and path.startswith("flashinfer")
     return dict(case=label, backend=backend, path=path, pattern=pattern.name, hidden=case.hidden,

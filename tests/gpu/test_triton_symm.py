@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from arfuse import AllReduceFusion, Pattern, PeerTimeoutError
 from arfuse.launch import run_ranks
-from arfuse.verify import TOLERANCE, Case, digest, poison, reference, rel_err
+from arfuse.verify import TOLERANCE, Case, call_pattern, digest, out_dtype, poison, reference, rel_err
 
 VARIANTS = ("triton_symm/lamport", "triton_symm/one_shot", "triton_symm/two_shot", "triton_symm/lamport_two_shot",
             "nccl")
@@ -36,20 +36,8 @@ def _cases():
     return out
 
 
-def _call(fusion, pattern, x, res, w, case, out, res_out, inplace=False):
-    if pattern is Pattern.ALLREDUCE:
-        return fusion.all_reduce(x, out=out), None
-    if pattern is Pattern.RMSNORM:
-        return fusion.rmsnorm(x, w, case.eps, out=out), None
-    if pattern is Pattern.RESIDUAL_RMSNORM:
-        if inplace:
-            return fusion.residual_rmsnorm(x, res, w, case.eps, norm_out=out, inplace=True)
-        return fusion.residual_rmsnorm(x, res, w, case.eps, norm_out=out, residual_out=res_out)
-    return fusion.residual_rmsnorm_fp8(x, res, w, case.scale, case.eps, quant_out=out, residual_out=res_out)
 
 
-def _out_dtype(pattern, dtype):
-    return torch.float8_e4m3fn if pattern is Pattern.RESIDUAL_RMSNORM_FP8 else dtype
 
 
 def correctness_worker(rank, world, cases, seed):
@@ -69,16 +57,16 @@ def correctness_worker(rank, world, cases, seed):
         if zero_copy is not None:
             zero_copy.copy_(x)
             x = zero_copy
-        out = poison(torch.empty(tokens, hidden, dtype=_out_dtype(pattern, dtype), device=dev))
+        out = poison(torch.empty(tokens, hidden, dtype=out_dtype(pattern, dtype), device=dev))
         res_out = poison(torch.empty_like(res)) if pattern.has_residual else None
-        out, res_out = _call(f, pattern, x, res, w, case, out, res_out)
+        out, res_out = call_pattern(f, pattern, case, x, res, w, out, res_out)
         torch.cuda.synchronize()
         ref_out, ref_res = reference(case, world, pattern)
         err = rel_err(out.float(), ref_out)
         err_res = rel_err(res_out, ref_res) if res_out is not None else 0.0
         digests = [None] * world
         dist.all_gather_object(digests, digest(*(t for t in (out, res_out) if t is not None)))
-        tol = TOLERANCE[_out_dtype(pattern, dtype)]
+        tol = TOLERANCE[out_dtype(pattern, dtype)]
         results.append(dict(backend=backend, path=f.plan(pattern, tokens).key, pattern=pattern.name,
                             dtype=str(dtype), hidden=hidden, tokens=tokens, zero_copy=zero_copy is not None,
                             err=err, err_residual=err_res, tol=tol, identical=len(set(digests)) == 1,

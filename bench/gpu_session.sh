@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Everything the GPU machine runs, by stage, in one device call:
+#   bash bench/gpu_session.sh STAGE...      (carry .gpu-deps, built by ../shared/tools/gpu-deps.sh, for FlashInfer)
+# Stages: env link kernels flashinfer models reliability timing bench e2e (each bounded by its own timeout).
+# Results land in $OUT/r and are packed into $OUT/results.tgz after every stage (the device returns at most 8
+# files, so unpack that one). NVLink multicast stays off: the guards below are exported before anything runs.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+if [ -f .gpu-deps/install-on-gpu.sh ]; then source .gpu-deps/install-on-gpu.sh > "$OUT/fi_install.log" 2>&1; fi
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+R=$OUT/r
+mkdir -p "$R"
+
+gpu_tests() {  # name file timeout [pytest args...]
+  local name=$1 file=$2 limit=$3; shift 3
+  ARFUSE_RESULTS_DIR=$R ARFUSE_TIMEOUT_S=5 timeout "$limit" python3 -m pytest -p no:cacheprovider "$file" -q "$@" \
+    > "$R/pytest_$name.log" 2>&1
+  tail -3 "$R/pytest_$name.log"
+}
+
+for stage in "$@"; do
+  echo "== $stage"
+  case $stage in
+    env) { nvidia-smi; nvidia-smi topo -m; python3 -c "import sys, torch, triton; print(sys.version); print('torch',
+           torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(), 'triton', triton.__version__)"
+         } > "$R/env.txt" 2>&1; tail -2 "$R/env.txt" ;;
+    link) timeout 60 python3 bench/link_bandwidth.py 4 64 2>&1 | tail -4 | tee "$R/link_bandwidth.txt" ;;
+    kernels) gpu_tests triton_symm tests/gpu/test_triton_symm.py "${T_KERNELS:-420}" ;;
+    flashinfer) gpu_tests flashinfer tests/gpu/test_flashinfer_gpu.py "${T_FLASHINFER:-240}" ;;
+    models) gpu_tests models tests/gpu/test_models_gpu.py "${T_MODELS:-240}" ;;
+    reliability) gpu_tests reliability tests/gpu/test_reliability_gpu.py "${T_RELIABILITY:-420}" ;;
+    timing) timeout "${T_TIMING:-120}" python3 bench/kernel_timing.py --world 4 --out "$R/kernel_timing_tp4.json" \
+              --tokens 1,4,16,64,128,256,512,1024,2048 2>&1 | tail -11 ;;
+    bench) timeout "${T_BENCH:-240}" python3 -m arfuse.cli.main bench --world-sizes 4 --hidden 4096,8192 --no-progress \
+             --json "$R/bench_tp4.json" --plot "$R/bench_tp4.png" > "$R/bench_tp4.txt" 2>&1
+           timeout "${T_BENCH2:-120}" python3 -m arfuse.cli.main bench --world-sizes 2 --hidden 8192 --no-progress \
+             --json "$R/bench_tp2.json" --plot "$R/bench_tp2.png" > "$R/bench_tp2.txt" 2>&1
+           tail -c 1500 "$R/bench_tp4.txt" ;;
+    e2e) timeout "${T_E2E:-300}" python3 -m arfuse.cli.main e2e --preset llama3-70b --tp 4 \
+           --backends unfused,auto,flashinfer --prompt-lens 128,512,2048 --batches 1,8,32,64 --kv-len 1024 \
+           --json "$R/e2e_llama3-70b_tp4.json" > "$R/e2e.txt" 2>&1; tail -c 2500 "$R/e2e.txt" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+  (cd "$OUT" && tar -czf results.tgz r)
+done
