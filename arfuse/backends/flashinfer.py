@@ -25,13 +25,15 @@ from arfuse.backends.flashinfer_workspace import MANAGER, NAME, PATTERN_MEMBERS,
 from arfuse.core.types import Capacity, GroupCaps, Pattern, Problem
 
 SUPPORTED_SM_MAJORS = (9, 10)  # SM90 (H100/H200), SM100 (B200/GB200): the archs TRT-LLM's fusion kernels target
-MAX_HIDDEN = 16384  # the largest hidden size validated on the device; raise after measuring larger ones
+MAX_HIDDEN = 16384  # FlashInfer's kernels take it; hidden 4096 and 8192 were validated on 4x H200 (2026-11-28)
 
 # Largest call (tokens * hidden * itemsize bytes) arfuse routes to FlashInfer, by (SM major, world size). These
 # bound workspace memory (about 4 * world_size * bytes per rank), not speed: the tuned table decides speed.
-# Placeholder values until the lead commits measured ones (bench/results/); None: no limit.
+# SM90 at 2 and 4 ranks: 32 MiB (2048 tokens x 8192 x bf16) is the largest size validated and timed on 4x H200
+# (bench/results/2026-11-28_h200x4); 8 and 16 ranks and SM100 are FlashInfer's own limits scaled down, not
+# measured here (no such machine was lent).
 MAX_BYTES = {
-    (9, 2): 64 << 20, (9, 4): 64 << 20, (9, 8): 32 << 20, (9, 16): 16 << 20,
+    (9, 2): 32 << 20, (9, 4): 32 << 20, (9, 8): 32 << 20, (9, 16): 16 << 20,
     (10, 2): 64 << 20, (10, 4): 64 << 20, (10, 8): 32 << 20, (10, 16): 16 << 20,
 }
 

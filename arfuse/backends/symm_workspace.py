@@ -10,7 +10,7 @@ Multicast is never used: only the peers' own pointers (peer-to-peer NVLink).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,32 @@ def _padded(values) -> tuple:
     return tuple(values + [0] * (MAX_PEERS - len(values)))
 
 
+class Layout(NamedTuple):
+    """Region offsets and sizes of the symmetric buffer, in elements."""
+
+    offsets: Dict[str, int]
+    total: int
+    one_shot_half: int
+    two_shot_slot: int
+    gather: int
+    lamport_slot: int
+
+
+def layout(hidden: int, world_size: int, one_shot_tokens: int, lamport_tokens: int, two_shot_tokens: int) -> Layout:
+    """Where each kernel's regions live (see the module docstring). Pure; every offset is a multiple of 64."""
+    one_shot_half = _round64(one_shot_tokens * hidden)
+    two_shot_slot = _round64(-(-two_shot_tokens // world_size) * hidden)
+    gather = _round64(two_shot_tokens * hidden)
+    lamport_slot = _round64(lamport_tokens * hidden)
+    offsets, cursor = {}, 0
+    for name, size in (("one_shot", 2 * one_shot_half), ("zero_copy", one_shot_half),
+                       ("two_shot", world_size * two_shot_slot), ("gather", gather),
+                       ("lamport", 2 * world_size * lamport_slot), ("lts_rs", 2 * world_size * two_shot_slot),
+                       ("lts_gather", 2 * gather)):
+        offsets[name], cursor = cursor, cursor + size
+    return Layout(offsets, cursor, one_shot_half, two_shot_slot, gather, lamport_slot)
+
+
 class SymmWorkspace(Workspace):
     """Buffers and handles for ``triton_symm``. Collective to create (rendezvous + a real P2P check)."""
 
@@ -54,18 +80,10 @@ class SymmWorkspace(Workspace):
         self.rank, self.world_size = rank, world_size
         self.one_shot_tokens = one_shot_tokens
         self.failed: Optional[str] = None
-        h, dev = capacity.hidden_size, capacity.device
-        os_region = _round64(one_shot_tokens * h)
-        ts_slot = _round64(-(-two_shot_tokens // world_size) * h)
-        gather = _round64(two_shot_tokens * h)
-        lam_slot = _round64(lamport_tokens * h)
-        offsets, cursor = {}, 0
-        for name, size in (("one_shot", 2 * os_region), ("zero_copy", os_region), ("two_shot", world_size * ts_slot),
-                           ("gather", gather), ("lamport", 2 * world_size * lam_slot),
-                           ("lts_rs", 2 * world_size * ts_slot), ("lts_gather", 2 * gather)):
-            offsets[name], cursor = cursor, cursor + size
-        self.offsets = offsets
-        self.buffer = symm_mem.empty(cursor, dtype=capacity.dtype, device=dev)
+        dev = capacity.device
+        lay = layout(capacity.hidden_size, world_size, one_shot_tokens, lamport_tokens, two_shot_tokens)
+        self.offsets = offsets = lay.offsets
+        self.buffer = symm_mem.empty(lay.total, dtype=capacity.dtype, device=dev)
         self.handle = symm_mem.rendezvous(self.buffer, group if group is not None else dist.group.WORLD)
         self._fill_sentinel(offsets["lamport"])
         max_grid = _signal_pad_bytes() // (4 * world_size)
@@ -77,11 +95,12 @@ class SymmWorkspace(Workspace):
             err_ptr=self.err.data_ptr(), lamport_state=self.state[0:2], one_shot_state=self.state[2:4],
             lts_state=self.state[4:6], barrier_gen=self.state[6:], rank=rank, world_size=world_size,
             timeout_ns=int(capacity.timeout_s * 1e9), max_grid=max_grid,
-            one_shot_off=offsets["one_shot"], one_shot_half=os_region, zero_copy_off=offsets["zero_copy"],
-            two_shot_off=offsets["two_shot"], two_shot_slot=ts_slot, gather_off=offsets["gather"],
-            lamport_off=offsets["lamport"], lamport_slot=lam_slot, lamport_buffer=world_size * lam_slot,
-            lts_rs_off=offsets["lts_rs"], lts_rs_buffer=world_size * ts_slot, lts_gather_off=offsets["lts_gather"],
-            lts_gather_buffer=gather)
+            one_shot_off=offsets["one_shot"], one_shot_half=lay.one_shot_half, zero_copy_off=offsets["zero_copy"],
+            two_shot_off=offsets["two_shot"], two_shot_slot=lay.two_shot_slot, gather_off=offsets["gather"],
+            lamport_off=offsets["lamport"], lamport_slot=lay.lamport_slot,
+            lamport_buffer=world_size * lay.lamport_slot, lts_rs_off=offsets["lts_rs"],
+            lts_rs_buffer=world_size * lay.two_shot_slot, lts_gather_off=offsets["lts_gather"],
+            lts_gather_buffer=lay.gather)
         self._check_peer_access(group)
 
     def _fill_sentinel(self, start: int) -> None:

@@ -1,0 +1,88 @@
+"""What arfuse's own GPU backend decides without a GPU: capability checks, per-variant size limits, workspace
+layout and launch shapes."""
+import pytest
+import torch
+
+from arfuse.backends import base
+from arfuse.backends.symm_workspace import layout, tokens_within
+from arfuse.backends.triton_symm import LAMPORT_MAX_BYTES, ONE_SHOT_MAX_BYTES, TWO_SHOT_MAX_BYTES
+from arfuse.core.types import Capacity, GroupCaps, Pattern, Problem
+from arfuse.kernels.launch_config import SymmArgs, block_config, grid_size
+
+SYMM = base.get("triton_symm")
+GOOD = GroupCaps(world_size=4, rank=0, device_type="cuda", dist_backend="cpu:gloo,cuda:nccl", gpu_name="NVIDIA H200",
+                 sm=(9, 0), single_host=True, p2p=True, symm_mem=True, triton=True)
+
+
+def problem(tokens, hidden=8192, dtype=torch.bfloat16, pattern=Pattern.RESIDUAL_RMSNORM, world=4):
+    return Problem(pattern, tokens, hidden, dtype, "cuda", world)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(single_host=False), "one host"), (dict(p2p=False), "P2P"), (dict(symm_mem=False), "symmetric memory"),
+    (dict(triton=False), "Triton"), (dict(sm=(7, 5)), "compute capability"),
+])
+def test_group_requirements_are_explained(change, needle):
+    caps = GroupCaps(**{**GOOD.__dict__, **change})
+    for variant in SYMM.variants:
+        reason = SYMM.check(problem(8), caps, variant)
+        assert reason is not None and needle in reason
+
+
+def test_shape_and_dtype_limits():
+    assert SYMM.check(problem(8, hidden=8200), GOOD, "lamport") is None
+    assert "multiple of 8" in SYMM.check(problem(8, hidden=8196), GOOD, "lamport")
+    assert "exceeds 16384" in SYMM.check(problem(8, hidden=16392), GOOD, "two_shot")
+    assert "world size 9" in SYMM.check(problem(8, world=9), GOOD, "two_shot")
+    assert SYMM.check(problem(8, dtype=torch.float32), GOOD, "lamport_two_shot") is None
+
+
+def test_variant_size_limits_and_their_boundaries():
+    per_token = 8192 * 2
+    last = {"lamport": LAMPORT_MAX_BYTES // per_token, "one_shot": ONE_SHOT_MAX_BYTES // per_token,
+            "two_shot": TWO_SHOT_MAX_BYTES // per_token, "lamport_two_shot": TWO_SHOT_MAX_BYTES // per_token}
+    for variant, n in last.items():
+        assert SYMM.check(problem(n), GOOD, variant) is None, variant
+        assert "limited to" in SYMM.check(problem(n + 1), GOOD, variant), variant
+
+
+@pytest.mark.parametrize("variant", SYMM.variants)
+def test_checks_are_monotone_in_tokens(variant):
+    verdicts = [SYMM.check(problem(n, hidden=4096), GOOD, variant) is None for n in range(1, 20000, 97)]
+    assert verdicts == sorted(verdicts, reverse=True)  # once refused, refused for every larger count
+
+
+def test_lamport_two_shot_refuses_fp8_and_barrier_two_shot_takes_it():
+    fp8 = problem(256, pattern=Pattern.RESIDUAL_RMSNORM_FP8)
+    assert "FP8" in SYMM.check(fp8, GOOD, "lamport_two_shot")
+    assert SYMM.check(fp8, GOOD, "two_shot") is None
+
+
+@pytest.mark.parametrize("hidden,world,tokens", [(8192, 4, 2048), (5120, 3, 1000), (4096, 8, 1), (8, 2, 7)])
+def test_workspace_layout_is_aligned_and_disjoint(hidden, world, tokens):
+    cap = Capacity(tokens, hidden, torch.bfloat16, torch.device("cpu"))
+    lay = layout(hidden, world, tokens_within(cap, ONE_SHOT_MAX_BYTES), tokens_within(cap, LAMPORT_MAX_BYTES),
+                 tokens_within(cap, TWO_SHOT_MAX_BYTES))
+    starts = sorted(lay.offsets.values())
+    assert all(o % 64 == 0 for o in starts) and lay.total % 64 == 0
+    assert starts == [lay.offsets[k] for k in ("one_shot", "zero_copy", "two_shot", "gather", "lamport", "lts_rs",
+                                              "lts_gather")]
+    assert lay.offsets["zero_copy"] - lay.offsets["one_shot"] == 2 * lay.one_shot_half >= 2 * tokens * hidden
+    assert lay.offsets["gather"] - lay.offsets["two_shot"] == world * lay.two_shot_slot
+    assert lay.two_shot_slot >= -(-tokens // world) * hidden and lay.gather >= tokens * hidden
+    assert lay.total - lay.offsets["lts_gather"] == 2 * lay.gather  # the sentinel-filled tail ends the buffer
+
+
+def test_tokens_within_bounds():
+    cap = Capacity(4096, 8192, torch.bfloat16, torch.device("cpu"))
+    assert tokens_within(cap, LAMPORT_MAX_BYTES) == 128
+    assert tokens_within(cap, 1) == 1  # at least one row
+    assert tokens_within(Capacity(16, 8192, torch.bfloat16, torch.device("cpu")), ONE_SHOT_MAX_BYTES) == 16
+
+
+def test_launch_shapes():
+    assert block_config(8192) == (8192, 16)
+    assert block_config(100) == (128, 4)
+    assert grid_size(0) == 1 and grid_size(10_000) == 528 and grid_size(10_000, cap=288) == 288
+    with pytest.raises(TypeError, match="missing"):
+        SymmArgs(rank=0)
