@@ -175,14 +175,15 @@ class AllReduceFusion:
             raise ValueError(f"{op}: pass either inplace=True or residual_out, not both")
         # Only caller-provided memory can overlap anything, so fresh outputs skip the (costly) overlap check.
         given = {}
+        out_name = "quant_out" if scale is not None else "norm_out"
         if out is not None:
-            given["norm_out"] = out
+            given[out_name] = out
         if inplace or residual_out is not None:
             given["residual_out"] = residual if inplace else residual_out
-        out = self._output(op, "quant_out" if scale is not None else "norm_out", out, x, out_dtype)
+        out = self._output(op, out_name, out, x, out_dtype)
         res_out = residual if inplace else self._output(op, "residual_out", residual_out, x, cap.dtype)
         if given:
-            self._check_disjoint(op, {k: (out if k == "norm_out" else res_out) for k in given},
+            self._check_disjoint(op, {k: (out if k == out_name else res_out) for k in given},
                                  {"x": x, "residual": residual, "weight": weight},
                                  allowed=("residual_out", "residual") if inplace else None)
         call(self._executor, self._handle, pattern, x, None if inplace else residual, weight, scale, eps, out,

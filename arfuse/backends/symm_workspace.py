@@ -19,6 +19,7 @@ from arfuse.backends.base import Workspace
 from arfuse.core.errors import BackendError, PeerTimeoutError
 from arfuse.core.types import Capacity
 from arfuse.kernels.launch_config import OP_NAMES, SymmArgs
+from arfuse.probe import vote
 
 DEFAULT_SIGNAL_PAD_BYTES = 9216  # torch's default; read from torch when it can tell
 MAX_PEERS = 8
@@ -69,7 +70,11 @@ def layout(hidden: int, world_size: int, one_shot_tokens: int, lamport_tokens: i
 
 
 class SymmWorkspace(Workspace):
-    """Buffers and handles for ``triton_symm``. Collective to create (rendezvous + a real P2P check)."""
+    """Buffers and handles for ``triton_symm``. Collective to create (rendezvous + a real P2P check).
+
+    Every rank runs the same collectives whatever fails on it: an allocation failure is voted on before the
+    rendezvous (which would wait for the failed rank), and the P2P check votes after its last barrier.
+    """
 
     def __init__(self, capacity: Capacity, group, rank: int, world_size: int, one_shot_tokens: int,
                  lamport_tokens: int, two_shot_tokens: int):
@@ -83,12 +88,19 @@ class SymmWorkspace(Workspace):
         dev = capacity.device
         lay = layout(capacity.hidden_size, world_size, one_shot_tokens, lamport_tokens, two_shot_tokens)
         self.offsets = offsets = lay.offsets
-        self.buffer = symm_mem.empty(lay.total, dtype=capacity.dtype, device=dev)
+        max_grid = _signal_pad_bytes() // (4 * world_size)
+        failed = None
+        try:
+            self.buffer = symm_mem.empty(lay.total, dtype=capacity.dtype, device=dev)
+            self.state = torch.zeros(6 + max_grid, dtype=torch.int32, device=dev)
+            self.err = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+        except RuntimeError as e:  # e.g. out of memory on one rank: its peers must not wait for it in the rendezvous
+            failed = f"{type(e).__name__}: {e}"
+        ok, reason = vote.agree(failed is None, failed, group)
+        if not ok:
+            raise BackendError(f"triton_symm: workspace allocation failed on {reason}")
         self.handle = symm_mem.rendezvous(self.buffer, group if group is not None else dist.group.WORLD)
         self._fill_sentinel(offsets["lamport"])
-        max_grid = _signal_pad_bytes() // (4 * world_size)
-        self.state = torch.zeros(6 + max_grid, dtype=torch.int32, device=dev)
-        self.err = torch.zeros(4, dtype=torch.int32, pin_memory=True)
         self._err_view = self.err.numpy()
         self.args = SymmArgs(
             peer_ptrs=_padded(self.handle.buffer_ptrs), pad_ptrs=_padded(self.handle.signal_pad_ptrs),
@@ -116,14 +128,17 @@ class SymmWorkspace(Workspace):
         probe.fill_(float(self.rank + 1))
         torch.cuda.synchronize()
         dist.barrier(group=group)
+        wrong = None
         for peer in range(self.world_size):
             view = self.handle.get_buffer(peer, (8,), self.capacity.dtype, self.offsets["zero_copy"])
             got = view.float().cpu()
-            if not torch.all(got == peer + 1):
-                raise BackendError(f"triton_symm: rank {self.rank} reads wrong data from rank {peer}'s buffer "
-                                   f"(expected {peer + 1}, got {got.tolist()}): P2P access does not work")
-        dist.barrier(group=group)
+            if wrong is None and not torch.all(got == peer + 1):
+                wrong = f"reads wrong data from rank {peer}'s buffer (expected {peer + 1}, got {got.tolist()})"
+        dist.barrier(group=group)  # every rank gets here whatever it read, so none is left waiting
         torch.cuda.synchronize()
+        ok, reason = vote.agree(wrong is None, wrong, group)
+        if not ok:
+            raise BackendError(f"triton_symm: P2P access does not work: {reason}")
 
     def input_buffer(self, variant: str, num_tokens: int) -> Optional[torch.Tensor]:
         """Only the one-shot kernel copies its input in; the others read ``x`` where it is."""

@@ -146,6 +146,11 @@ class Executor:
             raise
         except Exception as e:  # a backend bug or launch failure: never return its partial output as valid
             self._on_backend_error(plan, e)
+            if residual is not None and residual is residual_out:
+                # In place, the failed launch may already have overwritten the residual it had to read, so a
+                # rerun could return a wrong result as valid. The backend is disabled; the caller must retry.
+                raise BackendError(f"arfuse: {plan.key} failed in place (the residual may be partly "
+                                   f"overwritten); later calls use the fallback: {e}") from e
             return self.run(pattern, x, residual, weight, eps, scale, out, residual_out)
         self.counters.count_call(plan.key)
 

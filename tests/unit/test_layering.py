@@ -27,7 +27,8 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("arfuse.api",),                         # the public fusion object
     ("arfuse.functional", "arfuse.module"),  # one-off functions and the nn.Module drop-in
     ("arfuse",),                             # the package's public surface (__init__)
-    ("arfuse.verify", "arfuse.launch"),      # float64 oracle and the rank launcher, for tools and tests
+    ("arfuse.verify", "arfuse.launch",       # float64 oracle and the rank launcher, for tools and tests;
+     "arfuse.testing"),                      # fault injection and figures for the reliability tests
     ("arfuse.bench", "arfuse.models"),       # benchmark/tuning runner; the demo TP model
     ("arfuse.cli",),                         # the command line, on top of everything
 )
