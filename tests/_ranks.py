@@ -12,11 +12,26 @@ import torch
 
 import arfuse
 from arfuse import functional as F
+from arfuse.backends.base import Support
+from arfuse.backends.torch_ref import TorchRefBackend
 from arfuse.core.types import FP8_DTYPE, Pattern
 from arfuse.launch import run_ranks
 from arfuse.verify import TOLERANCE, Case, digest, poison, reference, rel_err
 
 LAUNCH_TIMEOUT_S = 240.0
+SMALL = 8  # SmallOnly refuses calls of more tokens than this
+
+
+class SmallOnly(TorchRefBackend):
+    """Test-only backend: the reference math under its own name, refusing calls of more than SMALL tokens."""
+
+    name = "test_small_only"
+    priority = 10
+    needs_prepare_vote = True
+    support = Support(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}))
+
+    def check_variant(self, problem, caps, variant):
+        return f"test cap: more than {SMALL} tokens" if problem.num_tokens > SMALL else None
 
 
 def launch(fn: Callable, world_size: int, *args, timeout_s: float = LAUNCH_TIMEOUT_S) -> list:

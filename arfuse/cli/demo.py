@@ -10,6 +10,7 @@ torch is imported inside the functions: ``arfuse --help`` imports every command 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -154,7 +155,7 @@ def _check_one(fusion, config: DemoConfig, tokens: int, pattern: str, seed: int,
     import torch
 
     from arfuse import Pattern
-    from arfuse.verify import TOLERANCE, Case, digest, poison, reference, rel_err
+    from arfuse.verify import TOLERANCE, Case, call_pattern, digest, poison, reference, rel_err
 
     dtype = getattr(torch, config.dtype)
     device = fusion.capacity.device
@@ -163,7 +164,8 @@ def _check_one(fusion, config: DemoConfig, tokens: int, pattern: str, seed: int,
     out_dtype = torch.float8_e4m3fn if pattern == "residual_rmsnorm_fp8" else dtype
     out = poison(torch.empty(x.shape, dtype=out_dtype, device=device))
     res_out = poison(torch.empty_like(x)) if pattern.startswith("residual") else None
-    call = _bind(fusion, pattern, x, residual, weight, case, out, res_out)
+    call = functools.partial(call_pattern, fusion, Pattern[PATTERNS[pattern]], case, x, residual, weight, out,
+                             res_out)
 
     before = fusion.stats()["calls"]
     call()
@@ -178,16 +180,6 @@ def _check_one(fusion, config: DemoConfig, tokens: int, pattern: str, seed: int,
                    _median_us(call, config, device))
 
 
-def _bind(fusion, pattern, x, residual, weight, case, out, res_out):
-    """A zero-argument call of ``pattern`` writing into the caller-provided outputs."""
-    if pattern == "residual_rmsnorm":
-        return lambda: fusion.residual_rmsnorm(x, residual, weight, case.eps, norm_out=out, residual_out=res_out)
-    if pattern == "residual_rmsnorm_fp8":
-        return lambda: fusion.residual_rmsnorm_fp8(x, residual, weight, case.scale, case.eps, quant_out=out,
-                                                   residual_out=res_out)
-    if pattern == "rmsnorm":
-        return lambda: fusion.rmsnorm(x, weight, case.eps, out=out)
-    return lambda: fusion.all_reduce(x, out=out)
 
 
 def _median_us(call, config: DemoConfig, device) -> float:

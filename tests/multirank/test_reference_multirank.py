@@ -15,12 +15,12 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from tests._ranks import OBJECT_CALLS_PER_EXERCISE, RECORDS_PER_EXERCISE, Record, check_records, exercise, launch
+from tests._ranks import (OBJECT_CALLS_PER_EXERCISE, RECORDS_PER_EXERCISE, SMALL, Record, SmallOnly, check_records,
+                          exercise, launch)
 
 import arfuse
 from arfuse import functional as F
-from arfuse.backends.base import Support, register, unregister
-from arfuse.backends.torch_ref import TorchRefBackend
+from arfuse.backends.base import register, unregister
 from arfuse.cli import demo
 from arfuse.cli.main import main as cli_main
 from arfuse.verify import TOLERANCE, Case, reference, rel_err
@@ -30,7 +30,6 @@ WORLD = 4
 TOKENS = (1, 7, 32)
 MAX_TOKENS = 32
 HIDDEN = 96
-SMALL = 8  # the test backend refuses more tokens than this
 
 
 def _matrix(rank, world, group, seed, dtypes):
@@ -63,16 +62,6 @@ def _matrix_on_groups(rank, world):
     return results
 
 
-class SmallOnly(TorchRefBackend):
-    """Test-only backend: the reference math, refusing calls of more than SMALL tokens."""
-
-    name = "test_small_only"
-    priority = 10
-    needs_prepare_vote = True
-    support = Support(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}))
-
-    def check_variant(self, problem, caps, variant):
-        return f"test cap: more than {SMALL} tokens" if problem.num_tokens > SMALL else None
 
 
 def _call_checked(fusion, tokens, seed, rank, world):

@@ -6,7 +6,6 @@ one supports only CUDA, one fails in ``prepare``, one raises in ``run``.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import subprocess
@@ -17,24 +16,17 @@ import pytest
 import torch
 
 import arfuse
-from arfuse.backends.base import Support, register, unregister
+from arfuse.backends.base import Support
 from arfuse.backends.torch_ref import TorchRefBackend
 from arfuse.core.types import Pattern
+from arfuse.testing.faults import registered
 from arfuse.verify import TOLERANCE, Case, reference, rel_err
+from tests._ranks import SMALL, SmallOnly
 
-SMALL = 8
 HIDDEN = 32
 REPO = Path(arfuse.__file__).resolve().parent.parent
 
 
-class SmallOnly(TorchRefBackend):
-    name = "test_small_only"
-    priority = 10
-    needs_prepare_vote = True
-    support = Support(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}))
-
-    def check_variant(self, problem, caps, variant):
-        return f"test cap: more than {SMALL} tokens" if problem.num_tokens > SMALL else None
 
 
 class CudaOnly(TorchRefBackend):
@@ -63,29 +55,19 @@ class RunFails(TorchRefBackend):
         raise RuntimeError("test: launch failed")
 
 
-@contextlib.contextmanager
-def registered(*classes):
-    """Register test backends for one block only (the registry is global)."""
-    for cls in classes:
-        register(cls())
-    try:
-        yield
-    finally:
-        for cls in classes:
-            unregister(cls.name)
 
 
 @pytest.fixture
 def backends():
     """The size-capped and the CUDA-only test backends."""
-    with registered(SmallOnly, CudaOnly):
+    with registered(SmallOnly(), CudaOnly()):
         yield
 
 
 @pytest.fixture
 def failing_backends():
     """Backends that fail in prepare and in run, beside the size-capped one."""
-    with registered(SmallOnly, PrepareFails, RunFails):
+    with registered(SmallOnly(), PrepareFails(), RunFails()):
         yield
 
 
