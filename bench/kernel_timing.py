@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from arfuse import AllReduceFusion
+from arfuse.kernels import launch_config
 from arfuse.launch import run_ranks
 
 PATHS = ("triton_symm/lamport", "triton_symm/one_shot", "triton_symm/two_shot", "nccl", "flashinfer/oneshot",
@@ -50,8 +51,11 @@ def worker(rank, world, hidden, tokens_list, paths):
     top = max(tokens_list)
     rows = []
     for path in paths:
+        # "triton_symm/lamport@split=N": the Lamport kernel with its push split forced to N chunks per row
+        backend, _, split = path.partition("@split=")
+        launch_config.LAMPORT_PUSH_SPLIT = int(split) if split else None
         try:
-            f = AllReduceFusion(max_tokens=top, hidden_size=hidden, dtype=torch.bfloat16, device=dev, backend=path,
+            f = AllReduceFusion(max_tokens=top, hidden_size=hidden, dtype=torch.bfloat16, device=dev, backend=backend,
                                 strict=True)
         except Exception as e:  # report the path as unavailable, keep timing the others
             rows += [dict(path=path, tokens=n, us=None, note=f"{type(e).__name__}: {e}") for n in tokens_list]
@@ -82,13 +86,13 @@ def main(argv=None):
     rows = run_ranks(worker, a.world, a.hidden, tokens, a.paths.split(","), device="cuda", timeout_s=500)[0]
     paths = list(dict.fromkeys(r["path"] for r in rows))
     print(f"TP{a.world} hidden {a.hidden} bf16, us per call (CUDA graph, max over ranks)")
-    print("tokens".rjust(7) + "".join(p[-12:].rjust(14) for p in paths))
+    print("tokens".rjust(7) + "".join(p[-18:].rjust(20) for p in paths))
     for n in tokens:
         cells = []
         for p_ in paths:
             r = next(r for r in rows if r["path"] == p_ and r["tokens"] == n)
             cells.append(("%.2f" % r["us"]) if r["us"] is not None else "-")
-        print(str(n).rjust(7) + "".join(c.rjust(14) for c in cells))
+        print(str(n).rjust(7) + "".join(c.rjust(20) for c in cells))
     if a.out:
         with open(a.out, "w") as fh:
             json.dump({"world": a.world, "hidden": a.hidden, "rows": rows}, fh, indent=1)

@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--eager-pointwise", action="store_true",
+                   help="keep rotary embedding and SwiGLU eager (default: torch.compile'd on CUDA, every path alike)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefill-repeats", type=int, default=5)
     p.add_argument("--decode-replays", type=int, default=20)
@@ -68,6 +70,7 @@ class Spec:
     decode_replays: int
     check_steps: int
     device: str
+    compile_pointwise: bool = False
     check_batch: int = 2
     check_prompt_len: int = 32
 
@@ -106,6 +109,8 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
     with torch.no_grad():
         args = llama.preset(spec.preset, spec.layers)
         model = tp.build(args, seed=spec.seed, dtype=dtype, device=device)
+        if spec.compile_pointwise:
+            model.compile_pointwise_()
         switch = tp.NormSwitch(model, None, tp.TPConfig(max_tokens=spec.max_tokens))
         prompt = timing.random_tokens((spec.check_batch, spec.check_prompt_len), args.vocab_size, spec.seed, device)
         order = [spec.reference] + [p for p in spec.paths if p != spec.reference]
@@ -124,8 +129,9 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
             results[path] = {"ttft_ms": ttft, "tpot_ms": tpot, "check": check, "stats": switch.stats(),
                              "plans": plans}
         switch.close()
-    return {"results": results, "device": _device_info(device), "method": timing.method(device, cfg),
-            "model": dataclasses.asdict(args)}
+    method = dict(timing.method(device, cfg),
+                  pointwise="rotary + SwiGLU torch.compile'd" if spec.compile_pointwise else "rotary + SwiGLU eager")
+    return {"results": results, "device": _device_info(device), "method": method, "model": dataclasses.asdict(args)}
 
 
 def _identical_across_ranks(logits) -> bool:
@@ -203,7 +209,8 @@ def run(args) -> int:
         raise SystemExit(f"arfuse e2e: --tp must be >= 1, got {tp}")
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     spec = Spec(args.preset, args.layers, args.backends, args.prompt_lens, args.batches, args.kv_len, dtype,
-                args.seed, args.prefill_repeats, args.decode_replays, args.check_steps, device)
+                args.seed, args.prefill_repeats, args.decode_replays, args.check_steps, device,
+                compile_pointwise=device == "cuda" and not args.eager_pointwise)
     try:
         llama.preset(spec.preset, spec.layers)  # validates --layers before spawning
     except ValueError as e:

@@ -5,7 +5,8 @@ Equivalent torch::
     dist.all_reduce(x)                  # summed in fp32, the same fixed order on every rank
     residual_out, out = epilogue(x)
 
-Every rank pushes its rows into slot ``RANK`` of every peer's buffer; readers poll all peers' slots of a row at
+Every rank pushes its rows into slot ``RANK`` of every peer's buffer (a row's push split into ``SPLIT`` chunks
+spread over the grid, so small calls use many SMs' store bandwidth); readers poll all peers' slots of a row at
 once until no element is the sentinel (see ``_sync``), sum them, and write the sentinel back. No start or end
 barrier. Two buffers alternate by a device-side call counter: a peer writes a buffer again only two calls later,
 which it reaches only after this rank's next push, i.e. after this rank's reset was complete. The residual row and
@@ -24,7 +25,7 @@ from arfuse.kernels._sync import (OP_LAMPORT, bump_epoch, first_missing_slot, gl
 def lamport_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, x_ptr, res_ptr, w_ptr, out_ptr,
                    res_out_ptr, scale_ptr, n_rows, eps, timeout_ns, region_off, slot_stride, buffer_stride,
                    RANK: tl.constexpr, WS: tl.constexpr, WS_P2: tl.constexpr, H: tl.constexpr,
-                   BLOCK_H: tl.constexpr, PATTERN: tl.constexpr, BITS: tl.constexpr):
+                   BLOCK_H: tl.constexpr, SPLIT: tl.constexpr, PATTERN: tl.constexpr, BITS: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_H)
@@ -36,11 +37,14 @@ def lamport_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, x_ptr, re
     base = region_off + (epoch % 2) * buffer_stride
     slot_off = base + RANK * slot_stride
 
-    for row in range(pid, n_rows, nprog):
-        offs = row.to(tl.int64) * H + cols
-        v = no_negative_zero(tl.load(x_ptr + offs, mask=mask, other=0.0))
+    chunk = tl.arange(0, BLOCK_H // SPLIT)
+    for item in range(pid, n_rows * SPLIT, nprog):
+        ccols = (item % SPLIT) * (BLOCK_H // SPLIT) + chunk
+        cmask = ccols < H
+        offs = (item // SPLIT).to(tl.int64) * H + ccols
+        v = no_negative_zero(tl.load(x_ptr + offs, mask=cmask, other=0.0))
         for p in tl.static_range(WS):
-            tl.store(peer_base(p, P0, P1, P2, P3, P4, P5, P6, P7, dtype, slot_off) + offs, v, mask=mask)
+            tl.store(peer_base(p, P0, P1, P2, P3, P4, P5, P6, P7, dtype, slot_off) + offs, v, mask=cmask)
     bump_epoch(state_ptr, epoch)
 
     own = peer_base(RANK, P0, P1, P2, P3, P4, P5, P6, P7, bits_ty, base)
@@ -65,12 +69,13 @@ def lamport_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, x_ptr, re
 def lamport(a, x, residual, weight, eps: float, scale, out, residual_out, pattern: int) -> None:
     """Launch the barrier-free one-shot kernel for ``x`` (tokens, hidden) with workspace args ``a``.
     Collective over the workspace's ranks; graph-safe."""
-    from arfuse.kernels.launch_config import MAX_GRID, block_config, grid_size, next_power_of_2
+    from arfuse.kernels.launch_config import block_config, lamport_grid, lamport_push_split, next_power_of_2
 
     n, hidden = x.shape
     block_h, num_warps = block_config(hidden)
-    lamport_kernel[(grid_size(n, MAX_GRID),)](
+    split = lamport_push_split(n, block_h, a.sms)
+    lamport_kernel[(lamport_grid(n, split, a.sms),)](
         *a.peer_ptrs, a.err_ptr, a.lamport_state, x, residual, weight, out, residual_out, scale,
         n, eps, a.timeout_ns, a.lamport_off, a.lamport_slot, a.lamport_buffer,
         RANK=a.rank, WS=a.world_size, WS_P2=next_power_of_2(a.world_size), H=hidden, BLOCK_H=block_h,
-        PATTERN=pattern, BITS=8 * x.element_size(), num_warps=num_warps)
+        SPLIT=split, PATTERN=pattern, BITS=8 * x.element_size(), num_warps=num_warps)

@@ -22,6 +22,31 @@ def grid_size(rows: int, cap: int = MAX_GRID) -> int:
     return max(1, min(rows, cap))
 
 
+# Lamport push split: a row's push to the peers is spread over up to this many CTAs, in chunks of at least
+# PUSH_CHUNK_MIN elements, so one token's traffic does not queue behind one SM's stores. None: the heuristic
+# below; an int overrides it (bench/kernel_timing.py sets it to time the alternatives).
+LAMPORT_PUSH_SPLIT = None
+PUSH_CHUNK_MIN = 1024
+
+
+def lamport_push_split(rows: int, block_h: int, sms: int) -> int:
+    """Chunks per row for the Lamport push: a power of 2, at most ``block_h // PUSH_CHUNK_MIN``, and no more
+    than fills ``sms`` CTAs with ``rows`` rows."""
+    if LAMPORT_PUSH_SPLIT is not None:
+        limit = max(1, min(int(LAMPORT_PUSH_SPLIT), block_h // 256))
+    else:
+        limit = max(1, min(block_h // PUSH_CHUNK_MIN, sms // max(rows, 1)))
+    return 1 << (limit.bit_length() - 1)
+
+
+def lamport_grid(rows: int, split: int, sms: int) -> int:
+    """CTAs for the Lamport kernel. With a split push every CTA must be resident at once (a polling CTA may wait
+    for a chunk that a peer's CTA of the same index pushes), so the grid stays within one CTA per SM."""
+    if split == 1:
+        return grid_size(rows, MAX_GRID)
+    return grid_size(rows * split, sms)
+
+
 class SymmArgs:
     """What the symmetric-memory launchers need from a workspace: the peers' buffer and signal-pad addresses
     (8-tuples, unused entries 0), rank layout, region offsets (in elements of the workspace dtype), the
@@ -29,7 +54,7 @@ class SymmArgs:
     (int32, one per signal-pad block slot)."""
 
     __slots__ = ("peer_ptrs", "pad_ptrs", "err_ptr", "lamport_state", "one_shot_state", "lts_state", "barrier_gen",
-                 "rank", "world_size", "timeout_ns", "max_grid", "one_shot_off", "one_shot_half", "zero_copy_off",
+                 "rank", "world_size", "timeout_ns", "max_grid", "sms", "one_shot_off", "one_shot_half", "zero_copy_off",
                  "two_shot_off", "two_shot_slot", "gather_off", "lamport_off", "lamport_slot", "lamport_buffer",
                  "lts_rs_off", "lts_rs_buffer", "lts_gather_off", "lts_gather_buffer")
 

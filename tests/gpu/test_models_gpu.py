@@ -79,6 +79,9 @@ def _rank(rank, world, paths):
     switch.use("auto")
     logits, tokens = generate.greedy(model, prompt, STEPS)
     out["recompute"] = _recompute(model, prompt, tokens, logits)
+    model.compile_pointwise_()  # what `arfuse e2e` times on CUDA
+    logits, _ = generate.greedy(model, prompt, STEPS, forced=ref_tokens)
+    out["compiled_pointwise"] = generate.compare(ref_logits, logits, torch.bfloat16)
     switch.close()
     return out
 
@@ -122,6 +125,12 @@ def test_tp4_kv_decode_equals_full_recompute(tp4):
 
 
 @pytest.mark.gpu(min_gpus=4)
+def test_tp4_compiled_rotary_and_swiglu_agree_with_tp1(tp4):
+    for rank, out in enumerate(tp4):
+        assert out["compiled_pointwise"]["ok"], (rank, out["compiled_pointwise"])
+
+
+@pytest.mark.gpu(min_gpus=4)
 def test_e2e_cli_tp4(tmp_path):
     parser = argparse.ArgumentParser()
     e2e.add_arguments(parser)
@@ -135,4 +144,4 @@ def test_e2e_cli_tp4(tmp_path):
     for result in record["results"].values():
         assert all(v > 0 for v in list(result["ttft_ms"].values()) + list(result["tpot_ms"].values()))
         assert result["check"]["ok"]
-    assert "CUDA graph" in record["method"]["tpot"]
+    assert "CUDA graph" in record["method"]["tpot"] and "compile" in record["method"]["pointwise"]

@@ -190,3 +190,12 @@ def test_e2e_cli_tiny_tp2(tmp_path):
     assert record["results"]["auto"]["plans"] == {"16": "torch_ref", "32": "torch_ref", "1": "torch_ref",
                                                   "4": "torch_ref"}
     assert record["model"]["n_layers"] == 2 and "CPU" in record["method"]["tpot"]
+
+
+def test_compiled_rotary_and_swiglu_match_eager():
+    args, model, prompt, ref_logits, ref_tokens = _tp1_reference()
+    model.compile_pointwise_(backend="aot_eager")  # inductor would spend ~30 s building C++ on CPU
+    assert all(layer.self_attn.rope is llama.compiled(llama.rope_qk, "aot_eager") for layer in model.layers)
+    logits, tokens = generate.greedy(model, prompt, STEPS)
+    assert torch.equal(tokens, ref_tokens)
+    assert generate.rel_err(logits, ref_logits) <= 1e-6

@@ -63,6 +63,8 @@ def test_kernel_compiles_for_sm90(kind, dt, pattern, ws):
         constants.update(WS_P2=1 << (ws - 1).bit_length(), BITS=32 if dt == "fp32" else 16)
     else:
         constants.update(NTHREADS=32 * 16)
+    if kind == "lamport":
+        constants["SPLIT"] = 4 if dt == "bf16" else 1  # a row's push in 4 chunks of 1024 elements, or whole
     if kind == "one_shot":
         constants["COPY_IN"] = True
     ptx = _compile(KERNELS[kind], _signature(kind, dt, pattern), constants)

@@ -7,7 +7,8 @@ from arfuse.backends import base
 from arfuse.backends.symm_workspace import layout, tokens_within
 from arfuse.backends.triton_symm import LAMPORT_MAX_BYTES, ONE_SHOT_MAX_BYTES, TWO_SHOT_MAX_BYTES
 from arfuse.core.types import Capacity, GroupCaps, Pattern, Problem
-from arfuse.kernels.launch_config import SymmArgs, block_config, grid_size
+from arfuse.kernels import launch_config
+from arfuse.kernels.launch_config import SymmArgs, block_config, grid_size, lamport_grid, lamport_push_split
 
 SYMM = base.get("triton_symm")
 GOOD = GroupCaps(world_size=4, rank=0, device_type="cuda", dist_backend="cpu:gloo,cuda:nccl", gpu_name="NVIDIA H200",
@@ -86,3 +87,24 @@ def test_launch_shapes():
     assert grid_size(0) == 1 and grid_size(10_000) == 528 and grid_size(10_000, cap=288) == 288
     with pytest.raises(TypeError, match="missing"):
         SymmArgs(rank=0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16, 17, 64, 128, 256])
+@pytest.mark.parametrize("hidden", [128, 4096, 5120, 8192, 16384])
+def test_lamport_push_split_keeps_chunks_whole_and_the_grid_resident(rows, hidden):
+    block_h, _ = block_config(hidden)
+    split = lamport_push_split(rows, block_h, sms=132)
+    assert split & (split - 1) == 0 and block_h % split == 0  # power-of-2 chunks of the padded row
+    assert split == 1 or block_h // split >= launch_config.PUSH_CHUNK_MIN
+    grid = lamport_grid(rows, split, sms=132)
+    assert grid <= (132 if split > 1 else launch_config.MAX_GRID)  # a split push needs every CTA resident
+    assert grid >= min(rows, 132)  # never fewer CTAs than the unsplit kernel had rows to poll (up to the SMs)
+
+
+def test_lamport_push_split_spreads_one_token_and_override_wins(monkeypatch):
+    assert lamport_push_split(1, 8192, sms=132) == 8
+    assert lamport_push_split(128, 8192, sms=132) == 1
+    monkeypatch.setattr(launch_config, "LAMPORT_PUSH_SPLIT", 3)
+    assert lamport_push_split(128, 8192, sms=132) == 2  # rounded down to a power of 2
+    monkeypatch.setattr(launch_config, "LAMPORT_PUSH_SPLIT", 1)
+    assert lamport_push_split(1, 8192, sms=132) == 1
