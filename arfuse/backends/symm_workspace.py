@@ -32,6 +32,10 @@ def _signal_pad_bytes() -> int:
     return int(getter()) if getter is not None else DEFAULT_SIGNAL_PAD_BYTES
 
 
+def _sm_count(device) -> int:
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
 def _round64(n: int) -> int:
     # Multiples of 64 elements keep every offset divisible by 16, which Triton specialises on, so every
     # derived address is provably 16-byte aligned and loads/stores stay 16 bytes wide.

@@ -30,12 +30,15 @@ PUSH_CHUNK_MIN = 1024
 
 
 def lamport_push_split(rows: int, block_h: int, sms: int) -> int:
-    """Chunks per row for the Lamport push: a power of 2, at most ``block_h // PUSH_CHUNK_MIN``, and no more
-    than fills ``sms`` CTAs with ``rows`` rows."""
+    """Chunks per row for the Lamport push: a power of 2, at most ``block_h // PUSH_CHUNK_MIN``, no more than
+    fills ``sms`` CTAs with ``rows`` rows, and 8 chunks in all for the smallest calls."""
     if LAMPORT_PUSH_SPLIT is not None:
         limit = max(1, min(int(LAMPORT_PUSH_SPLIT), block_h // 256))
     else:
-        limit = max(1, min(block_h // PUSH_CHUNK_MIN, sms // max(rows, 1)))
+        # Measured at TP4/8192 (bench/NOTES.md): 8 chunks for 1 row, 2 for 4 to 64 rows; more CTAs than that
+        # only added launch and polling work.
+        rows = max(rows, 1)
+        limit = max(1, min(block_h // PUSH_CHUNK_MIN, sms // rows, max(2, 8 // rows)))
     return 1 << (limit.bit_length() - 1)
 
 

@@ -1,8 +1,8 @@
 """The TP model demo on 4 GPUs: a 2-layer llama3-8b-shaped model in bf16 at TP4 against TP1 of the same weights.
 
 Every norm path ("unfused", "auto" and each registered arfuse backend) is teacher-forced on the TP1 greedy
-tokens: logits within bf16 tolerance of TP1, greedy tokens equal up to near-ties, bitwise identical across
-ranks, two fused calls per layer per forward. KV-cache decode equals a full recompute; a CUDA-graph replay of
+tokens: logits within bf16 tolerance of TP1; logits and greedy tokens (up to near-ties) agreeing with the TP4
+unfused path; bitwise identical across ranks, two fused calls per layer per forward. KV-cache decode equals a full recompute; a CUDA-graph replay of
 the decode step equals the eager step. Then ``arfuse e2e`` end to end on the same shapes.
 """
 from __future__ import annotations
@@ -68,11 +68,14 @@ def _rank(rank, world, paths):
     del reference
     model = tp.build(args, seed=SEED, dtype=torch.bfloat16, device=device)
     switch = tp.NormSwitch(model, None, tp.TPConfig(max_tokens=256))
-    out = {"checks": {}, "calls": {}, "digests": {}, "graph_vs_eager": {}}
-    for path in paths:
+    out = {"checks": {}, "tp1_err": {}, "calls": {}, "digests": {}, "graph_vs_eager": {}}
+    unfused_logits = None
+    for path in paths:  # "unfused" first: the TP4 baseline the fused paths must agree with
         switch.use(path)
         logits, _ = generate.greedy(model, prompt, STEPS, forced=ref_tokens)
-        out["checks"][path] = generate.compare(ref_logits, logits, torch.bfloat16)
+        unfused_logits = logits if unfused_logits is None else unfused_logits
+        out["tp1_err"][path] = generate.rel_err(logits, ref_logits)
+        out["checks"][path] = generate.compare(unfused_logits, logits, torch.bfloat16)
         out["calls"][path] = sum(switch.stats().get("calls", {}).values())
         out["digests"][path] = hashlib.sha256(logits.numpy().tobytes()).hexdigest()
         out["graph_vs_eager"][path] = _graph_vs_eager(model, prompt)
@@ -81,7 +84,7 @@ def _rank(rank, world, paths):
     out["recompute"] = _recompute(model, prompt, tokens, logits)
     model.compile_pointwise_()  # what `arfuse e2e` times on CUDA
     logits, _ = generate.greedy(model, prompt, STEPS, forced=ref_tokens)
-    out["compiled_pointwise"] = generate.compare(ref_logits, logits, torch.bfloat16)
+    out["compiled_pointwise"] = generate.compare(unfused_logits, logits, torch.bfloat16)
     switch.close()
     return out
 
@@ -92,7 +95,17 @@ def tp4():
 
 
 @pytest.mark.gpu(min_gpus=4)
-def test_tp4_paths_agree_with_tp1(tp4):
+def test_tp4_logits_match_tp1_within_bf16_tolerance(tp4):
+    # Greedy picks are compared between paths of one TP degree (below): between TP4 and TP1 the GEMMs' own
+    # summation order moves bf16 logits enough to flip top-2 picks of random weights (seen on every path,
+    # the arfuse-free "unfused" and "torch_ref" included, 2026-11-28).
+    failures = [f"rank {r} {path}: {err:.2e}" for r, out in enumerate(tp4) for path, err in out["tp1_err"].items()
+                if not err <= BF16_TOL]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu(min_gpus=4)
+def test_tp4_fused_paths_agree_with_unfused(tp4):
     failures = [f"rank {r} {path}: {check}" for r, out in enumerate(tp4) for path, check in out["checks"].items()
                 if not check["ok"]]
     assert not failures, "\n".join(failures)
@@ -125,7 +138,7 @@ def test_tp4_kv_decode_equals_full_recompute(tp4):
 
 
 @pytest.mark.gpu(min_gpus=4)
-def test_tp4_compiled_rotary_and_swiglu_agree_with_tp1(tp4):
+def test_tp4_compiled_rotary_and_swiglu_agree_with_eager(tp4):
     for rank, out in enumerate(tp4):
         assert out["compiled_pointwise"]["ok"], (rank, out["compiled_pointwise"])
 

@@ -245,6 +245,8 @@ def test_backend_runs_every_pattern_on_the_preferred_api(tmp_path, version):
                 assert b["quant_out"] is out and b["scale_factor"] is t["scale"] and b["norm_out"] is None
         ws.close()
         ws.close()
+        assert not any(c[0] in ("workspace.destroy", fa.LEGACY_DESTROY) for c in ff.calls())  # parked
+        assert backend.manager.destroy_parked() == 1
         assert sum(c[0] in ("workspace.destroy", fa.LEGACY_DESTROY) for c in ff.calls()) == 1
 
 
@@ -265,13 +267,18 @@ def test_manager_reuses_grows_and_destroys(tmp_path):
         m.release(b)  # the superseded workspace goes with its last user
         assert a.handle.destroyed and not c.handle.destroyed
         m.release(c)
-        assert c.handle.destroyed and m.live() == {}
+        assert not c.handle.destroyed and m.live() == {c.key: c}  # parked for the next fusion object
+        d = m.acquire(GROUP, dtype=BF16, device=cpu, max_tokens=16, hidden=H, probe=p)  # the parked one, reused
+        assert d is c and d.refs == 1 and creates() == [64, 128]
+        m.release(d)
+        assert m.destroy_parked() == 1 and c.handle.destroyed and m.live() == {}
         d = m.acquire(GROUP, dtype=BF16, device=cpu, max_tokens=16, hidden=H, probe=p)  # never shrinks
         assert creates() == [64, 128, 128]
         other = m.acquire(GROUP, dtype=torch.float16, device=cpu, max_tokens=16, hidden=H, probe=p)
         assert other is not d  # one workspace per dtype
         m.release(d)
         m.release(other)
+        assert m.destroy_parked() == 2 and d.handle.destroyed and other.handle.destroyed
 
 
 def test_manager_refuses_what_it_cannot_drive(tmp_path):

@@ -103,7 +103,8 @@ def test_lamport_push_split_keeps_chunks_whole_and_the_grid_resident(rows, hidde
 
 def test_lamport_push_split_spreads_one_token_and_override_wins(monkeypatch):
     assert lamport_push_split(1, 8192, sms=132) == 8
-    assert lamport_push_split(128, 8192, sms=132) == 1
+    assert [lamport_push_split(n, 8192, sms=132) for n in (4, 16, 64)] == [2, 2, 2]
+    assert lamport_push_split(128, 8192, sms=132) == 1 and lamport_push_split(1, 4096, sms=132) == 4
     monkeypatch.setattr(launch_config, "LAMPORT_PUSH_SPLIT", 3)
     assert lamport_push_split(128, 8192, sms=132) == 2  # rounded down to a power of 2
     monkeypatch.setattr(launch_config, "LAMPORT_PUSH_SPLIT", 1)
