@@ -5,7 +5,7 @@
 ['AllReduceFusion', 'ArfuseError', 'BackendError']
 """
 from arfuse import backends as _backends  # noqa: F401  (registers the backends)
-from arfuse.api import AllReduceFusion
+from arfuse.api import AllReduceFusion, free_idle_workspaces
 from arfuse.core.counters import strict
 from arfuse.core.errors import ArfuseError, BackendError, FallbackError, PeerTimeoutError
 from arfuse.core.types import Pattern, Plan
@@ -24,6 +24,7 @@ __all__ = [
     "PeerTimeoutError",
     "Plan",
     "all_reduce",
+    "free_idle_workspaces",
     "residual_rmsnorm",
     "rmsnorm",
     "strict",

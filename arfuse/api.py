@@ -270,3 +270,10 @@ class AllReduceFusion:
         state = "closed" if self.closed else f"backends={list(self.backends)}"
         return (f"AllReduceFusion(world_size={self.caps.world_size}, max_tokens={c.max_tokens}, "
                 f"hidden_size={c.hidden_size}, dtype={v.dtype_name(c.dtype)}, device={c.device}, {state})")
+
+
+def free_idle_workspaces() -> int:
+    """Free the workspaces backends keep after their last fusion object closed (FlashInfer's is kept for the next
+    fusion object of the same group, because FlashInfer 0.7's destroy does not return its memory). Returns how
+    many were freed. Call it on every rank of a group at once: with FlashInfer < 0.6 freeing has a barrier."""
+    return sum(b.free_idle() for b in base.registered())

@@ -119,6 +119,10 @@ class Backend(abc.ABC):
         """Compute ``pattern`` into ``out`` (and ``residual_out``). ``residual`` may be ``residual_out`` itself
         (in-place mode). Collective; graph-capturable."""
 
+    def free_idle(self) -> int:
+        """Free what this backend keeps for reuse after its fusion objects closed; returns how many buffers."""
+        return 0
+
 
 _REGISTRY: Dict[str, Backend] = {}
 

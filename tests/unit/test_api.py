@@ -169,3 +169,14 @@ def test_ci_runs_the_readme_test_command():
     assert test_command == "python -m pytest -q"
     ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert test_command in ci_lines
+
+
+def test_free_idle_workspaces_asks_every_registered_backend(monkeypatch):
+    from arfuse.backends import base
+
+    freed = {b.name: i for i, b in enumerate(base.registered(), start=1)}
+    for b in base.registered():
+        monkeypatch.setattr(b, "free_idle", lambda n=freed[b.name]: n)
+    assert arfuse.free_idle_workspaces() == sum(freed.values())
+    monkeypatch.undo()
+    assert arfuse.free_idle_workspaces() == 0  # nothing parked in this process

@@ -246,7 +246,7 @@ def test_backend_runs_every_pattern_on_the_preferred_api(tmp_path, version):
         ws.close()
         ws.close()
         assert not any(c[0] in ("workspace.destroy", fa.LEGACY_DESTROY) for c in ff.calls())  # parked
-        assert backend.manager.destroy_parked() == 1
+        assert backend.free_idle() == 1 and backend.free_idle() == 0
         assert sum(c[0] in ("workspace.destroy", fa.LEGACY_DESTROY) for c in ff.calls()) == 1
 
 
