@@ -16,7 +16,9 @@ arrives (overlapping the traffic of other rows):
 Consumed rows are reset to the sentinel. Buffers alternate by a device-side call counter; a rank can be two calls
 ahead only after every rank finished the older call (each call needs every rank's contribution to chunk 0).
 Every rank finishes from the same rounded sums, so outputs are bitwise identical; the epilogue is inlined at two
-call sites (own rows, gathered rows), so FMA contraction is off to make both round the same way.
+call sites (own rows, gathered rows), so FMA contraction is off and both must reduce the row's mean square over
+the same thread split (Triton chose another one for the owner's rows under the FP8 epilogue: those rows now take
+the gathered rows' layout, see :func:`gathered_layout`; checked in tests/unit/test_kernels_compile.py).
 """
 import triton
 import triton.language as tl
@@ -24,6 +26,23 @@ import triton.language as tl
 from arfuse.kernels._epilogue import finish_row, load_residual, load_weight
 from arfuse.kernels._sync import (OP_LAMPORT_TWO_SHOT, bump_epoch, first_missing_slot, globaltimer, load_epoch,
                                   no_negative_zero, peer_base, poll, record_error, sentinel_of)
+
+
+@triton.jit
+def gathered_layout(summed, slot_bits, mask, sentinel, dtype: tl.constexpr, bits_ty: tl.constexpr):
+    """``summed`` (a row of this rank's chunk) as float32 in the register layout of a row read from the gather
+    buffer: through this rank's own, otherwise unused, gather slot of the row, reset to the sentinel afterwards.
+
+    The epilogue's mean-square reduction sums in the order its input's layout gives; for the FP8 epilogue Triton
+    lays the owner's sum (from a 2-D reduction) out differently from a gathered row (a 1-D load), so the owner's
+    rows came out a few bits different from the peers' (bench/NOTES.md). A round trip makes the layouts equal.
+    """
+    tl.store(slot_bits, summed.to(bits_ty, bitcast=True), mask=mask)
+    tl.debug_barrier()
+    bits = tl.load(slot_bits, mask=mask, other=0, volatile=True)
+    tl.debug_barrier()
+    tl.store(slot_bits, tl.full(bits.shape, sentinel, bits.dtype), mask=mask)
+    return bits.to(dtype, bitcast=True).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["n_rows", "eps"])
@@ -77,7 +96,12 @@ def lamport_two_shot_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, 
                 if p != RANK:
                     peer = peer_base(p, P0, P1, P2, P3, P4, P5, P6, P7, dtype, g_base)
                     tl.store(peer + offs, summed, mask=mask)
-            if ok != 0:
+            if PATTERN == 3:
+                own_gather = peer_base(RANK, P0, P1, P2, P3, P4, P5, P6, P7, bits_ty, g_base)
+                acc = gathered_layout(summed, own_gather + offs, mask, sentinel, dtype, bits_ty)
+                if ok != 0:
+                    finish_row(acc, res, w, row, cols, mask, out_ptr, res_out_ptr, scale_ptr, eps, H, PATTERN)
+            elif ok != 0:
                 finish_row(summed.to(tl.float32), res, w, row, cols, mask, out_ptr, res_out_ptr, scale_ptr, eps, H,
                            PATTERN)
 

@@ -80,3 +80,54 @@ def test_fused_norm_kernel_compiles_for_sm90():
            "scale_ptr": "*fp32", "n_rows": "i32", "eps": "fp32"}
     ptx = _compile(add_rmsnorm_kernel, sig, {"H": 8192, "BLOCK_H": 8192, "PATTERN": 3})
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx  # saturating round-to-nearest FP8, as the torch reference clamps
+
+
+# -- bitwise identity across ranks: every epilogue call site of a kernel reduces in the same order ---------------
+LAYOUT_DEF = re.compile(r"^(#\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = \[([\d, ]+)\], "
+                        r"warpsPerCTA = \[([\d, ]+)\]", re.M)
+MEAN_SQ = re.compile(r"%mean_sq = arith\.mulf [^:]*: tensor<\d+xf32, (#\w+|#ttg\.slice<\{dim = (\d), parent = (#\w+)\}>)>")
+
+
+def _thread_mapping(layout: str, dim: str, parent: str, defs: dict) -> tuple:
+    """How a 1-D row is spread over threads: (elements per thread, threads per warp, warps) along the row, and
+    the replication over the other dimension of a sliced 2-D layout."""
+    if not dim:
+        spt, tpw, wpc = defs[layout]
+        return spt[0], tpw[0], wpc[0], 1, 1
+    spt, tpw, wpc = defs[parent]
+    keep = 1 - int(dim)  # the sliced-away dimension is `dim`
+    return spt[keep], tpw[keep], wpc[keep], tpw[int(dim)], wpc[int(dim)]
+
+
+def _ttgir(kind, pattern, hidden, num_warps):
+    constants = {"RANK": 1, "WS": 4, "H": hidden, "BLOCK_H": hidden, "PATTERN": pattern}
+    if kind in ("lamport", "lamport_two_shot"):
+        constants.update(WS_P2=4, BITS=16)
+    else:
+        constants.update(NTHREADS=32 * num_warps)
+    if kind == "lamport":
+        constants["SPLIT"] = 2
+    if kind == "one_shot":
+        constants["COPY_IN"] = True
+    sig = _signature(kind, "bf16", pattern)
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if sig[n].startswith("*") or n in ALIGNED or re.fullmatch(r"[PS]\d", n)}
+    src = ASTSource(fn=KERNELS[kind], signature=sig, constexprs=constants, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ttgir"]
+
+
+@pytest.mark.parametrize("kind", sorted(KERNELS))
+@pytest.mark.parametrize("pattern", [1, 2, 3])
+@pytest.mark.parametrize("hidden,num_warps", [(4096, 8), (8192, 16)])
+def test_every_epilogue_call_site_reduces_in_one_order(kind, pattern, hidden, num_warps):
+    # Two-shot kernels run the epilogue at two call sites (rows this rank reduced, rows gathered from their
+    # owner). If the mean square were summed over different element-to-thread splits, a row's output would
+    # differ in the last bits between its owner and the other ranks; the FP8 epilogue of lamport_two_shot did
+    # that on the GPU (2026-11-28) until its owner rows took the gathered rows' layout.
+    ttgir = _ttgir(kind, pattern, hidden, num_warps)
+    defs = {name: tuple([int(v) for v in g.split(",")] for g in groups)
+            for name, *groups in LAYOUT_DEF.findall(ttgir)}
+    sites = [_thread_mapping(layout, dim, parent, defs) for layout, dim, parent in MEAN_SQ.findall(ttgir)]
+    assert sites, "no mean-square reduction found (did the epilogue's variable names change?)"
+    assert len(set(sites)) == 1, f"{kind} pattern {pattern}: call sites reduce over different thread splits {sites}"
