@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine runs, by stage, in one device call:
 #   bash bench/gpu_session.sh STAGE...      (carry .gpu-deps, built by ../shared/tools/gpu-deps.sh, for FlashInfer)
-# Stages: env link kernels flashinfer models reliability timing benchtest bench e2e (each bounded by its own timeout).
+# Stages: env link kernels fp8 flashinfer models reliability timing benchtest bench e2e (each bounded by its own timeout).
 # Results land in $OUT/r and are packed into $OUT/results.tgz after every stage (the device returns at most 8
 # files, so unpack that one). NVLink multicast stays off: the guards below are exported before anything runs.
 set -u
@@ -27,7 +27,8 @@ for stage in "$@"; do
            torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(), 'triton', triton.__version__)"
          } > "$R/env.txt" 2>&1; tail -2 "$R/env.txt" ;;
     link) timeout 60 python3 bench/link_bandwidth.py 4 64 2>&1 | tail -4 | tee "$R/link_bandwidth.txt" ;;
-    kernels) gpu_tests triton_symm tests/gpu/test_triton_symm.py "${T_KERNELS:-420}" ;;
+    kernels) gpu_tests triton_symm tests/gpu/test_triton_symm.py "${T_KERNELS:-420}" ;;  # ~6 min on 4 H200s
+    fp8) gpu_tests fp8 tests/gpu/test_triton_symm.py "${T_FP8:-150}" -k fp8 ;;
     flashinfer) gpu_tests flashinfer tests/gpu/test_flashinfer_gpu.py "${T_FLASHINFER:-240}" ;;
     models) gpu_tests models tests/gpu/test_models_gpu.py "${T_MODELS:-240}" ;;
     reliability) gpu_tests reliability tests/gpu/test_reliability_gpu.py "${T_RELIABILITY:-420}" ;;
