@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 from datetime import datetime, timezone
 from typing import Dict, List, Optional, Tuple
 
@@ -123,11 +124,12 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
             check = generate.compare(ref_logits, logits, dtype)
             check["ranks_identical"] = _identical_across_ranks(logits)
             check["ok"] = check["ok"] and check["ranks_identical"]
-            ttft = {str(p): timing.time_prefill(model, p, cfg) for p in spec.prompt_lens}
+            samples = {str(p): timing.prefill_samples(model, p, cfg) for p in spec.prompt_lens}
+            ttft = {p: statistics.median(v) for p, v in samples.items()}
             tpot = {str(b): timing.time_decode(model, b, spec.kv_len, cfg) for b in spec.batches}
             plans = {str(n): key for n, key in switch.plans(spec.prompt_lens + spec.batches).items()}
-            results[path] = {"ttft_ms": ttft, "tpot_ms": tpot, "check": check, "stats": switch.stats(),
-                             "plans": plans}
+            results[path] = {"ttft_ms": ttft, "ttft_samples_ms": samples, "tpot_ms": tpot, "check": check,
+                             "stats": switch.stats(), "plans": plans}
         switch.close()
     method = dict(timing.method(device, cfg),
                   pointwise="rotary + SwiGLU torch.compile'd" if spec.compile_pointwise else "rotary + SwiGLU eager")
@@ -143,6 +145,10 @@ def _identical_across_ranks(logits) -> bool:
     gathered: List[object] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, hashlib.sha256(logits.numpy().tobytes()).hexdigest())
     return len(set(gathered)) == 1
+
+
+def _spread(samples: List[float]) -> float:
+    return (max(samples) - min(samples)) / statistics.median(samples) if samples else 0.0
 
 
 def _cell(value: float, base: Optional[float]) -> str:
@@ -177,6 +183,11 @@ def render(record: dict) -> None:
     Console().print(table)
     for key, text in record["method"].items():
         Console().print(f"  {key}: {text}")
+    spread = {p: max(_spread(v) for v in r["ttft_samples_ms"].values()) for p, r in results.items()
+              if r.get("ttft_samples_ms")}
+    if spread:
+        Console().print("  ttft spread over the repeats (max-min)/median, worst prompt: "
+                        + ", ".join(f"{p} {s:.0%}" for p, s in spread.items()))
 
 
 def _environment() -> dict:

@@ -2,7 +2,7 @@
 end-to-end anchor was.
 
 - TTFT: eager prefill of P tokens at batch 1, median of ``prefill_repeats`` runs after ``prefill_warmup``,
-  each started together on all ranks (barrier), wall clock to the end of the GPU work; max over ranks.
+  each started together on all ranks (barrier), wall clock to the end of the GPU work of the slowest rank.
 - TPOT: one decode step at batch B with a KV cache of length L (filled with random values, the step at position
   L-1), captured in ONE CUDA graph, mean of ``decode_replays`` replays timed with CUDA events; max over ranks.
   On CPU there are no graphs: the step is timed eagerly by wall clock (:func:`method` says which).
@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -123,8 +123,9 @@ class DecodeStep:
 
 
 @torch.no_grad()
-def time_prefill(model: Transformer, prompt_len: int, config: TimingConfig, group=None) -> float:
-    """TTFT in ms for one prompt of ``prompt_len`` tokens. Collective."""
+def prefill_samples(model: Transformer, prompt_len: int, config: TimingConfig, group=None) -> List[float]:
+    """Each timed prefill of one ``prompt_len``-token prompt, in ms: the slowest rank's time of that repeat.
+    Collective."""
     device = _device(model)
     model.setup_caches(1, prompt_len)
     tokens = random_tokens((1, prompt_len), model.args.vocab_size, config.seed + prompt_len, device)
@@ -136,8 +137,13 @@ def time_prefill(model: Transformer, prompt_len: int, config: TimingConfig, grou
         t0 = time.perf_counter()
         model(tokens)
         _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return max_over_ranks(statistics.median(times), device, group)
+        times.append(max_over_ranks((time.perf_counter() - t0) * 1e3, device, group))
+    return times
+
+
+def time_prefill(model: Transformer, prompt_len: int, config: TimingConfig, group=None) -> float:
+    """TTFT in ms for one prompt of ``prompt_len`` tokens: the median of :func:`prefill_samples`. Collective."""
+    return statistics.median(prefill_samples(model, prompt_len, config, group))
 
 
 @torch.no_grad()

@@ -172,7 +172,7 @@ def test_compare_allows_only_near_ties():
     assert not generate.compare(ref, ref * float("nan"), torch.bfloat16)["ok"]
 
 
-def test_e2e_cli_tiny_tp2(tmp_path):
+def test_e2e_cli_tiny_tp2(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     e2e.add_arguments(parser)
     path = tmp_path / "e2e.json"
@@ -180,12 +180,15 @@ def test_e2e_cli_tiny_tp2(tmp_path):
                               "--prompt-lens", "16,32", "--batches", "1,4", "--kv-len", "32",
                               "--prefill-repeats", "2", "--decode-replays", "3", "--json", str(path)])
     assert e2e.run(args) == 0
+    assert "ttft spread over the repeats" in capsys.readouterr().out
     record = json.loads(path.read_text())
     assert record["reference"] == "unfused" and record["tp"] == 2 and record["dtype"] == "float32"
     assert set(record["results"]) == {"auto", "unfused"}
     for result in record["results"].values():
         assert set(result["ttft_ms"]) == {"16", "32"} and set(result["tpot_ms"]) == {"1", "4"}
         assert all(v > 0 for v in list(result["ttft_ms"].values()) + list(result["tpot_ms"].values()))
+        for p, samples in result["ttft_samples_ms"].items():  # the slowest rank of each repeat; median reported
+            assert len(samples) == 2 and min(samples) <= result["ttft_ms"][p] <= max(samples)
         assert result["check"]["ok"] and result["check"]["ranks_identical"]
     assert record["results"]["auto"]["plans"] == {"16": "torch_ref", "32": "torch_ref", "1": "torch_ref",
                                                   "4": "torch_ref"}
