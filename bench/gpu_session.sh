@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine runs, by stage, in one device call:
 #   bash bench/gpu_session.sh STAGE...      (carry .gpu-deps, built by ../shared/tools/gpu-deps.sh, for FlashInfer)
-# Stages: env link kernels fp8 flashinfer models reliability timing benchtest bench e2e (each bounded by its own timeout).
+# Stages: env link kernels fp8 flashinfer models reliability timing lamport_sweep benchtest bench e2e (each bounded by its own timeout).
 # Results land in $OUT/r and are packed into $OUT/results.tgz after every stage (the device returns at most 8
 # files, so unpack that one). NVLink multicast stays off: the guards below are exported before anything runs.
 set -u
@@ -35,6 +35,8 @@ for stage in "$@"; do
     timing) timeout "${T_TIMING:-120}" python3 bench/kernel_timing.py --world 4 --out "$R/kernel_timing_tp4.json" \
               --tokens "${TIMING_TOKENS:-1,4,16,64,128,256,512,1024,2048}" ${TIMING_PATHS:+--paths "$TIMING_PATHS"} \
               2>&1 | tail -14 | tee "$R/kernel_timing_tp4.txt" ;;
+    lamport_sweep) timeout "${T_SWEEP:-150}" python3 bench/kernel_timing.py --world 4 --lamport-sweep \
+                     --tokens 1,4,16,64 --out "$R/lamport_sweep_tp4.json" 2>&1 | tail -6 | tee "$R/lamport_sweep_tp4.txt" ;;
     benchtest) gpu_tests bench tests/gpu/test_bench_gpu.py "${T_BENCHTEST:-300}" -s ;;
     bench) timeout "${T_BENCH:-240}" python3 -m arfuse.cli.main bench --world-sizes 4 --hidden 4096,8192 --no-progress \
              --json "$R/bench_tp4.json" --plot "$R/bench_tp4.png" > "$R/bench_tp4.txt" 2>&1

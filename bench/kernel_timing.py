@@ -51,9 +51,11 @@ def worker(rank, world, hidden, tokens_list, paths):
     top = max(tokens_list)
     rows = []
     for path in paths:
-        # "triton_symm/lamport@split=N": the Lamport kernel with its push split forced to N chunks per row
-        backend, _, split = path.partition("@split=")
-        launch_config.LAMPORT_PUSH_SPLIT = int(split) if split else None
+        # "triton_symm/lamport@split=N,warps=W": the Lamport kernel with its launch forced (either key optional)
+        backend, _, forced = path.partition("@")
+        knobs = dict(kv.split("=") for kv in forced.split(",") if kv)
+        launch_config.LAMPORT_PUSH_SPLIT = int(knobs["split"]) if "split" in knobs else None
+        launch_config.LAMPORT_NUM_WARPS = int(knobs["warps"]) if "warps" in knobs else None
         try:
             f = AllReduceFusion(max_tokens=top, hidden_size=hidden, dtype=torch.bfloat16, device=dev, backend=backend,
                                 strict=True)
@@ -79,11 +81,18 @@ def main(argv=None):
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--hidden", type=int, default=8192)
     p.add_argument("--tokens", default="1,8,32,128,512,2048")
-    p.add_argument("--paths", default=",".join(PATHS))
+    p.add_argument("--paths", default=",".join(PATHS), help="comma-separated; ';'-separated when a path has knobs")
+    p.add_argument("--lamport-sweep", action="store_true",
+                   help="time the Lamport kernel at splits 1,2,4,8 x warps 4,8,16 beside FlashInfer's one-shot")
     p.add_argument("--out")
     a = p.parse_args(argv)
     tokens = [int(t) for t in a.tokens.split(",")]
-    rows = run_ranks(worker, a.world, a.hidden, tokens, a.paths.split(","), device="cuda", timeout_s=500)[0]
+    if a.lamport_sweep:
+        paths = [f"triton_symm/lamport@split={s},warps={w}" for s in (1, 2, 4, 8) for w in (4, 8, 16)]
+        paths.append("flashinfer/oneshot")
+    else:
+        paths = a.paths.split(";" if "@" in a.paths and ";" in a.paths else ",")
+    rows = run_ranks(worker, a.world, a.hidden, tokens, paths, device="cuda", timeout_s=500)[0]
     paths = list(dict.fromkeys(r["path"] for r in rows))
     print(f"TP{a.world} hidden {a.hidden} bf16, us per call (CUDA graph, max over ranks)")
     print("tokens".rjust(7) + "".join(p[-18:].rjust(20) for p in paths))

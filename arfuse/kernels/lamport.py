@@ -69,10 +69,12 @@ def lamport_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, x_ptr, re
 def lamport(a, x, residual, weight, eps: float, scale, out, residual_out, pattern: int) -> None:
     """Launch the barrier-free one-shot kernel for ``x`` (tokens, hidden) with workspace args ``a``.
     Collective over the workspace's ranks; graph-safe."""
+    from arfuse.kernels import launch_config
     from arfuse.kernels.launch_config import block_config, lamport_grid, lamport_push_split, next_power_of_2
 
     n, hidden = x.shape
     block_h, num_warps = block_config(hidden)
+    num_warps = launch_config.LAMPORT_NUM_WARPS or num_warps
     split = lamport_push_split(n, block_h, a.sms)
     lamport_kernel[(lamport_grid(n, split, a.sms),)](
         *a.peer_ptrs, a.err_ptr, a.lamport_state, x, residual, weight, out, residual_out, scale,

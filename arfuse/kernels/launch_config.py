@@ -27,6 +27,8 @@ def grid_size(rows: int, cap: int = MAX_GRID) -> int:
 # below; an int overrides it (bench/kernel_timing.py sets it to time the alternatives).
 LAMPORT_PUSH_SPLIT = None
 PUSH_CHUNK_MIN = 1024
+# Warps per Lamport CTA; None: block_config's. Timing experiments only (bench/kernel_timing.py).
+LAMPORT_NUM_WARPS = None
 
 
 def lamport_push_split(rows: int, block_h: int, sms: int) -> int:
