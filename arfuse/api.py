@@ -72,7 +72,9 @@ class AllReduceFusion:
     strict=None)``. Construction is **collective** (every rank of ``group`` must construct it, with the same
     arguments): it probes the group, prepares the workspaces of the backends it may use and agrees on them.
     The ops are collective too, graph-capturable when the chosen backend is (all GPU backends are), and compile
-    under ``torch.compile(fullgraph=True)``.
+    under ``torch.compile(fullgraph=True)``. Before capturing a CUDA graph, run each op at each token count the
+    graph will use once eagerly (the usual warm-up): Triton compiles a kernel on its first launch per pattern,
+    dtype and, for the smallest calls, push split, and compiling is not allowed while a stream is capturing.
 
     ``backend``: ``"auto"`` (fastest capable path per size), a registered name (``"torch_ref"``, ``"nccl"``,
     ``"triton_symm"``, ``"flashinfer"``) or ``"name/variant"``. A named path that cannot run a size falls back
@@ -273,7 +275,11 @@ class AllReduceFusion:
 
 
 def free_idle_workspaces() -> int:
-    """Free the workspaces backends keep after their last fusion object closed (FlashInfer's is kept for the next
-    fusion object of the same group, because FlashInfer 0.7's destroy does not return its memory). Returns how
-    many were freed. Call it on every rank of a group at once: with FlashInfer < 0.6 freeing has a barrier."""
+    """Destroy the workspaces backends keep for reuse after their last fusion object closed; returns how many.
+
+    FlashInfer's workspace is kept for the next fusion object of the same group and hidden size, because
+    recreating it leaks: FlashInfer 0.7.2's destroy drops its Python references but the device memory stayed
+    mapped (40 MiB per cycle, measured). Destroying releases what the installed FlashInfer releases (all of it
+    for releases whose destroy frees). Call it on every rank of a group at once: before FlashInfer 0.6 destroy
+    has a barrier."""
     return sum(b.free_idle() for b in base.registered())

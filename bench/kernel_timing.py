@@ -76,12 +76,24 @@ def worker(rank, world, hidden, tokens_list, paths):
     return rows
 
 
+def split_paths(text):
+    """``"a@split=2,warps=4,b"`` -> ``["a@split=2,warps=4", "b"]``: a knob (``k=v`` with no path) joins the path before
+    it."""
+    paths = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if paths and "=" in part and "/" not in part and "@" not in part:
+            paths[-1] += "," + part
+        else:
+            paths.append(part)
+    return paths
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--hidden", type=int, default=8192)
     p.add_argument("--tokens", default="1,8,32,128,512,2048")
-    p.add_argument("--paths", default=",".join(PATHS), help="comma-separated; ';'-separated when a path has knobs")
+    p.add_argument("--paths", default=",".join(PATHS), help="comma-separated, e.g. nccl,triton_symm/lamport@split=2,warps=4")
     p.add_argument("--lamport-sweep", action="store_true",
                    help="time the Lamport kernel at splits 1,2,4,8 x warps 4,8,16 beside FlashInfer's one-shot")
     p.add_argument("--out")
@@ -91,7 +103,7 @@ def main(argv=None):
         paths = [f"triton_symm/lamport@split={s},warps={w}" for s in (1, 2, 4, 8) for w in (4, 8, 16)]
         paths.append("flashinfer/oneshot")
     else:
-        paths = a.paths.split(";" if "@" in a.paths and ";" in a.paths else ",")
+        paths = split_paths(a.paths)
     rows = run_ranks(worker, a.world, a.hidden, tokens, paths, device="cuda", timeout_s=500)[0]
     paths = list(dict.fromkeys(r["path"] for r in rows))
     print(f"TP{a.world} hidden {a.hidden} bf16, us per call (CUDA graph, max over ranks)")

@@ -145,7 +145,11 @@ class FlashInferBackend(Backend):
             ws.handle, pattern_code=ws.codes[pattern], oneshot=adapter.use_oneshot(variant, n, ws.handle), x=x,
             gamma=weight if pattern.has_norm else None, eps=eps,
             scale=scale if pattern is Pattern.RESIDUAL_RMSNORM_FP8 else None, **outs)
-        fn(*args, **kwargs)
+        try:
+            fn(*args, **kwargs)
+        except Exception:
+            ws.shared.suspect = True  # the executor handles the error; the workspace is not reused after it
+            raise
 
 
 register(FlashInferBackend())

@@ -49,12 +49,13 @@ class Shared:
     key: Tuple
     handle: adapter.Handle
     refs: int = 0
+    suspect: bool = False  # a FlashInfer call on it raised: its flags may be out of step across ranks
 
     def fits(self, max_tokens: int, hidden: int, path: str) -> bool:
         # FlashInfer checks token_num * hidden_dim against the workspace; the unified API also validates the
         # hidden size in some releases, so only the legacy path (metadata passed by arfuse) reuses across hiddens
         same_hidden = self.handle.hidden == hidden or path == fi_api.LEGACY
-        return (not self.handle.destroyed and self.handle.path == path and same_hidden
+        return (not self.handle.destroyed and not self.suspect and self.handle.path == path and same_hidden
                 and self.handle.elements >= max_tokens * hidden)
 
 
@@ -111,14 +112,18 @@ class WorkspaceManager:
         any rank fails (:class:`~arfuse.FallbackError` in strict mode)."""
         subgroup = is_subgroup(group)
         path = probe.path_for(subgroup) if probe.available else None
-        key = (group_key(group), dtype, device)
+        # one workspace per hidden size on the unified API (it validates the hidden size), so a process using two
+        # sizes does not replace, and leak, one with the other
+        key = (group_key(group), dtype, device, None if path == fi_api.LEGACY else hidden)
         with self._lock:
             current = self._current.get(key)
-        reusable = current is not None and current.fits(max_tokens, hidden, path)
+            reusable = current is not None and current.fits(max_tokens, hidden, path)
+            if reusable:
+                current.refs += 1  # held across the vote, so destroy_parked() cannot take it meanwhile
         if vote.agree(reusable, "no reusable workspace", group)[0]:
-            with self._lock:
-                current.refs += 1
             return current
+        if reusable:
+            self.release(current)  # another rank cannot reuse its copy: this one stays parked
         ok, reason = vote.agree(*self._ready(probe, path, subgroup), group)
         if not ok:
             self._fail(reason, strict)
@@ -158,13 +163,18 @@ class WorkspaceManager:
 
     def release(self, shared: Shared) -> None:
         """Drop one user. A superseded workspace is destroyed with its last user; the current one stays parked
-        for the next fusion object of its group: FlashInfer 0.7.2's ``destroy`` only drops Python references
-        and its memory was never returned (40 MiB per create/close cycle on 4 H200s, 2026-11-28), so a serving
-        process that rebuilds its fusion objects must reuse, not recreate. :meth:`destroy_parked` frees them."""
+        for the next fusion object of its group and hidden size: FlashInfer 0.7.2's ``destroy`` only drops Python
+        references and its memory was never returned (40 MiB per create/close cycle on 4 H200s, 2026-11-28), so a
+        serving process that rebuilds its fusion objects must reuse, not recreate. A workspace a FlashInfer call
+        failed on (``suspect``) is never reused. :meth:`destroy_parked` destroys the parked ones."""
         with self._lock:
             shared.refs -= 1
-            if shared.refs > 0 or self._current.get(shared.key) is shared:
+            if shared.refs > 0:
                 return
+            if self._current.get(shared.key) is shared:
+                if not shared.suspect:
+                    return
+                del self._current[shared.key]
         adapter.destroy(shared.handle)
 
     def destroy_parked(self) -> int:

@@ -45,8 +45,10 @@ def lamport_push_split(rows: int, block_h: int, sms: int) -> int:
 
 
 def lamport_grid(rows: int, split: int, sms: int) -> int:
-    """CTAs for the Lamport kernel. With a split push every CTA must be resident at once (a polling CTA may wait
-    for a chunk that a peer's CTA of the same index pushes), so the grid stays within one CTA per SM."""
+    """CTAs for the Lamport kernel. With a split push the CTA polling a row waits for chunks pushed by other CTAs of
+    its own and every peer's grid, so every CTA must be resident at once: the grid stays within one CTA per SM.
+    (Like every spinning kernel, and FlashInfer's, it assumes no other work holds the SMs indefinitely; if some
+    does, the bounded wait turns it into a PeerTimeoutError, not a hang.)"""
     if split == 1:
         return grid_size(rows, MAX_GRID)
     return grid_size(rows * split, sms)

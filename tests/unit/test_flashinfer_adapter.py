@@ -281,6 +281,45 @@ def test_manager_reuses_grows_and_destroys(tmp_path):
         assert m.destroy_parked() == 2 and d.handle.destroyed and other.handle.destroyed
 
 
+def test_manager_parks_per_hidden_size_and_never_reuses_a_workspace_a_call_failed_on(tmp_path):
+    with ff.loaded(ff.write(tmp_path, "0.7.2.post1")) as p:
+        m = WorkspaceManager()
+        cpu = torch.device("cpu")
+        a = m.acquire(GROUP, dtype=BF16, device=cpu, max_tokens=16, hidden=H, probe=p)
+        b = m.acquire(GROUP, dtype=BF16, device=cpu, max_tokens=16, hidden=2 * H, probe=p)
+        m.release(a)
+        m.release(b)
+        assert not a.handle.destroyed and not b.handle.destroyed and len(m.live()) == 2  # both parked
+        assert m.acquire(GROUP, dtype=BF16, device=cpu, max_tokens=16, hidden=H, probe=p) is a
+        a.suspect = True  # what FlashInferBackend.run marks when a FlashInfer call raises
+        m.release(a)
+        assert a.handle.destroyed and len(m.live()) == 1  # destroyed with its last user, not parked
+        c = m.acquire(GROUP, dtype=BF16, device=cpu, max_tokens=16, hidden=H, probe=p)
+        assert c is not a and not c.suspect
+        m.release(c)
+        assert m.destroy_parked() == 2
+
+
+def test_reused_workspace_is_held_before_the_vote(tmp_path, monkeypatch):
+    # destroy_parked() from another thread while the ranks vote on reuse must not take the workspace away
+    from arfuse.backends import flashinfer_workspace as fw
+
+    with ff.loaded(ff.write(tmp_path, "0.7.2.post1")) as p:
+        m = WorkspaceManager()
+        cpu = torch.device("cpu")
+        a = m.acquire(GROUP, dtype=BF16, device=cpu, max_tokens=16, hidden=H, probe=p)
+        m.release(a)
+        agree = fw.vote.agree
+
+        def agree_while_another_thread_frees(ok, reason, group):
+            m.destroy_parked()
+            return agree(ok, reason, group)
+
+        monkeypatch.setattr(fw.vote, "agree", agree_while_another_thread_frees)
+        again = m.acquire(GROUP, dtype=BF16, device=cpu, max_tokens=16, hidden=H, probe=p)
+        assert again is a and not a.handle.destroyed and a.refs == 1
+
+
 def test_manager_refuses_what_it_cannot_drive(tmp_path):
     cpu = torch.device("cpu")
     with ff.loaded(ff.write(tmp_path, "0.7.2.post1", extra_required="new_required_flag: bool")) as p:
@@ -354,3 +393,22 @@ def test_import_and_doctor_never_fail(tmp_path):
     assert reports["legacy"]["backends"]["flashinfer"]["api"] == "legacy"
     assert "RuntimeError" in reports["import"]["backends"]["flashinfer"]["probe_reason"]
     assert reports["attribute"]["backends"]["flashinfer"]["api"] is None
+
+
+def test_a_failing_flashinfer_call_marks_its_workspace(tmp_path, monkeypatch):
+    with ff.loaded(ff.write(tmp_path, "0.7.2.post1")) as p:
+        backend = FlashInferBackend(WorkspaceManager())
+        ws = backend.prepare(Capacity(16, H, BF16, torch.device("cpu")), _caps(p), GROUP)
+
+        def launch_error(*args, **kwargs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(adapter, "fusion_call", lambda *a, **k: (launch_error, (), {}))
+        t = _tensors(5)
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            backend.run(ws, "auto", Pattern.RESIDUAL_RMSNORM, t["x"], t["res"], t["w"], 1e-5, None, t["out"],
+                        t["res_out"])
+        assert ws.shared.suspect
+        handle = ws.handle
+        ws.close()
+        assert handle.destroyed and backend.manager.live() == {}  # not parked for the next object

@@ -85,7 +85,12 @@ def test_fused_norm_kernel_compiles_for_sm90():
 # -- bitwise identity across ranks: every epilogue call site of a kernel reduces in the same order ---------------
 LAYOUT_DEF = re.compile(r"^(#\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = \[([\d, ]+)\], "
                         r"warpsPerCTA = \[([\d, ]+)\]", re.M)
-MEAN_SQ = re.compile(r"%mean_sq = arith\.mulf [^:]*: tensor<\d+xf32, (#\w+|#ttg\.slice<\{dim = (\d), parent = (#\w+)\}>)>")
+# a row's square (`acc * acc`) and the layout it is summed in; kept when a tt.reduce consumes it
+SQUARE = re.compile(r"(%[\w.]+) = arith\.mulf (%[\w.]+), \2 : tensor<(\d+)xf32, "
+                    r"(#\w+|#ttg\.slice<\{dim = (\d), parent = (#\w+)\}>)>")
+REDUCED = re.compile(r'"tt\.reduce"\((%[\w.]+)\)')
+# epilogue call sites per kernel at 4 ranks: the two-shot kernels finish their own rows and each peer's rows
+SITES = {"lamport": 1, "one_shot": 1, "two_shot": 4, "lamport_two_shot": 4}
 
 
 def _thread_mapping(layout: str, dim: str, parent: str, defs: dict) -> tuple:
@@ -128,6 +133,8 @@ def test_every_epilogue_call_site_reduces_in_one_order(kind, pattern, hidden, nu
     ttgir = _ttgir(kind, pattern, hidden, num_warps)
     defs = {name: tuple([int(v) for v in g.split(",")] for g in groups)
             for name, *groups in LAYOUT_DEF.findall(ttgir)}
-    sites = [_thread_mapping(layout, dim, parent, defs) for layout, dim, parent in MEAN_SQ.findall(ttgir)]
-    assert sites, "no mean-square reduction found (did the epilogue's variable names change?)"
+    reduced = set(REDUCED.findall(ttgir))
+    sites = [_thread_mapping(layout, dim, parent, defs)
+             for name, _, n, layout, dim, parent in SQUARE.findall(ttgir) if name in reduced and int(n) == hidden]
+    assert len(sites) == SITES[kind], f"{kind}: expected {SITES[kind]} mean-square reductions, found {sites}"
     assert len(set(sites)) == 1, f"{kind} pattern {pattern}: call sites reduce over different thread splits {sites}"
