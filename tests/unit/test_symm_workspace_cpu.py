@@ -112,3 +112,62 @@ def test_allocation_failure_is_voted_before_the_rendezvous(group, fake_cuda, mon
     with pytest.raises(BackendError, match="allocation failed on rank 0: OutOfMemoryError"):
         _workspace()
     assert "handle" not in fake_cuda  # no rendezvous was entered
+
+
+# -- the launchers: every kernel argument passed, by position or name, and a sane grid --------------------------
+LAUNCH_OPTIONS = {"num_warps", "num_stages", "enable_fp_fusion"}
+
+
+class Recorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` is recorded, not launched."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+def _check_launch(recorder):
+    (grid, args, kwargs), = recorder.launches
+    names = recorder.kernel.arg_names
+    constexprs = {p.name for p in recorder.kernel.params if p.is_constexpr}
+    assert len(args) + len(set(kwargs) - LAUNCH_OPTIONS) == len(names), (len(args), sorted(kwargs), names)
+    assert set(kwargs) - LAUNCH_OPTIONS == set(names[len(args):]) == constexprs
+    assert isinstance(grid, tuple) and all(isinstance(g, int) and g >= 1 for g in grid)
+    return grid, dict(zip(names, args)), kwargs
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 17, TOKENS])
+@pytest.mark.parametrize("variant", ["lamport", "one_shot", "two_shot", "lamport_two_shot"])
+def test_every_launcher_passes_each_kernel_argument_once(group, fake_cuda, monkeypatch, variant, tokens):
+    import importlib
+
+    from arfuse.core.types import Pattern
+
+    module = importlib.import_module(f"arfuse.kernels.{variant}")
+    recorder = Recorder(getattr(module, f"{variant}_kernel"))
+    monkeypatch.setattr(module, f"{variant}_kernel", recorder)
+    ws = _workspace()
+    x = torch.randn(tokens, HIDDEN, dtype=torch.bfloat16)
+    extra = {"copy_in": True} if variant == "one_shot" else {}
+    getattr(module, variant)(ws.args, x, x.clone(), torch.ones(HIDDEN, dtype=torch.bfloat16), 1e-6, None,
+                             torch.empty_like(x), torch.empty_like(x), int(Pattern.RESIDUAL_RMSNORM), **extra)
+    grid, named, kwargs = _check_launch(recorder)
+    assert named["x_ptr"] is x and kwargs["RANK"] == 0 and kwargs["H"] == HIDDEN
+    if variant == "lamport":
+        assert grid[0] >= tokens and HIDDEN // kwargs["SPLIT"] >= 1 and grid[0] <= max(tokens, ws.args.sms)
+
+
+
+def test_nccl_path_norm_launcher_passes_each_kernel_argument_once(monkeypatch):
+    from arfuse.core.types import Pattern
+    from arfuse.kernels import add_rmsnorm as module
+
+    recorder = Recorder(module.add_rmsnorm_kernel)
+    monkeypatch.setattr(module, "add_rmsnorm_kernel", recorder)
+    x = torch.randn(5, HIDDEN)
+    module.add_rmsnorm(x, x.clone(), torch.ones(HIDDEN), 1e-6, None, torch.empty_like(x), torch.empty_like(x),
+                       int(Pattern.RESIDUAL_RMSNORM))
+    grid, named, kwargs = _check_launch(recorder)
+    assert named["sum_ptr"] is x and grid == (5,) and kwargs["H"] == HIDDEN
