@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--graph-prefill", action="store_true",
+                   help="also time each prefill captured in a CUDA graph (GPU time without host launch overhead)")
     p.add_argument("--eager-pointwise", action="store_true",
                    help="keep rotary embedding and SwiGLU eager (default: torch.compile'd on CUDA, every path alike)")
     p.add_argument("--seed", type=int, default=0)
@@ -72,6 +74,7 @@ class Spec:
     check_steps: int
     device: str
     compile_pointwise: bool = False
+    graph_prefill: bool = False
     check_batch: int = 2
     check_prompt_len: int = 32
 
@@ -127,12 +130,18 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
             samples = {str(p): timing.prefill_samples(model, p, cfg) for p in spec.prompt_lens}
             ttft = {p: statistics.median(v) for p, v in samples.items()}
             tpot = {str(b): timing.time_decode(model, b, spec.kv_len, cfg) for b in spec.batches}
+            graph_ttft = ({str(p): timing.time_prefill_graph(model, p, cfg) for p in spec.prompt_lens}
+                          if spec.graph_prefill else None)
             plans = {str(n): key for n, key in switch.plans(spec.prompt_lens + spec.batches).items()}
             results[path] = {"ttft_ms": ttft, "ttft_samples_ms": samples, "tpot_ms": tpot, "check": check,
                              "stats": switch.stats(), "plans": plans}
+            if graph_ttft is not None:
+                results[path]["ttft_graph_ms"] = graph_ttft
         switch.close()
     method = dict(timing.method(device, cfg),
                   pointwise="rotary + SwiGLU torch.compile'd" if spec.compile_pointwise else "rotary + SwiGLU eager")
+    if spec.graph_prefill:
+        method["ttft_graph"] = f"prefill captured in one CUDA graph, mean of {cfg.decode_replays} replays"
     return {"results": results, "device": _device_info(device), "method": method, "model": dataclasses.asdict(args)}
 
 
@@ -170,9 +179,9 @@ def render(record: dict) -> None:
     table.add_column("metric")
     for path in paths:
         table.add_column(path + (" (ref)" if path == ref else ""), justify="right")
-    rows = [("TTFT", "ttft_ms", "P"), ("TPOT", "tpot_ms", "B")]
+    rows = [("TTFT", "ttft_ms", "P"), ("TTFT (graph)", "ttft_graph_ms", "P"), ("TPOT", "tpot_ms", "B")]
     for label, key, var in rows:
-        for point in results[ref][key]:
+        for point in results[ref].get(key, {}):
             base = results[ref][key][point]
             cells = [_cell(results[p][key][point], None if p == ref else base) for p in paths]
             table.add_row(f"{label}, {var}={point}", *cells)
@@ -221,7 +230,9 @@ def run(args) -> int:
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     spec = Spec(args.preset, args.layers, args.backends, args.prompt_lens, args.batches, args.kv_len, dtype,
                 args.seed, args.prefill_repeats, args.decode_replays, args.check_steps, device,
-                compile_pointwise=device == "cuda" and not args.eager_pointwise)
+                compile_pointwise=device == "cuda" and not args.eager_pointwise, graph_prefill=args.graph_prefill)
+    if spec.graph_prefill and device != "cuda":
+        raise SystemExit("arfuse e2e: --graph-prefill needs CUDA (graph capture)")
     try:
         llama.preset(spec.preset, spec.layers)  # validates --layers before spawning
     except ValueError as e:

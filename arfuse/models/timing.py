@@ -77,17 +77,18 @@ def _device(model: Transformer) -> torch.device:
 
 
 class DecodeStep:
-    """One decode step for a (batch, 1) token tensor at a position: a CUDA graph on CUDA, eager on CPU.
+    """One decode step for a (batch, 1) token tensor at a position - or, with ``pos=None``, a prefill of a
+    (batch, P) prompt: a CUDA graph on CUDA, eager on CPU.
 
     Built with the first step's inputs: the warm-up runs at that position, whose KV entries the real step
     rewrites before reading them, so the warm-up leaves no trace. Calling it is collective.
     """
 
-    def __init__(self, model: Transformer, tokens: torch.Tensor, pos: int, warmup: int = 1):
+    def __init__(self, model: Transformer, tokens: torch.Tensor, pos: Optional[int], warmup: int = 1):
         device = _device(model)
         self.model = model
         self.tokens = tokens.to(device=device, dtype=torch.long).clone()
-        self.pos = torch.tensor([pos], dtype=torch.long, device=device)
+        self.pos = None if pos is None else torch.tensor([pos], dtype=torch.long, device=device)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.logits: Optional[torch.Tensor] = None
         if device.type == "cuda":
@@ -110,6 +111,8 @@ class DecodeStep:
         if tokens is not None:
             self.tokens.copy_(tokens)
         if pos is not None:
+            if self.pos is None:
+                raise ValueError("DecodeStep: a prefill step has no position to set")
             self.pos.fill_(pos)
         if self.graph is None:
             return self.model(self.tokens, self.pos)
@@ -144,6 +147,33 @@ def prefill_samples(model: Transformer, prompt_len: int, config: TimingConfig, g
 def time_prefill(model: Transformer, prompt_len: int, config: TimingConfig, group=None) -> float:
     """TTFT in ms for one prompt of ``prompt_len`` tokens: the median of :func:`prefill_samples`. Collective."""
     return statistics.median(prefill_samples(model, prompt_len, config, group))
+
+
+@torch.no_grad()
+def time_prefill_graph(model: Transformer, prompt_len: int, config: TimingConfig, group=None) -> float:
+    """TTFT in ms with the prefill captured in one CUDA graph (as :func:`time_decode` times a step): the GPU's
+    time without the host's launch overhead, which makes eager TTFT at short prompts noisy. Mean of
+    ``decode_replays`` replays, max over ranks. CUDA only. Collective."""
+    device = _device(model)
+    if device.type != "cuda":
+        raise ValueError("time_prefill_graph: CUDA graphs need a CUDA model")
+    model.setup_caches(1, prompt_len)
+    tokens = random_tokens((1, prompt_len), model.args.vocab_size, config.seed + prompt_len, device)
+    step = DecodeStep(model, tokens, None, max(config.prefill_warmup, 1))
+    try:
+        for _ in range(config.prefill_warmup):
+            step()
+        start_together(device, group)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(config.decode_replays):
+            step.graph.replay()
+        end.record()
+        end.synchronize()
+        ms = begin.elapsed_time(end) / config.decode_replays
+    finally:
+        step.close()
+    return max_over_ranks(ms, device, group)
 
 
 @torch.no_grad()

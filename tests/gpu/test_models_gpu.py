@@ -155,11 +155,12 @@ def test_e2e_cli_tp4(tmp_path):
     path = tmp_path / "e2e.json"
     args = parser.parse_args(["--preset", "llama3-8b", "--layers", str(LAYERS), "--tp", "4", "--device", "cuda",
                               "--backends", ",".join(_paths()), "--prompt-lens", "128,512", "--batches", "1,8",
-                              "--kv-len", "256", "--json", str(path)])
+                              "--kv-len", "256", "--graph-prefill", "--json", str(path)])
     assert e2e.run(args) == 0
     record = json.loads(path.read_text())
     assert record["dtype"] == "bfloat16" and record["device"]["count"] >= 4 and record["nccl"]
     for result in record["results"].values():
         assert all(v > 0 for v in list(result["ttft_ms"].values()) + list(result["tpot_ms"].values()))
+        assert set(result["ttft_graph_ms"]) == {"128", "512"} and all(v > 0 for v in result["ttft_graph_ms"].values())
         assert result["check"]["ok"]
     assert "CUDA graph" in record["method"]["tpot"] and "compile" in record["method"]["pointwise"]

@@ -202,3 +202,17 @@ def test_compiled_rotary_and_swiglu_match_eager():
     logits, tokens = generate.greedy(model, prompt, STEPS)
     assert torch.equal(tokens, ref_tokens)
     assert generate.rel_err(logits, ref_logits) <= 1e-6
+
+
+def test_graph_prefill_needs_cuda_and_prefill_steps_have_no_position():
+    parser = argparse.ArgumentParser()
+    e2e.add_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--tp", "2", "--device", "cpu", "--graph-prefill"])
+    with pytest.raises(SystemExit, match="--graph-prefill needs CUDA"):
+        e2e.run(args)
+    _, model, prompt, ref_logits, _ = _tp1_reference()
+    model.setup_caches(*prompt.shape)
+    step = timing.DecodeStep(model, prompt, None)  # a prefill; eager on CPU
+    assert torch.equal(step().float(), ref_logits[0])
+    with pytest.raises(ValueError, match="no position"):
+        step(prompt, 3)
