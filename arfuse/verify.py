@@ -97,3 +97,39 @@ def call_pattern(fusion, pattern: Pattern, case: Case, x: torch.Tensor, residual
         return fusion.residual_rmsnorm(x, residual, weight, case.eps, norm_out=out, residual_out=residual_out)
     return fusion.residual_rmsnorm_fp8(x, residual, weight, case.scale, case.eps, quant_out=out,
                                        residual_out=residual_out)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """One checked call: relative errors against the float64 reference, their tolerances, and the digest of this
+    rank's outputs (equal digests on every rank: bitwise-identical results)."""
+
+    err: float
+    err_residual: float
+    tol: float
+    tol_residual: float
+    digest: str
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.err <= self.tol and self.err_residual <= self.tol_residual
+
+
+def checked_call(fusion, pattern: Pattern, case: Case, rank: int, world_size: int, device,
+                 x: Optional[torch.Tensor] = None) -> Checked:
+    """Run ``pattern`` on this rank's inputs of ``case`` (or on ``x`` holding them, e.g. a zero-copy buffer) into
+    NaN-poisoned outputs, then compare with the float64 reference. Collective like the call itself; comparing the
+    digests across ranks is the caller's (it knows the group)."""
+    x = case.x(rank, device) if x is None else x
+    residual, weight = case.residual(device), case.weight(device)
+    out = poison(torch.empty(case.tokens, case.hidden, dtype=out_dtype(pattern, case.dtype), device=device))
+    res_out = poison(torch.empty_like(residual)) if pattern.has_residual else None
+    out, res_out = call_pattern(fusion, pattern, case, x, residual, weight, out, res_out)
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    ref, ref_res = reference(case, world_size, pattern)
+    outputs = (out,) if res_out is None else (out, res_out)
+    err_residual = rel_err(res_out, ref_res) if res_out is not None else 0.0
+    return Checked(err=rel_err(out.float(), ref), err_residual=err_residual,
+                   tol=TOLERANCE[out_dtype(pattern, case.dtype)], tol_residual=TOLERANCE[case.dtype],
+                   digest=digest(*outputs))

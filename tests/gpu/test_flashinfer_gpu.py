@@ -16,7 +16,7 @@ from arfuse import AllReduceFusion, Pattern
 from arfuse.launch import run_ranks
 from arfuse.probe import vote
 from arfuse.probe.flashinfer_api import probe
-from arfuse.verify import TOLERANCE, Case, call_pattern, digest, out_dtype, poison, reference, rel_err
+from arfuse.verify import TOLERANCE, Case, checked_call, digest, poison, reference, rel_err
 
 TOKENS = (1, 2, 3, 8, 17, 64, 128, 512, 1000, 2048)
 HIDDENS = (4096, 8192)
@@ -41,20 +41,12 @@ def _cases():
 
 def _check(fusion, group, local_rank, group_size, backend, pattern, case, dev, label):
     """One poisoned, checked call; returns its record (collective over ``group``)."""
-    x, res, w = case.x(local_rank, dev), case.residual(dev), case.weight(dev)
-    out = poison(torch.empty(case.tokens, case.hidden, dtype=out_dtype(pattern, BF16), device=dev))
-    res_out = poison(torch.empty_like(res)) if pattern.has_residual else None
-    out, res_out = call_pattern(fusion, pattern, case, x, res, w, out, res_out)
-    torch.cuda.synchronize()
-    ref, ref_res = reference(case, group_size, pattern)
-    err = rel_err(out.float(), ref)
-    err_res = rel_err(res_out, ref_res) if res_out is not None else 0.0
-    digests = vote.all_gather_object(digest(*(t for t in (out, res_out) if t is not None)), group)
-    tol = TOLERANCE[out_dtype(pattern, BF16)]
+    c = checked_call(fusion, pattern, case, local_rank, group_size, dev)
+    identical = len(set(vote.all_gather_object(c.digest, group))) == 1
     path = fusion.plan(pattern, case.tokens).key
-    ok = err <= tol and err_res <= TOLERANCE[BF16] and len(set(digests)) == 1 and path.startswith("flashinfer")
+    ok = c.within_tolerance and identical and path.startswith("flashinfer")
     return dict(case=label, backend=backend, path=path, pattern=pattern.name, hidden=case.hidden,
-                tokens=case.tokens, err=err, err_residual=err_res, tol=tol, identical=len(set(digests)) == 1, ok=ok)
+                tokens=case.tokens, err=c.err, err_residual=c.err_residual, tol=c.tol, identical=identical, ok=ok)
 
 
 def correctness_worker(rank, world, cases, seed):

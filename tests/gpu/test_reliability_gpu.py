@@ -39,7 +39,7 @@ from arfuse.launch import free_port, init_rank, run_ranks
 from arfuse.probe import vote
 from arfuse.testing import save_figures
 from arfuse.testing.faults import InjectedFault, raising_on_ranks
-from arfuse.verify import TOLERANCE, Case, call_pattern, digest, out_dtype, poison, reference, rel_err
+from arfuse.verify import TOLERANCE, Case, checked_call, reference, rel_err
 
 BF16 = torch.bfloat16
 FAILING_RANK = 1
@@ -77,17 +77,10 @@ def _checked_calls(fusion, rank: int, world: int, seed: int) -> List[dict]:
     """Every pattern at a few sizes into NaN-poisoned outputs, against the reference, compared across ranks."""
     dev, records = _device(), []
     for i, (pattern, tokens) in enumerate((p, t) for p in Pattern for t in (1, 17, 256)):
-        case = Case(tokens, 4096, BF16, seed + i)
-        x, res, w = case.x(rank, dev), case.residual(dev), case.weight(dev)
-        out = poison(torch.empty(tokens, 4096, dtype=out_dtype(pattern, BF16), device=dev))
-        res_out = poison(torch.empty_like(res)) if pattern.has_residual else None
-        out, res_out = call_pattern(fusion, pattern, case, x, res, w, out, res_out)
-        torch.cuda.synchronize()
-        ref, ref_res = reference(case, world, pattern)
-        err = max(rel_err(out.float(), ref), rel_err(res_out, ref_res) if res_out is not None else 0.0)
-        same = len(set(vote.all_gather_object(digest(*(t for t in (out, res_out) if t is not None))))) == 1
-        records.append(dict(pattern=pattern.name, tokens=tokens, path=fusion.plan(pattern, tokens).key, err=err,
-                            identical=same, ok=err <= TOLERANCE[out_dtype(pattern, BF16)] and same))
+        c = checked_call(fusion, pattern, Case(tokens, 4096, BF16, seed + i), rank, world, dev)
+        same = len(set(vote.all_gather_object(c.digest))) == 1
+        records.append(dict(pattern=pattern.name, tokens=tokens, path=fusion.plan(pattern, tokens).key,
+                            err=max(c.err, c.err_residual), identical=same, ok=c.within_tolerance and same))
     return records
 
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from arfuse import AllReduceFusion, Pattern, PeerTimeoutError
 from arfuse.launch import run_ranks
-from arfuse.verify import TOLERANCE, Case, call_pattern, digest, out_dtype, poison, reference, rel_err
+from arfuse.verify import TOLERANCE, Case, checked_call, poison
 
 VARIANTS = ("triton_symm/lamport", "triton_symm/one_shot", "triton_symm/two_shot", "triton_symm/lamport_two_shot",
             "nccl")
@@ -52,25 +52,17 @@ def correctness_worker(rank, world, cases, seed):
         if f.plan(pattern, tokens).fallback:  # beyond this variant's size limit: not a case for it
             continue
         case = Case(tokens, hidden, dtype, seed=seed + i)
-        x, res, w = case.x(rank, dev), case.residual(dev), case.weight(dev)
         zero_copy = f.input_buffer(tokens, pattern) if i % 3 == 0 else None
         if zero_copy is not None:
-            zero_copy.copy_(x)
-            x = zero_copy
-        out = poison(torch.empty(tokens, hidden, dtype=out_dtype(pattern, dtype), device=dev))
-        res_out = poison(torch.empty_like(res)) if pattern.has_residual else None
-        out, res_out = call_pattern(f, pattern, case, x, res, w, out, res_out)
-        torch.cuda.synchronize()
-        ref_out, ref_res = reference(case, world, pattern)
-        err = rel_err(out.float(), ref_out)
-        err_res = rel_err(res_out, ref_res) if res_out is not None else 0.0
+            zero_copy.copy_(case.x(rank, dev))
+        c = checked_call(f, pattern, case, rank, world, dev, x=zero_copy)
         digests = [None] * world
-        dist.all_gather_object(digests, digest(*(t for t in (out, res_out) if t is not None)))
-        tol = TOLERANCE[out_dtype(pattern, dtype)]
+        dist.all_gather_object(digests, c.digest)
+        identical = len(set(digests)) == 1
         results.append(dict(backend=backend, path=f.plan(pattern, tokens).key, pattern=pattern.name,
                             dtype=str(dtype), hidden=hidden, tokens=tokens, zero_copy=zero_copy is not None,
-                            err=err, err_residual=err_res, tol=tol, identical=len(set(digests)) == 1,
-                            ok=err <= tol and err_res <= TOLERANCE[dtype] and len(set(digests)) == 1))
+                            err=c.err, err_residual=c.err_residual, tol=c.tol, identical=identical,
+                            ok=c.within_tolerance and identical))
     stats = {f"{k[0]} {k[1]} {k[2]}": dict(f.stats()) for k, f in fusions.items()}
     for f in fusions.values():
         f.close()

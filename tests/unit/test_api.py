@@ -180,3 +180,29 @@ def test_free_idle_workspaces_asks_every_registered_backend(monkeypatch):
     assert arfuse.free_idle_workspaces() == sum(freed.values())
     monkeypatch.undo()
     assert arfuse.free_idle_workspaces() == 0  # nothing parked in this process
+
+
+@pytest.mark.parametrize("pattern", list(arfuse.Pattern))
+def test_checked_call_passes_the_oracle_and_catches_unwritten_outputs(pattern):
+    from arfuse.verify import checked_call
+
+    case = Case(5, 64, torch.bfloat16, seed=3)
+    with arfuse.AllReduceFusion(max_tokens=8, hidden_size=64, dtype=torch.bfloat16, device="cpu") as fusion:
+        good = checked_call(fusion, pattern, case, 0, 1, "cpu")
+    assert good.within_tolerance and len(good.digest) == 64
+
+    class WritesNothing:  # returns the caller's (poisoned) outputs untouched
+        def all_reduce(self, x, out):
+            return out
+
+        def rmsnorm(self, x, w, eps, out):
+            return out
+
+        def residual_rmsnorm(self, x, r, w, eps, norm_out, residual_out):
+            return norm_out, residual_out
+
+        def residual_rmsnorm_fp8(self, x, r, w, scale, eps, quant_out, residual_out):
+            return quant_out, residual_out
+
+    bad = checked_call(WritesNothing(), pattern, case, 0, 1, "cpu")
+    assert bad.err == float("inf") and not bad.within_tolerance
