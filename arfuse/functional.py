@@ -1,11 +1,12 @@
 """One-off functional forms. Each call reuses a cached :class:`AllReduceFusion` per (group, shape, dtype,
-device, backend), regrown to the next power of two when a call brings more tokens. Collective: every rank must
-make the same calls in the same order (construction of a cached object is collective too).
+device, backend), regrown to the next power of two when a call brings more tokens (the outgrown object stays
+open, for a thread still using it, until :func:`close_all`). Collective: every rank must make the same calls in
+the same order (construction of a cached object is collective too; one at a time per process).
 """
 from __future__ import annotations
 
 import threading
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -13,26 +14,28 @@ from arfuse.api import AllReduceFusion
 from arfuse.probe import vote
 
 _cache: Dict[tuple, AllReduceFusion] = {}
-_lock = threading.Lock()
+_retired: List[Tuple[tuple, AllReduceFusion]] = []  # outgrown (ranks, object) a thread may still use; close_all
+_lock = threading.RLock()  # held across construction: one collective construction at a time per process
 
 
 def _fusion_for(op: str, group, x, backend: str) -> AllReduceFusion:
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"{op}: x must be a 2-D torch.Tensor (tokens, hidden)")
     key = (vote.group_ranks(group), x.shape[1], x.dtype, x.device, backend)
-    with _lock:
-        fusion = _cache.get(key)
     tokens = max(x.shape[0], 1)
-    if fusion is not None and fusion.capacity.max_tokens >= tokens:
-        return fusion
-    capacity = 1 << (tokens - 1).bit_length()
-    if fusion is not None:
-        capacity = max(capacity, fusion.capacity.max_tokens * 2)
-        fusion.close()
-    fusion = AllReduceFusion(group, max_tokens=capacity, hidden_size=x.shape[1], dtype=x.dtype, device=x.device,
-                             backend=backend)
     with _lock:
+        old = _cache.get(key)
+        if old is not None and old.capacity.max_tokens >= tokens:
+            return old
+        capacity = 1 << (tokens - 1).bit_length()
+        if old is not None:
+            capacity = max(capacity, old.capacity.max_tokens * 2)
+        # built before the old one is retired: if construction raises, the cached object still serves
+        fusion = AllReduceFusion(group, max_tokens=capacity, hidden_size=x.shape[1], dtype=x.dtype,
+                                 device=x.device, backend=backend)
         _cache[key] = fusion
+        if old is not None:
+            _retired.append((key[0], old))
     return fusion
 
 
@@ -60,5 +63,7 @@ def close_all(group: Optional[object] = None) -> None:
     with _lock:
         keys = [k for k in _cache if ranks is None or k[0] == ranks]
         victims = [_cache.pop(k) for k in keys]
+        victims += [f for r, f in _retired if ranks is None or r == ranks]
+        _retired[:] = [(r, f) for r, f in _retired if not (ranks is None or r == ranks)]
     for fusion in victims:
         fusion.close()

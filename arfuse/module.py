@@ -42,6 +42,12 @@ class FusedAddRMSNorm(nn.Module):
         flat = x.reshape(-1, shape[-1])
         if residual is None:
             return self.fusion.rmsnorm(flat, self.weight, self.eps).view(shape)
+        if not isinstance(residual, torch.Tensor) or residual.shape != shape:
+            got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
+            raise ValueError(f"FusedAddRMSNorm: residual must have x's shape {tuple(shape)}, got {got}")
+        if self.inplace_residual and not residual.is_contiguous():
+            raise ValueError("FusedAddRMSNorm: with inplace_residual=True, residual must be contiguous (a strided "
+                             "residual would be updated in a copy)")
         normed, res = self.fusion.residual_rmsnorm(flat, residual.reshape(-1, shape[-1]), self.weight, self.eps,
                                                    inplace=self.inplace_residual)
         return normed.view(shape), (residual if self.inplace_residual else res.view(shape))

@@ -25,9 +25,19 @@ def check_eps(op: str, eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
     eps = float(eps)
-    if not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"{op}: eps must be finite and > 0, got {eps}")
+    if not math.isfinite(eps) or eps <= 0 or not _positive_in_float32(eps):
+        raise ValueError(f"{op}: eps must be finite and > 0 in float32 (the kernels' precision), got {eps}")
     return eps
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINIEST = 2.0 ** -149  # the smallest positive float32 (subnormal)
+
+
+def _positive_in_float32(value: float) -> bool:
+    """Whether ``value`` stays a positive finite number when the kernels round it to float32 (plain comparisons,
+    so ``torch.compile`` traces it without a graph break)."""
+    return FLOAT32_TINIEST <= value <= FLOAT32_MAX
 
 
 def _span(t: torch.Tensor):
@@ -97,8 +107,8 @@ def check_scale(op: str, scale, device: torch.device) -> torch.Tensor:
         return scale.reshape(1)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{op}: scale must be a float or a float32 tensor, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{op}: scale must be finite and > 0, got {scale}")
+    if not math.isfinite(scale) or scale <= 0 or not _positive_in_float32(scale):
+        raise ValueError(f"{op}: scale must be finite and > 0 in float32, got {scale}")
     return torch.full((1,), float(scale), dtype=torch.float32, device=device)
 
 

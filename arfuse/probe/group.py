@@ -43,7 +43,7 @@ def group_caps(group, device: torch.device) -> GroupCaps:
     names = {d.name for d in locals_}
     sms = {d.sm for d in locals_}
     p2p = False
-    if device.type == "cuda" and single_host and local.index is not None:
+    if device.type == "cuda" and single_host and all(d.index is not None for d in locals_):  # same on every rank
         ok, why = peer_access(local.index, [d.index for d in locals_])
         ok_all, reason = (ok, why) if world == 1 else vote.agree(ok, why, group)
         p2p = ok_all and world > 1

@@ -136,9 +136,28 @@ def test_functional_forms_cache_and_regrow_their_object():
     ref_norm, ref_res = reference(big, 1, Pattern.RESIDUAL_RMSNORM)
     assert max(rel_err(norm, ref_norm), rel_err(res, ref_res)) <= TOLERANCE[torch.float32]
     grown = F._cache[key]
-    assert grown is not first and first.closed and grown.capacity.max_tokens == 16
+    assert grown is not first and grown.capacity.max_tokens == 16
+    assert not first.closed  # outgrown, kept open for a thread that may still hold it
     F.close_all()
-    assert grown.closed and not F._cache
+    assert grown.closed and first.closed and not F._cache and not F._retired
+
+
+def test_functional_regrow_that_fails_keeps_the_cached_object(monkeypatch):
+    F.close_all()
+    case = Case(3, 32, torch.float32, seed=11)
+    F.rmsnorm(case.x(0), case.weight())
+    (key, first), = F._cache.items()
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory (injected)")
+
+    monkeypatch.setattr(F, "AllReduceFusion", failing)
+    big = Case(9, 32, torch.float32, seed=12)
+    with pytest.raises(RuntimeError, match="injected"):
+        F.rmsnorm(big.x(0), big.weight())
+    assert F._cache[key] is first and not first.closed
+    F.rmsnorm(case.x(0), case.weight())  # calls that fit still work
+    F.close_all()
 
 
 def test_module_drop_in_shapes_inplace_and_repr():
@@ -206,3 +225,18 @@ def test_checked_call_passes_the_oracle_and_catches_unwritten_outputs(pattern):
 
     bad = checked_call(WritesNothing(), pattern, case, 0, 1, "cpu")
     assert bad.err == float("inf") and not bad.within_tolerance
+
+
+def test_module_rejects_a_residual_it_could_not_update_in_place():
+    with arfuse.AllReduceFusion(max_tokens=8, hidden_size=16, dtype=torch.float32, device="cpu") as fusion:
+        norm = arfuse.FusedAddRMSNorm(16, fusion=fusion, inplace_residual=True)
+        x = torch.randn(2, 3, 16)
+        strided = torch.randn(2, 16, 3).transpose(1, 2)  # x's shape, not contiguous
+        with pytest.raises(ValueError, match="residual must be contiguous"):
+            norm(x, strided)
+        with pytest.raises(ValueError, match=r"residual must have x's shape \(2, 3, 16\), got \(6, 16\)"):
+            norm(x, torch.randn(6, 16))
+        residual = torch.randn(2, 3, 16)
+        before = residual.clone()
+        _, out = norm(x, residual)
+        assert out is residual and not torch.equal(residual, before)  # updated where the caller holds it
