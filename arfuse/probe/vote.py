@@ -60,6 +60,26 @@ def cpu_group(group=None):
     return found
 
 
+def all_ranks_join(tag: str, group, timeout_s: float) -> bool:
+    """Whether every rank of ``group`` reaches this point for ``tag`` within ``timeout_s``. Only a rank whose
+    backend failed mid-call enters it, so True means the failure happened on every rank at the same call and the
+    ranks can fall back together; False (a rank never came) means they are out of step. Uses keys in the process
+    group's store (unique per ``tag``), so nothing pairs with a later collective and no group is created."""
+    if world_size(group) == 1:
+        return True
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # no store to meet in: assume the worst
+        return False
+    prefix = f"arfuse/failed/{','.join(map(str, group_ranks(group)))}/{tag}/"
+    store.set(prefix + str(rank(group)), "1")
+    try:
+        store.wait([prefix + str(r) for r in range(world_size(group))], datetime.timedelta(seconds=float(timeout_s)))
+    except Exception:  # the store's timeout: not every rank failed here
+        return False
+    return True
+
+
 def all_gather_object(obj: Any, group=None) -> List[Any]:
     """Every rank's ``obj``, in group-rank order. Collective."""
     if world_size(group) == 1:

@@ -18,6 +18,7 @@ from arfuse.probe.group import group_caps
 from arfuse.select import policy, table as tables
 
 REFERENCE = policy.REFERENCE
+_CONSTRUCTED: Dict[tuple, int] = {}  # fusion objects built per rank set, in this process
 
 
 class Executor:
@@ -35,6 +36,12 @@ class Executor:
         self.workspaces: Dict[str, base.Workspace] = {}
         self.disabled: Dict[str, str] = {}
         self.caps = caps if caps is not None else group_caps(group, capacity.device)
+        self.out_of_step: Optional[str] = None  # set when a backend failed on this rank but not on every rank
+        # Every rank builds its fusion objects in the same order, so (rank set, construction number, call number)
+        # names one call identically on every rank (for the mid-call error vote).
+        ranks = vote.group_ranks(group)
+        _CONSTRUCTED[ranks] = self.serial = _CONSTRUCTED.get(ranks, 0) + 1
+        self.calls = 0
         self.table_entry, self.table_source = self._match_table(table_path)
         self._note_group_restriction()
         try:
@@ -131,6 +138,9 @@ class Executor:
 
     def run(self, pattern: Pattern, x: torch.Tensor, residual, weight, eps: float, scale, out, residual_out) -> None:
         """Dispatch one validated call. Collective."""
+        if self.out_of_step is not None:
+            raise BackendError(self.out_of_step)
+        self.calls += 1
         n = x.shape[0]
         if n == 0:
             return
@@ -165,6 +175,15 @@ class Executor:
         self.counters.count_error(reason)
         if plan.backend == REFERENCE or resolve_strict(self.strict_arg):
             raise BackendError(f"arfuse: {reason}") from error
+        # Falling back and recomputing is safe only if every rank does it at this same call; otherwise this rank's
+        # extra collective would pair with its peers' next call and every later result would be wrong.
+        if not vote.all_ranks_join(f"{self.serial}/{self.calls}", self.group, self.capacity.timeout_s):
+            self.out_of_step = (f"arfuse: {reason} on rank {self.caps.rank}, and not on every rank within "
+                                f"{self.capacity.timeout_s:g} s: the ranks are out of step, so this fusion object "
+                                f"can no longer be used (its peers' next call fails too): close it on every rank")
+            self.counters.count_fallback(self.out_of_step)
+            log_once(f"out-of-step:{reason}", self.out_of_step)
+            raise BackendError(self.out_of_step) from error
         self._disable(plan.backend, reason)
         self.plans = self._build_plans(prepared_only=True)
         logger.log(logging.DEBUG, "arfuse: plans rebuilt without %s", plan.backend)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Collection, Iterator, List
+from typing import Collection, Iterator, List, Optional
 
 import torch
 
@@ -50,7 +50,9 @@ class FaultBackend(TorchRefBackend):
     ``prepare_fails_on``: group ranks whose ``prepare`` raises. ``run_fails_on``: 1-based numbers of a
     workspace's ``run`` calls (i.e. of one fusion object's calls on this path) that raise, after writing
     :data:`GARBAGE` into ``out`` (and into the residual output too when ``corrupt_residual``, which in place is the
-    residual input itself): a partial output that must never be returned as valid. Keeps ``prepared`` (calls),
+    residual input itself): a partial output that must never be returned as valid. ``run_fails_on_ranks``: only
+    those group ranks fail (default: every rank); ``fail_after_compute``: the failing call first computes, its
+    collective included, as a launch error reported after the kernel ran would. Keeps ``prepared`` (calls),
     ``made`` (the workspaces, in order, each with its ``runs``) and ``live`` (workspaces not yet closed).
     """
 
@@ -58,12 +60,15 @@ class FaultBackend(TorchRefBackend):
     multi_host = True
 
     def __init__(self, name: str, *, priority: int = 1, prepare_fails_on: Collection[int] = (),
-                 run_fails_on: Collection[int] = (), corrupt_residual: bool = False):
+                 run_fails_on: Collection[int] = (), corrupt_residual: bool = False,
+                 run_fails_on_ranks: Optional[Collection[int]] = None, fail_after_compute: bool = False):
         self.name = name
         self.priority = priority
         self.prepare_fails_on = frozenset(prepare_fails_on)
         self.run_fails_on = frozenset(run_fails_on)
         self.corrupt_residual = corrupt_residual
+        self.run_fails_on_ranks = None if run_fails_on_ranks is None else frozenset(run_fails_on_ranks)
+        self.fail_after_compute = fail_after_compute
         self.prepared = self.live = 0
         self.made: List[FaultWorkspace] = []
 
@@ -71,11 +76,15 @@ class FaultBackend(TorchRefBackend):
         self.prepared += 1
         if caps.rank in self.prepare_fails_on:
             raise InjectedFault(f"{self.name}: injected prepare failure on rank {caps.rank}")
-        return FaultWorkspace(self, group, caps.world_size)
+        ws = FaultWorkspace(self, group, caps.world_size)
+        ws.rank = caps.rank
+        return ws
 
     def run(self, ws, variant, pattern, x, residual, weight, eps, scale, out, residual_out) -> None:
         ws.runs += 1
-        if ws.runs in self.run_fails_on:
+        if ws.runs in self.run_fails_on and (self.run_fails_on_ranks is None or ws.rank in self.run_fails_on_ranks):
+            if self.fail_after_compute:
+                super().run(ws, variant, pattern, x, residual, weight, eps, scale, out, residual_out)
             _spoil(out)
             if self.corrupt_residual and residual_out is not None:
                 _spoil(residual_out)

@@ -10,6 +10,9 @@
    result in the caller's (NaN-poisoned) tensors, the backend is disabled for good with the reason logged once
    and counted, and no later call reaches it. In place, where the failed launch may have overwritten the residual
    it had to read, the call must raise rather than return a result computed from it.
+3. Mid-run backend error on one rank only (after its collective ran): the peers' results stand; that rank cannot
+   fall back alone (its recomputation's collective would pair with the peers' next call), so it waits for the
+   error vote's bound, raises BackendError "out of step", and every later call on it raises.
 
 One launch runs every scenario; each rank reports what happened and the tests below judge it.
 """
@@ -134,11 +137,41 @@ def _run_fault(rank, world):
     return out
 
 
+OUT_OF_STEP_TIMEOUT_S = 2.0
+
+
+def _one_rank_run_fault(rank, world):
+    """Scenario 3 (last: it leaves the group's error vote timed out on the failing rank): the first call fails on
+    rank 1 only, after its collective ran. The peers return their correct results; rank 1 cannot fall back alone
+    (its recomputation would add a collective nobody else makes), so it raises, and so does every later call."""
+    backend = FaultBackend("test_run_fault_one_rank", run_fails_on=(1,), run_fails_on_ranks=(FAILING_RANK,),
+                           fail_after_compute=True)
+    with registered(backend):
+        fusion = arfuse.AllReduceFusion(backend=backend.name, strict=False, timeout_s=OUT_OF_STEP_TIMEOUT_S, **OPTS)
+        t0 = time.monotonic()
+        try:
+            first, raised = _checked(fusion, 4, 700, rank, world), None
+        except arfuse.BackendError as e:
+            first, raised = None, str(e)
+        waited, again = time.monotonic() - t0, None
+        if rank != FAILING_RANK:  # peers stay alive (as in a server) so rank 1's vote must run into its bound
+            time.sleep(OUT_OF_STEP_TIMEOUT_S + 1.0)
+        if raised is not None:  # its peers made no further call: only the failing rank may try one
+            try:
+                _checked(fusion, 4, 701, rank, world)
+            except arfuse.BackendError as e:
+                again = str(e)
+        out = dict(first=first, raised=raised, again=again, waited=waited, stats=fusion.stats())
+        fusion.close()
+    return out
+
+
 def _all_scenarios(rank, world):
     log = _Messages()
     logging.getLogger("arfuse").addHandler(log)
     t0 = time.monotonic()
-    out = {"prepare": _prepare_fault(rank, world), "run": _run_fault(rank, world)}
+    out = {"prepare": _prepare_fault(rank, world), "run": _run_fault(rank, world),
+           "one_rank": _one_rank_run_fault(rank, world)}
     out["seconds"] = time.monotonic() - t0
     out["log"] = log.messages
     return out
@@ -283,6 +316,26 @@ def judge_run_inplace(ranks) -> list:
     return problems
 
 
+def judge_one_rank_run_fault(ranks) -> list:
+    problems = []
+    for rank, r in enumerate(ranks):
+        got = r["one_rank"]
+        if rank != FAILING_RANK:
+            if got["raised"] is not None or not (got["first"][0] <= TOLERANCE[torch.float32] and got["first"][2]):
+                problems.append(f"rank {rank}: its call should have succeeded: {got}")
+            continue
+        if got["first"] is not None or not got["raised"] or "out of step" not in got["raised"] \
+                or f"rank {FAILING_RANK}" not in got["raised"]:
+            problems.append(f"rank {rank}: returned {got['first']}, raised {got['raised']}")
+        if not got["again"] or "out of step" not in got["again"]:
+            problems.append(f"rank {rank}: a later call did not raise: {got['again']}")
+        if not OUT_OF_STEP_TIMEOUT_S * 0.9 <= got["waited"] < OUT_OF_STEP_TIMEOUT_S + 8:
+            problems.append(f"rank {rank}: waited {got['waited']:.1f} s for its peers")
+        if set(got["stats"]["calls"]) - {"test_run_fault_one_rank"}:
+            problems.append(f"rank {rank}: fell back alone: {got['stats']['calls']}")
+    return problems
+
+
 JUDGES = {
     "prepare fault, named": lambda r: judge_prepare_lenient(r, "test_prepare_fault"),
     "prepare fault, auto": lambda r: judge_prepare_lenient(r, "auto"),
@@ -292,6 +345,7 @@ JUDGES = {
     "run fault, named": lambda r: judge_run_lenient(r, "test_run_fault"),
     "run fault, auto": lambda r: judge_run_lenient(r, "auto"),
     "run fault, in place": judge_run_inplace,
+    "run fault on one rank": judge_one_rank_run_fault,
 }
 
 
