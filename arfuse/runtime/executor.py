@@ -42,6 +42,7 @@ class Executor:
         ranks = vote.group_ranks(group)
         _CONSTRUCTED[ranks] = self.serial = _CONSTRUCTED.get(ranks, 0) + 1
         self.calls = 0
+        self._check_strict_agrees()
         self.table_entry, self.table_source = self._match_table(table_path)
         self._note_group_restriction()
         try:
@@ -51,6 +52,14 @@ class Executor:
             raise
 
     # -- construction ---------------------------------------------------------------------------------------
+    def _check_strict_agrees(self) -> None:
+        """Strict mode decides, per call, between raising and falling back before any collective: a rank that
+        raises while its peers fall back would leave them waiting. Collective; raises on every rank alike."""
+        every = vote.all_gather_object(resolve_strict(self.strict_arg), self.group)
+        if len(set(every)) > 1:
+            raise ValueError(f"AllReduceFusion: strict mode differs across ranks {every} (strict=, arfuse.strict() "
+                             f"or ARFUSE_STRICT): set it the same on every rank")
+
     def _match_table(self, table_path):
         """The table entry all ranks use. Each rank matches its own files, then every rank takes rank 0's result,
         so ranks whose tables differ (e.g. per-host cache dirs) still plan alike. Collective."""

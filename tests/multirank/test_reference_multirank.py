@@ -193,3 +193,16 @@ def test_records_flag_nan_and_excess_error():
     assert Record("x", {"out": float("nan")}, 1e-2, "d", []).failures()
     assert Record("x", {"out": 2e-2}, 1e-2, "d", []).failures()
     assert not Record("x", {"out": 5e-3}, 1e-2, "d", []).failures()
+
+
+def _strict_differs(rank, world):
+    try:
+        arfuse.AllReduceFusion(max_tokens=4, hidden_size=16, dtype=torch.float32, device="cpu", strict=rank == 1)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_strict_mode_differing_across_ranks_is_refused_on_every_rank():
+    out = launch(_strict_differs, 2)
+    assert all(msg and "strict mode differs across ranks [False, True]" in msg for msg in out), out
