@@ -149,6 +149,17 @@ def time_prefill(model: Transformer, prompt_len: int, config: TimingConfig, grou
     return statistics.median(prefill_samples(model, prompt_len, config, group))
 
 
+def _replay_ms(step: DecodeStep, replays: int) -> float:
+    """Mean ms per replay of ``step``'s CUDA graph, timed with CUDA events."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(replays):
+        step.graph.replay()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / replays
+
+
 @torch.no_grad()
 def time_prefill_graph(model: Transformer, prompt_len: int, config: TimingConfig, group=None) -> float:
     """TTFT in ms with the prefill captured in one CUDA graph (as :func:`time_decode` times a step): the GPU's
@@ -164,13 +175,7 @@ def time_prefill_graph(model: Transformer, prompt_len: int, config: TimingConfig
         for _ in range(config.prefill_warmup):
             step()
         start_together(device, group)
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(config.decode_replays):
-            step.graph.replay()
-        end.record()
-        end.synchronize()
-        ms = begin.elapsed_time(end) / config.decode_replays
+        ms = _replay_ms(step, config.decode_replays)
     finally:
         step.close()
     return max_over_ranks(ms, device, group)
@@ -192,13 +197,7 @@ def time_decode(model: Transformer, batch: int, kv_len: int, config: TimingConfi
             step()
         start_together(device, group)
         if step.graph is not None:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for _ in range(config.decode_replays):
-                step.graph.replay()
-            end.record()
-            end.synchronize()
-            ms = begin.elapsed_time(end) / config.decode_replays
+            ms = _replay_ms(step, config.decode_replays)
         else:
             t0 = time.perf_counter()
             for _ in range(config.decode_replays):

@@ -29,10 +29,16 @@ def save_figures(test: str, figures: Dict[str, Any], details: Optional[Any] = No
     missing = [k for k in COUNTS + ("worst_error",) if k not in figures]
     if missing:
         raise ValueError(f"save_figures: figures lack {missing}")
+    return save_results(filename or f"{PREFIX}{test}.json", {"test": test, **figures, "details": details})
+
+
+def save_results(filename: str, payload: Any) -> Optional[Path]:
+    """Write ``payload`` as JSON to ``$ARFUSE_RESULTS_DIR/filename``; returns the path, or None when the variable
+    is unset."""
     out_dir = os.environ.get(RESULTS_ENV)
     if not out_dir:
         return None
-    path = Path(out_dir) / (filename or f"{PREFIX}{test}.json")
+    path = Path(out_dir) / filename
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"test": test, **figures, "details": details}, indent=1, default=str))
+    path.write_text(json.dumps(payload, indent=1, default=str))
     return path

@@ -5,8 +5,6 @@ FlashInfer calls; CUDA-graph replays with new inputs; TP2 subgroups [0,1] and [2
 
 Set ARFUSE_RESULTS_DIR to write one JSON per test (per case: error, tolerance, pass/fail) for bench/results/.
 """
-import json
-import os
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from arfuse import AllReduceFusion, Pattern
 from arfuse.launch import run_ranks
 from arfuse.probe import vote
 from arfuse.probe.flashinfer_api import probe
+from arfuse.testing import save_results
 from arfuse.verify import TOLERANCE, Case, checked_call, digest, poison, reference, rel_err
 
 TOKENS = (1, 2, 3, 8, 17, 64, 128, 512, 1000, 2048)
@@ -133,14 +132,6 @@ def subgroup_worker(rank, world, cases, seed):
     return {"results": results, "stats": stats, "path": probe().path_for(True)}
 
 
-def _save(name, payload):
-    out_dir = os.environ.get("ARFUSE_RESULTS_DIR")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, name), "w") as fh:
-            json.dump(payload, fh, indent=1, default=str)
-
-
 def _assert_flashinfer_ran(out):
     assert "error" not in out, out.get("error")
     bad = [r for r in out["results"] if not r["ok"]]
@@ -156,7 +147,7 @@ WORLDS = [pytest.param(2, marks=pytest.mark.gpu(min_gpus=2)), pytest.param(4, ma
 @pytest.mark.parametrize("world", WORLDS)
 def test_fused_matches_reference(world):
     outs = run_ranks(correctness_worker, world, _cases(), 100 * world, device="cuda", timeout_s=900)
-    _save(f"flashinfer_correctness_tp{world}.json", outs[0])
+    save_results(f"flashinfer_correctness_tp{world}.json", outs[0])
     for out in outs:
         _assert_flashinfer_ran(out)
 
@@ -164,7 +155,7 @@ def test_fused_matches_reference(world):
 @pytest.mark.parametrize("world", WORLDS)
 def test_graph_replays(world):
     outs = run_ranks(graph_worker, world, 8192, (1, 17, 512, 2048), 5, device="cuda", timeout_s=900)
-    _save(f"flashinfer_graph_tp{world}.json", outs[0])
+    save_results(f"flashinfer_graph_tp{world}.json", outs[0])
     for out in outs:
         _assert_flashinfer_ran(out)
 
@@ -174,7 +165,7 @@ def test_tp2_subgroups_inside_four_ranks():
     cases = [("flashinfer", Pattern.RESIDUAL_RMSNORM, h, t) for h in HIDDENS for t in (1, 3, 17, 512, 2048)]
     cases += [("flashinfer", Pattern.RESIDUAL_RMSNORM_FP8, 8192, t) for t in (1, 512)]
     outs = run_ranks(subgroup_worker, 4, cases, 500, device="cuda", timeout_s=900)
-    _save("flashinfer_subgroup_tp2x2.json", outs)
+    save_results("flashinfer_subgroup_tp2x2.json", outs)
     for out in outs:
         _assert_flashinfer_ran(out)
     assert outs[0]["results"][0]["case"] != outs[2]["results"][0]["case"]

@@ -4,8 +4,6 @@ Every variant against the float64 reference on fresh random inputs per rank, NaN
 identical outputs across ranks; zero-copy input; 1000 replays of a captured CUDA graph with new inputs; a
 missing peer raises PeerTimeoutError instead of hanging. Set ARFUSE_RESULTS_DIR to keep a JSON log.
 """
-import json
-import os
 import time
 
 import pytest
@@ -14,6 +12,7 @@ import torch.distributed as dist
 
 from arfuse import AllReduceFusion, Pattern, PeerTimeoutError
 from arfuse.launch import run_ranks
+from arfuse.testing import save_results
 from arfuse.verify import TOLERANCE, Case, checked_call, poison
 
 VARIANTS = ("triton_symm/lamport", "triton_symm/one_shot", "triton_symm/two_shot", "triton_symm/lamport_two_shot",
@@ -165,14 +164,6 @@ def _timeout_env():
     return {"ARFUSE_TIMEOUT_S": "2"}
 
 
-def _save(name, payload):
-    out_dir = os.environ.get("ARFUSE_RESULTS_DIR")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, name), "w") as fh:
-            json.dump(payload, fh, indent=1, default=str)
-
-
 @pytest.mark.gpu(min_gpus=2)
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_variant_matches_reference(world):
@@ -180,7 +171,7 @@ def test_every_variant_matches_reference(world):
         pytest.skip(f"needs {world} GPUs")
     out = run_ranks(correctness_worker, world, _cases(), 100 * world, device="cuda", timeout_s=900)
     results = out[0]["results"]
-    _save(f"triton_symm_correctness_tp{world}.json", out[0])
+    save_results(f"triton_symm_correctness_tp{world}.json", out[0])
     bad = [r for r in results if not r["ok"]]
     assert not bad, f"{len(bad)} of {len(results)} cases failed, e.g. {bad[:3]}"
     assert all(r["path"] == r["backend"] or r["path"].startswith(r["backend"]) for r in results)
@@ -195,7 +186,7 @@ def test_lamport_two_shot_fp8_is_bitwise_identical_across_ranks(world):
     cases = [("triton_symm/lamport_two_shot", Pattern.RESIDUAL_RMSNORM_FP8, torch.bfloat16, hidden, t)
              for hidden in (4096, 8192) for t in (17, 128, 1000)]
     out = run_ranks(fp8_two_shot_worker, world, cases, 300 * world, device="cuda", timeout_s=300)
-    _save(f"lamport_two_shot_fp8_tp{world}.json", out[0])
+    save_results(f"lamport_two_shot_fp8_tp{world}.json", out[0])
     results = out[0]["results"]
     assert len(results) == len(cases) and all(r["path"] == "triton_symm/lamport_two_shot" for r in results)
     bad = [r for r in results if not r["ok"]]
@@ -206,7 +197,7 @@ def test_lamport_two_shot_fp8_is_bitwise_identical_across_ranks(world):
 @pytest.mark.parametrize("backend", SYMM_VARIANTS)
 def test_graph_replays_stay_correct(backend):
     out = run_ranks(graph_worker, 2, backend, 1000, 64, 4096, device="cuda", timeout_s=900)
-    _save(f"graph_replays_{backend.replace('/', '_')}.json", out)
+    save_results(f"graph_replays_{backend.replace('/', '_')}.json", out)
     assert all(r["ok"] for r in out), out
 
 
@@ -215,7 +206,7 @@ def test_graph_replays_stay_correct(backend):
 def test_missing_peer_raises_instead_of_hanging(backend):
     t0 = time.monotonic()
     out = run_ranks(timeout_worker, 2, backend, 8, device="cuda", timeout_s=120, env=_timeout_env())
-    _save(f"timeout_{backend.replace('/', '_')}.json", {"results": out, "wall_s": time.monotonic() - t0})
+    save_results(f"timeout_{backend.replace('/', '_')}.json", {"results": out, "wall_s": time.monotonic() - t0})
     r0 = out[0]
     assert r0["raised"] and "rank 1" in r0["raised"], r0
     assert r0["raised_again"], r0
