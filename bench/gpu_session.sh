@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU machine runs, by stage, in one device call:
 #   bash bench/gpu_session.sh STAGE...      (carry .gpu-deps, built by ../shared/tools/gpu-deps.sh, for FlashInfer)
-# Stages: env link kernels fp8 flashinfer models reliability timing lamport_sweep benchtest bench e2e (each bounded by its own timeout).
+# Stages: env link kernels fp8 flashinfer models reliability timing lamport_sweep benchtest bench e2e (4 GPUs);
+# demo e2e_rank (one GPU is enough); each bounded by its own timeout.
 # Results land in $OUT/r and are packed into $OUT/results.tgz after every stage (the device returns at most 8
 # files, so unpack that one). NVLink multicast stays off: the guards below are exported before anything runs.
 set -u
@@ -43,9 +44,16 @@ for stage in "$@"; do
            timeout "${T_BENCH2:-120}" python3 -m arfuse.cli.main bench --world-sizes 2 --hidden 8192 --no-progress \
              --json "$R/bench_tp2.json" --plot "$R/bench_tp2.png" > "$R/bench_tp2.txt" 2>&1
            tail -c 1500 "$R/bench_tp4.txt" ;;
-    e2e) timeout "${T_E2E:-300}" python3 -m arfuse.cli.main e2e --preset llama3-70b --tp 4 \
+    e2e) timeout "${T_E2E:-420}" python3 -m arfuse.cli.main e2e --preset llama3-70b --tp 4 \
            --backends unfused,auto,flashinfer --prompt-lens 128,512,2048 --batches 1,8,32,64 --kv-len 1024 \
-           --json "$R/e2e_llama3-70b_tp4.json" > "$R/e2e.txt" 2>&1; tail -c 2500 "$R/e2e.txt" ;;
+           --graph-prefill --profile --json "$R/e2e_llama3-70b_tp4.json" > "$R/e2e.txt" 2>&1
+         tail -c 2500 "$R/e2e.txt" ;;
+    demo) timeout "${T_DEMO:-180}" python3 -m arfuse.cli.main demo > "$R/demo_gpu${WORLD:-}.txt" 2>&1; tail -8 "$R/demo_gpu${WORLD:-}.txt" ;;
+    e2e_rank) for attn in ${E2E_ATTENTION:-sdpa triton}; do  # one TP4 rank's shapes on one GPU: the compute floor
+           timeout "${T_E2E_RANK:-200}" python3 -m arfuse.cli.main e2e --preset llama3-70b --tp 1 --rank-shapes-of 4 \
+             --decode-attention "$attn" --backends "${E2E_RANK_PATHS:-unfused}" --prompt-lens "${E2E_RANK_P:-128,512,2048}" \
+             --batches 1,8,32,64 --kv-len 1024 --graph-prefill --profile --json "$R/e2e_rank_tp4_$attn.json" \
+             > "$R/e2e_rank_tp4_$attn.txt" 2>&1; tail -c 2500 "$R/e2e_rank_tp4_$attn.txt"; done ;;
     *) echo "unknown stage $stage" ;;
   esac
   (cd "$OUT" && tar -czf results.tgz r)

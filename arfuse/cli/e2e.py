@@ -18,6 +18,10 @@ from datetime import datetime, timezone
 from typing import Dict, List, Optional, Tuple
 
 
+COMPILE_MODES = {"eager": "no torch.compile", "pointwise": "rotary + SwiGLU torch.compile'd"}
+DECODE_ATTENTION = {"sdpa": "scaled_dot_product_attention", "triton": "split-KV Triton kernel"}
+
+
 def _int_list(text: str) -> Tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -38,7 +42,8 @@ def _str_list(text: str) -> Tuple[str, ...]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="llama3-70b", help="tiny | llama3-8b | llama3-70b (default: llama3-70b)")
     p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
-    p.add_argument("--tp", type=int, default=None, help="ranks (default: all GPUs, or 2 on CPU)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="ranks (default: all GPUs, or 2 on CPU; 1 with --rank-shapes-of)")
     p.add_argument("--backends", type=_str_list, default=("auto", "unfused"),
                    help="norm paths: auto, unfused, or arfuse backend names (default: auto,unfused)")
     p.add_argument("--prompt-lens", type=_int_list, default=(128, 512, 2048), help="TTFT prompt lengths")
@@ -49,8 +54,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--graph-prefill", action="store_true",
                    help="also time each prefill captured in a CUDA graph (GPU time without host launch overhead)")
-    p.add_argument("--eager-pointwise", action="store_true",
-                   help="keep rotary embedding and SwiGLU eager (default: torch.compile'd on CUDA, every path alike)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                   help="what torch.compile covers, every path alike: eager (nothing) or pointwise (rotary + "
+                        "SwiGLU); default: pointwise on CUDA, eager on CPU")
+    p.add_argument("--decode-attention", choices=DECODE_ATTENTION, default=None,
+                   help="decode attention, every path alike: sdpa, or triton (arfuse's split-KV kernel); "
+                        "default: triton on CUDA, sdpa on CPU")
+    p.add_argument("--rank-shapes-of", type=int, default=None, metavar="N",
+                   help="one device (--tp 1) with the shapes one rank of a TP-N model computes with, and no "
+                        "communication: the floor under every allreduce path of that TP run")
+    p.add_argument("--profile", action="store_true",
+                   help="also record where each timed step's device time goes (kernels by category, rank 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefill-repeats", type=int, default=5)
     p.add_argument("--decode-replays", type=int, default=20)
@@ -73,8 +87,11 @@ class Spec:
     decode_replays: int
     check_steps: int
     device: str
-    compile_pointwise: bool = False
+    compile: str = "eager"
+    decode_attention: str = "sdpa"
     graph_prefill: bool = False
+    rank_shapes_of: Optional[int] = None
+    profile: bool = False
     check_batch: int = 2
     check_prompt_len: int = 32
 
@@ -85,6 +102,13 @@ class Spec:
     @property
     def max_tokens(self) -> int:
         return max(max(self.prompt_lens), max(self.batches), self.check_batch * self.check_prompt_len)
+
+
+def _model_args(spec: Spec):
+    from arfuse.models import llama
+
+    args = llama.preset(spec.preset, spec.layers)
+    return args if spec.rank_shapes_of is None else llama.rank_shapes(args, spec.rank_shapes_of)
 
 
 def _device_info(device) -> dict:
@@ -103,7 +127,7 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
     """One rank's whole run (module level, so ``run_ranks`` can spawn it). Collective."""
     import torch
 
-    from arfuse.models import generate, llama, timing, tp
+    from arfuse.models import generate, timing, tp
 
     device = torch.device("cuda", torch.cuda.current_device()) if spec.device == "cuda" else torch.device("cpu")
     dtype = getattr(torch, spec.dtype)
@@ -111,10 +135,11 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
                               seed=spec.seed)
     results: Dict[str, dict] = {}
     with torch.no_grad():
-        args = llama.preset(spec.preset, spec.layers)
+        args = _model_args(spec)
         model = tp.build(args, seed=spec.seed, dtype=dtype, device=device)
-        if spec.compile_pointwise:
+        if spec.compile == "pointwise":
             model.compile_pointwise_()
+        model.use_decode_attention_(spec.decode_attention)
         switch = tp.NormSwitch(model, None, tp.TPConfig(max_tokens=spec.max_tokens))
         prompt = timing.random_tokens((spec.check_batch, spec.check_prompt_len), args.vocab_size, spec.seed, device)
         order = [spec.reference] + [p for p in spec.paths if p != spec.reference]
@@ -137,9 +162,16 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
                              "stats": switch.stats(), "plans": plans}
             if graph_ttft is not None:
                 results[path]["ttft_graph_ms"] = graph_ttft
+            if spec.profile:
+                results[path]["profile"] = {
+                    "decode": {str(b): timing.profile_decode(model, b, spec.kv_len, cfg) for b in spec.batches},
+                    "prefill": {str(p): timing.profile_prefill(model, p, cfg) for p in spec.prompt_lens}}
         switch.close()
-    method = dict(timing.method(device, cfg),
-                  pointwise="rotary + SwiGLU torch.compile'd" if spec.compile_pointwise else "rotary + SwiGLU eager")
+    method = dict(timing.method(device, cfg), compile=COMPILE_MODES[spec.compile],
+                  decode_attention=DECODE_ATTENTION[spec.decode_attention])
+    if spec.rank_shapes_of:
+        method["shapes"] = (f"one rank's shapes of TP{spec.rank_shapes_of} on one device, no communication: "
+                            f"the compute under every allreduce path of that TP run")
     if spec.graph_prefill:
         method["ttft_graph"] = f"prefill captured in one CUDA graph, mean of {cfg.decode_replays} replays"
     return {"results": results, "device": _device_info(device), "method": method, "model": dataclasses.asdict(args)}
@@ -174,8 +206,9 @@ def render(record: dict) -> None:
 
     ref, results = record["reference"], record["results"]
     paths = list(results)
-    table = Table(title=f"arfuse e2e: {record['preset']} ({record['model']['n_layers']} layers), TP{record['tp']}, "
-                        f"{record['dtype']}, {record['device']['type']}")
+    shapes = f", one rank's shapes of TP{record['rank_shapes_of']}" if record.get("rank_shapes_of") else ""
+    table = Table(title=f"arfuse e2e: {record['preset']} ({record['model']['n_layers']} layers{shapes}), "
+                        f"TP{record['tp']}, {record['dtype']}, {record['device']['type']}")
     table.add_column("metric")
     for path in paths:
         table.add_column(path + (" (ref)" if path == ref else ""), justify="right")
@@ -192,11 +225,37 @@ def render(record: dict) -> None:
     Console().print(table)
     for key, text in record["method"].items():
         Console().print(f"  {key}: {text}")
+    if any("profile" in r for r in results.values()):
+        render_profile(results)
     spread = {p: max(_spread(v) for v in r["ttft_samples_ms"].values()) for p, r in results.items()
               if r.get("ttft_samples_ms")}
     if spread:
         Console().print("  ttft spread over the repeats (max-min)/median, worst prompt: "
                         + ", ".join(f"{p} {s:.0%}" for p, s in spread.items()))
+
+
+def render_profile(results: dict) -> None:
+    """One row per path and timed step: the step's wall time, its kernels' summed time and count, and the
+    summed time of each kernel category (rank 0)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from arfuse.models.profile import CATEGORIES, OTHER
+
+    labels = [label for label, _ in CATEGORIES] + [OTHER]
+    table = Table(title="where the device time goes (µs per step, rank 0; wall = the timed figure)")
+    for column in ("path", "step", "wall", "kernels", "n") + tuple(labels):
+        table.add_column(column, justify="left" if column in ("path", "step") else "right")
+    for path, r in results.items():
+        for kind, wall_key, var in (("decode", "tpot_ms", "B"), ("prefill", "ttft_graph_ms", "P")):
+            for point, b in r.get("profile", {}).get(kind, {}).items():
+                wall = r.get(wall_key, {}).get(point)
+                cats = [f"{b['categories'][label]['us']:.0f}" for label in labels]
+                table.add_row(path, f"{kind} {var}={point}", "-" if wall is None else f"{wall * 1e3:.0f}",
+                              f"{b['us']:.0f}", str(b["kernels"]), *cats)
+    console = Console()
+    console.width = max(console.width, 150)  # 13 columns: wider than a log's default 80
+    console.print(table)
 
 
 def _environment() -> dict:
@@ -224,23 +283,33 @@ def run(args) -> int:
     for name in ("kv_len", "prefill_repeats", "decode_replays", "check_steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"arfuse e2e: --{name.replace('_', '-')} must be >= 1")
-    tp = args.tp or (torch.cuda.device_count() if device == "cuda" else 2)
+    tp = args.tp or (1 if args.rank_shapes_of is not None else torch.cuda.device_count() if device == "cuda" else 2)
     if tp < 1:
         raise SystemExit(f"arfuse e2e: --tp must be >= 1, got {tp}")
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    if args.rank_shapes_of is not None and tp != 1:
+        raise SystemExit(f"arfuse e2e: --rank-shapes-of runs one rank's shapes on one device: it needs --tp 1, "
+                         f"got --tp {tp}")
     spec = Spec(args.preset, args.layers, args.backends, args.prompt_lens, args.batches, args.kv_len, dtype,
                 args.seed, args.prefill_repeats, args.decode_replays, args.check_steps, device,
-                compile_pointwise=device == "cuda" and not args.eager_pointwise, graph_prefill=args.graph_prefill)
+                compile=args.compile or ("pointwise" if device == "cuda" else "eager"),
+                decode_attention=args.decode_attention or ("triton" if device == "cuda" else "sdpa"),
+                graph_prefill=args.graph_prefill, rank_shapes_of=args.rank_shapes_of, profile=args.profile)
     if spec.graph_prefill and device != "cuda":
         raise SystemExit("arfuse e2e: --graph-prefill needs CUDA (graph capture)")
+    if spec.decode_attention == "triton" and device != "cuda":
+        from arfuse.models.decode_attention import interpreted
+
+        if not interpreted():
+            raise SystemExit("arfuse e2e: --decode-attention triton needs CUDA (or TRITON_INTERPRET=1)")
     try:
-        llama.preset(spec.preset, spec.layers)  # validates --layers before spawning
+        _model_args(spec)  # validates --layers and --rank-shapes-of before spawning
     except ValueError as e:
         raise SystemExit(f"arfuse e2e: {e}") from None
     outs = launch.run_ranks(_rank_main, tp, spec, device=device, timeout_s=args.timeout)
     first = outs[0]
     record = dict(_environment(), preset=spec.preset, tp=tp, dtype=dtype, reference=spec.reference,
-                  kv_len=spec.kv_len, check_steps=spec.check_steps, **first)
+                  kv_len=spec.kv_len, check_steps=spec.check_steps, rank_shapes_of=spec.rank_shapes_of, **first)
     render(record)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

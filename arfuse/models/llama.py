@@ -65,6 +65,27 @@ def preset(name: str, layers: Optional[int] = None) -> ModelArgs:
     return replace(PRESETS[name], n_layers=layers)
 
 
+# The dimensions tensor parallelism splits across ranks (the hidden size is not split).
+TP_SPLIT = ("n_heads", "n_kv_heads", "intermediate_size", "vocab_size")
+
+
+def rank_shapes(args: ModelArgs, tp: int) -> ModelArgs:
+    """The shapes one rank of a TP-``tp`` model computes with: heads, KV heads, MLP width and vocabulary split
+    ``tp`` ways, the hidden size kept. A one-device model of these shapes does exactly one rank's arithmetic
+    and no communication, so its step time is the floor under every allreduce path of the TP model. (Its
+    embedding table, which TP replicates, is split too: a step only gathers its tokens' rows from it.)
+
+    >>> rank_shapes(preset("llama3-70b"), 4).n_kv_heads
+    2
+    """
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"rank_shapes: tp must be a positive int, got {tp!r}")
+    for name in TP_SPLIT:
+        if getattr(args, name) % tp:
+            raise ValueError(f"rank_shapes: model {name}={getattr(args, name)} is not divisible by tp={tp}")
+    return replace(args, **{name: getattr(args, name) // tp for name in TP_SPLIT})
+
+
 def add_rmsnorm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
                 eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """``s = x + residual`` (or ``x``) in fp32; returns ``(rmsnorm(s) * weight, s)`` in ``x``'s dtype.
@@ -104,6 +125,14 @@ class KVCache(nn.Module):
             t.copy_(torch.randn(t.shape, generator=generator, device=generator.device, dtype=t.dtype))
 
 
+def decode_mask(max_seq_len: int, input_pos: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """The additive (1, 1, 1, max_seq_len) attention mask of a decode step at ``input_pos``: 0 where a cache
+    position is visible (<= input_pos), -inf elsewhere. Additive rather than boolean, so it is built once per step
+    and not converted again in every layer's attention call."""
+    hidden = torch.arange(max_seq_len, device=device) > input_pos
+    return torch.zeros(max_seq_len, device=device, dtype=dtype).masked_fill(hidden, float("-inf")).view(1, 1, 1, -1)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
@@ -127,6 +156,30 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def sdpa_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, input_pos: torch.Tensor,
+                visible: torch.Tensor) -> torch.Tensor:
+    """Decode attention by ``scaled_dot_product_attention``: ``q`` (batch, heads, 1, head_dim) over the cache
+    ``keys``/``values`` (batch, kv_heads, max_seq_len, head_dim) under the additive mask ``visible``."""
+    bsz, nh, _, hd = q.shape
+    nkv = keys.shape[1]
+    # A query head h reads KV head h // group; folding the group into the query-length axis lets one SDPA
+    # call serve grouped-query attention without copying the cache `group` times.
+    folded = q.reshape(bsz, nkv, nh // nkv, hd)
+    return F.scaled_dot_product_attention(folded, keys, values, attn_mask=visible).reshape(bsz, nh, 1, hd)
+
+
+def decode_attention(name: str):
+    """The decode-attention function called ``name``: ``"sdpa"`` (:func:`sdpa_decode`, anywhere) or ``"triton"``
+    (:func:`arfuse.models.decode_attention.triton_decode`, split-KV, CUDA or Triton's interpreter)."""
+    if name == "sdpa":
+        return sdpa_decode
+    if name == "triton":
+        from arfuse.models.decode_attention import triton_decode
+
+        return triton_decode
+    raise ValueError(f"decode_attention: name must be 'sdpa' or 'triton', got {name!r}")
+
+
 @functools.lru_cache(maxsize=None)
 def compiled(fn, backend: str = "inductor"):
     """``torch.compile(fn, fullgraph=True, backend=backend)``, one per function, backend and process."""
@@ -138,13 +191,15 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.rope = rope_qk
+        self.decode_attention = sdpa_decode
         self.qkv_proj = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 input_pos: Optional[torch.Tensor], visible: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``visible``: in a decode step, the (1, 1, 1, max_seq_len) mask of the cache positions to attend to."""
+        """``visible``: in a decode step, the additive (1, 1, 1, max_seq_len) mask of the cache positions to attend
+        to (:func:`decode_mask`)."""
         bsz, seq, _ = x.shape
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
@@ -160,21 +215,16 @@ class Attention(nn.Module):
                                                  v.repeat_interleave(group, dim=1), is_causal=True)
         else:
             if visible is None:
-                visible = (torch.arange(cache.k.shape[2], device=q.device) <= input_pos).view(1, 1, 1, -1)
+                visible = decode_mask(cache.k.shape[2], input_pos, q.device, q.dtype)
             out = self._decode(q, k, v, input_pos, visible, bsz)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, nh * hd))
 
     def _decode(self, q, k, v, input_pos, visible, bsz):
-        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         cache = self.kv_cache
         keys, values = cache.k[:bsz], cache.v[:bsz]
         keys.index_copy_(2, input_pos, k)
         values.index_copy_(2, input_pos, v)
-        # A query head h reads KV head h // group; folding the group into the query-length axis lets one SDPA
-        # call serve grouped-query attention without copying the cache `group` times.
-        folded = q.reshape(bsz, nkv, nh // nkv, hd)
-        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=visible)
-        return out.reshape(bsz, nh, 1, hd)
+        return self.decode_attention(q, keys, values, input_pos, visible)
 
 
 class MLP(nn.Module):
@@ -252,7 +302,7 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-            visible = (torch.arange(self.max_seq_len, device=tokens.device) <= input_pos).view(1, 1, 1, -1)
+            visible = decode_mask(self.max_seq_len, input_pos, self.rope_cos.device, self.lm_head.weight.dtype)
         x, residual = self.embed_tokens(tokens), None
         for layer in self.layers:
             x, residual = layer(x, residual, cos, sin, input_pos, visible)
@@ -267,6 +317,15 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.self_attn.rope = compiled(rope_qk, backend)
             layer.mlp.act = compiled(swiglu, backend)
+        return self
+
+    def use_decode_attention_(self, name: str) -> "Transformer":
+        """Run every layer's decode attention with :func:`decode_attention` ``name`` (prefill keeps SDPA).
+        ``"triton"`` compiles its kernels on first use of each shape: warm up before capturing CUDA graphs.
+        Returns ``self``."""
+        fn = decode_attention(name)
+        for layer in self.layers:
+            layer.self_attn.decode_attention = fn
         return self
 
     def init_random_(self, seed: int) -> "Transformer":

@@ -19,6 +19,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from arfuse.models import profile
 from arfuse.models.llama import Transformer
 
 
@@ -160,6 +161,18 @@ def _replay_ms(step: DecodeStep, replays: int) -> float:
     return begin.elapsed_time(end) / replays
 
 
+def _prefill_step(model: Transformer, prompt_len: int, config: TimingConfig) -> DecodeStep:
+    """A warmed-up prefill of one ``prompt_len``-token prompt as a :class:`DecodeStep` (a graph on CUDA).
+    Collective."""
+    device = _device(model)
+    model.setup_caches(1, prompt_len)
+    tokens = random_tokens((1, prompt_len), model.args.vocab_size, config.seed + prompt_len, device)
+    step = DecodeStep(model, tokens, None, max(config.prefill_warmup, 1))
+    for _ in range(config.prefill_warmup):
+        step()
+    return step
+
+
 @torch.no_grad()
 def time_prefill_graph(model: Transformer, prompt_len: int, config: TimingConfig, group=None) -> float:
     """TTFT in ms with the prefill captured in one CUDA graph (as :func:`time_decode` times a step): the GPU's
@@ -168,12 +181,8 @@ def time_prefill_graph(model: Transformer, prompt_len: int, config: TimingConfig
     device = _device(model)
     if device.type != "cuda":
         raise ValueError("time_prefill_graph: CUDA graphs need a CUDA model")
-    model.setup_caches(1, prompt_len)
-    tokens = random_tokens((1, prompt_len), model.args.vocab_size, config.seed + prompt_len, device)
-    step = DecodeStep(model, tokens, None, max(config.prefill_warmup, 1))
+    step = _prefill_step(model, prompt_len, config)
     try:
-        for _ in range(config.prefill_warmup):
-            step()
         start_together(device, group)
         ms = _replay_ms(step, config.decode_replays)
     finally:
@@ -181,9 +190,9 @@ def time_prefill_graph(model: Transformer, prompt_len: int, config: TimingConfig
     return max_over_ranks(ms, device, group)
 
 
-@torch.no_grad()
-def time_decode(model: Transformer, batch: int, kv_len: int, config: TimingConfig, group=None) -> float:
-    """TPOT in ms for one step at batch ``batch`` attending to ``kv_len`` cached positions. Collective."""
+def _decode_step(model: Transformer, batch: int, kv_len: int, config: TimingConfig, group=None) -> DecodeStep:
+    """A warmed-up decode step at batch ``batch`` and position ``kv_len - 1`` over a random KV cache.
+    Collective."""
     device = _device(model)
     model.setup_caches(batch, kv_len)
     rank = dist.get_rank(group) if _distributed(group) else 0
@@ -192,9 +201,17 @@ def time_decode(model: Transformer, batch: int, kv_len: int, config: TimingConfi
         layer.self_attn.kv_cache.randomize_(g)
     tokens = random_tokens((batch, 1), model.args.vocab_size, config.seed + batch, device)
     step = DecodeStep(model, tokens, kv_len - 1, config.decode_warmup)
+    for _ in range(config.decode_warmup):
+        step()
+    return step
+
+
+@torch.no_grad()
+def time_decode(model: Transformer, batch: int, kv_len: int, config: TimingConfig, group=None) -> float:
+    """TPOT in ms for one step at batch ``batch`` attending to ``kv_len`` cached positions. Collective."""
+    device = _device(model)
+    step = _decode_step(model, batch, kv_len, config, group)
     try:
-        for _ in range(config.decode_warmup):
-            step()
         start_together(device, group)
         if step.graph is not None:
             ms = _replay_ms(step, config.decode_replays)
@@ -207,3 +224,36 @@ def time_decode(model: Transformer, batch: int, kv_len: int, config: TimingConfi
     finally:
         step.close()
     return max_over_ranks(ms, device, group)
+
+
+def _profile_step(step: DecodeStep) -> dict:
+    """:func:`profile.breakdown` of one run of ``step``: its graph replay where the profiler sees the graph's
+    kernels, else one eager run of the same inputs."""
+    device = _device(step.model)
+    kernels = profile.kernel_times(step, device)
+    source = "graph replay" if step.graph is not None else "eager"
+    if not kernels and step.graph is not None:
+        kernels, source = profile.kernel_times(lambda: step.model(step.tokens, step.pos), device), "eager"
+    return dict(profile.breakdown(kernels), source=source)
+
+
+@torch.no_grad()
+def profile_decode(model: Transformer, batch: int, kv_len: int, config: TimingConfig, group=None) -> dict:
+    """Where one decode step's device time goes (:func:`profile.breakdown`), on this rank. Collective."""
+    step = _decode_step(model, batch, kv_len, config, group)
+    try:
+        start_together(_device(model), group)
+        return _profile_step(step)
+    finally:
+        step.close()
+
+
+@torch.no_grad()
+def profile_prefill(model: Transformer, prompt_len: int, config: TimingConfig, group=None) -> dict:
+    """Where one prefill's device time goes (:func:`profile.breakdown`), on this rank. Collective."""
+    step = _prefill_step(model, prompt_len, config)
+    try:
+        start_together(_device(model), group)
+        return _profile_step(step)
+    finally:
+        step.close()

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 import arfuse
-from arfuse.models.llama import ModelArgs, RMSNorm, Transformer, add_rmsnorm, random_weight
+from arfuse.models.llama import TP_SPLIT, ModelArgs, RMSNorm, Transformer, add_rmsnorm, random_weight
 
 UNFUSED = "unfused"
 
@@ -78,7 +78,7 @@ def _gather_vocab(group, world_size: int, _module, _inputs, output: torch.Tensor
 
 
 def _check_divisible(args: ModelArgs, world_size: int) -> None:
-    for name in ("n_heads", "n_kv_heads", "intermediate_size", "vocab_size"):
+    for name in TP_SPLIT:
         if getattr(args, name) % world_size:
             raise ValueError(f"shard_: model {name}={getattr(args, name)} is not divisible by the group's "
                              f"world size {world_size}")

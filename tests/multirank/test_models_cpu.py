@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -56,9 +57,13 @@ def _tp2_rank(rank, world, ref_tokens):
     full = llama.Transformer(args).init_random_(SEED)
     tp.shard_(full, None)
     same_slices = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), full.state_dict().values()))
+    with torch.device("meta"):  # the one-device model of a rank's shapes (only the replicated embedding differs)
+        single = llama.Transformer(llama.rank_shapes(args, world))
+    shapes = {n: tuple(p.shape) for n, p in single.named_parameters() if not n.startswith("embed_tokens")}
+    rank_shapes_match = shapes == {n: tuple(p.shape) for n, p in model.named_parameters() if n in shapes}
     switch = tp.NormSwitch(model, None, tp.TPConfig(max_tokens=64))
     prompt = _prompt(args)
-    out = {"same_slices": same_slices, "logits": {}, "calls": {}}
+    out = {"same_slices": same_slices, "rank_shapes_match": rank_shapes_match, "logits": {}, "calls": {}}
     for path in PATHS:
         switch.use(path)
         logits, _ = generate.greedy(model, prompt, STEPS, forced=ref_tokens)
@@ -112,6 +117,7 @@ def test_tp2_equals_tp1_for_every_path(tp1, tp2):
     args, _, _, ref_logits, ref_tokens = tp1
     for rank, out in enumerate(tp2):
         assert out["same_slices"], f"rank {rank}: build() differs from shard_() of the full model"
+        assert out["rank_shapes_match"], f"rank {rank}: llama.rank_shapes() differs from the rank's shard"
         for path in PATHS:
             logits = torch.from_numpy(out["logits"][path])
             check = generate.compare(ref_logits, logits, torch.float32)
@@ -216,3 +222,43 @@ def test_graph_prefill_needs_cuda_and_prefill_steps_have_no_position():
     assert torch.equal(step().float(), ref_logits[0])
     with pytest.raises(ValueError, match="no position"):
         step(prompt, 3)
+
+
+def test_e2e_cli_rank_shapes_with_profile(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    e2e.add_arguments(parser)
+    path = tmp_path / "e2e.json"
+    args = parser.parse_args(["--preset", "tiny", "--rank-shapes-of", "2", "--device", "cpu",
+                              "--backends", "unfused,auto", "--prompt-lens", "16", "--batches", "1,4", "--kv-len", "32",
+                              "--prefill-repeats", "2", "--decode-replays", "3", "--profile", "--json", str(path)])
+    assert e2e.run(args) == 0
+    assert "where the device time goes" in capsys.readouterr().out
+    record = json.loads(path.read_text())
+    tiny = llama.preset("tiny")
+    assert record["rank_shapes_of"] == 2 and record["tp"] == 1
+    assert (record["model"]["n_heads"], record["model"]["intermediate_size"]) == (tiny.n_heads // 2,
+                                                                                 tiny.intermediate_size // 2)
+    assert "TP2" in record["method"]["shapes"] and record["method"]["compile"] == "no torch.compile"
+    assert record["method"]["decode_attention"] == "scaled_dot_product_attention"
+    for result in record["results"].values():
+        assert result["check"]["ok"]
+        assert set(result["profile"]["decode"]) == {"1", "4"} and set(result["profile"]["prefill"]) == {"16"}
+        for b in list(result["profile"]["decode"].values()) + list(result["profile"]["prefill"].values()):
+            assert b["source"] == "eager" and b["categories"]["gemm"]["count"] >= 4 * tiny.n_layers
+            assert b["categories"]["comm"]["count"] == 0 and b["us"] > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tp", "2", "--rank-shapes-of", "2"], "--rank-shapes-of runs one rank's shapes on one device: it needs --tp 1"),
+    (["--rank-shapes-of", "3"], "rank_shapes: model n_heads=8 is not divisible by tp=3"),
+    (["--rank-shapes-of", "0"], "rank_shapes: tp must be a positive int, got 0"),
+    (["--tp", "1", "--decode-attention", "triton"], "--decode-attention triton needs CUDA"),
+])
+def test_e2e_cli_rejects_before_spawning(argv, message, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    parser = argparse.ArgumentParser()
+    e2e.add_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--device", "cpu"] + argv)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        e2e.run(args)
+

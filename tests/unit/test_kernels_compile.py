@@ -48,10 +48,10 @@ CASES = [("lamport", "bf16", 2, 4), ("lamport", "fp32", 3, 2), ("lamport_two_sho
          ("lamport_two_shot", "fp16", 0, 3), ("one_shot", "bf16", 3, 4), ("two_shot", "bf16", 1, 8)]
 
 
-def _compile(fn, sig, constants, num_warps=16):
+def _compile(fn, sig, constants, num_warps=16, aligned=ALIGNED):
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if sig[n].startswith("*") or n in ALIGNED or re.fullmatch(r"[PS]\d", n)}
+             if sig[n].startswith("*") or n in aligned or re.fullmatch(r"[PS]\d", n)}
     src = ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
 
@@ -138,3 +138,25 @@ def test_every_epilogue_call_site_reduces_in_one_order(kind, pattern, hidden, nu
              for name, _, n, layout, dim, parent in SQUARE.findall(ttgir) if name in reduced and int(n) == hidden]
     assert len(sites) == SITES[kind], f"{kind}: expected {SITES[kind]} mean-square reductions, found {sites}"
     assert len(set(sites)) == 1, f"{kind} pattern {pattern}: call sites reduce over different thread splits {sites}"
+
+
+# -- the e2e model's split-KV decode attention ---------------------------------------------------------------
+@pytest.mark.parametrize("chunk,group,head_dim", [(64, 8, 128), (384, 8, 128), (64, 2, 8)])
+def test_decode_attention_kernels_compile_for_sm90(chunk, group, head_dim):
+    from arfuse.models import decode_attention as da
+
+    padded = max(da.MIN_ROWS, triton.next_power_of_2(head_dim))
+    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "part_ptr": "*fp32",
+           "lse_ptr": "*fp32", **{n: "i32" for n in ("sq_b", "sq_h", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
+                                                     "n_kv_heads", "chunks")}, "qk_scale": "fp32"}
+    # the launcher specialises strides divisible by 16 (a KV cache's always are at head_dim 128) as it does pointers
+    strides = {"sq_b", "sq_h", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n"} if head_dim % 16 == 0 else set()
+    constants = {"CHUNK": chunk, "GROUP": group, "ROWS": 16, "HD": head_dim, "D": padded, "BLOCK": da.BLOCK_N}
+    ptx = _compile(da.attention_chunk_kernel, sig, constants, num_warps=4, aligned=strides)
+    assert re.search(r"\bmma\.|wgmma", ptx), "the scores and the weighted values should run on tensor cores"
+    if strides:
+        # a loop of several steps streams through async copies, a single step loads directly: 16 bytes either way
+        assert re.search(r"cp\.async\.cg\.shared\.global|ld\.global\.v4\.b32", ptx), "expected 16-byte cache loads"
+    sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "so_b": "i32", "so_h": "i32", "n_heads": "i32",
+           "chunks": "i32"}
+    _compile(da.attention_combine_kernel, sig, {"GROUP": group, "CHUNKS": 16, "HD": head_dim, "D": padded}, num_warps=4)
