@@ -5,7 +5,7 @@ One new token per sequence attends to cache positions ``0..input_pos``. SDPA's k
 streaming 1 MiB between them, ~23 µs per layer on an H200. Here the cache length is cut into chunks, one program
 per (batch, KV head, chunk) computes that chunk's attention for all the head's query heads (a partial output and
 its log-sum-exp), and a second kernel combines the chunks. The position is read from device memory, so one CUDA
-graph serves every step. Chunks past the position exit early and weigh nothing in the combination.
+graph serves every step. Chunks past the position load nothing and weigh nothing in the combination.
 
 Without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI checks them.
 """
@@ -37,10 +37,13 @@ def split_plan(programs: int, length: int, sms: int) -> Tuple[int, int]:
     >>> split_plan(2, 1024, 132), split_plan(128, 1024, 132), split_plan(1, 40, 132)
     ((16, 64), (3, 384), (1, 64))
     """
-    most = -(-length // BLOCK_N)
-    chunks = max(1, min(most, -(-WAVES * sms // programs)))
-    chunk = -(-(-(-length // chunks)) // BLOCK_N) * BLOCK_N
-    return -(-length // chunk), chunk
+    chunks = max(1, min(_cdiv(length, BLOCK_N), _cdiv(WAVES * sms, programs)))
+    chunk = _cdiv(_cdiv(length, chunks), BLOCK_N) * BLOCK_N  # rounded up to whole steps, so maybe fewer chunks
+    return _cdiv(length, chunk), chunk
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def interpreted() -> bool:
