@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from arfuse.models import decode_attention as da  # noqa: E402
 from arfuse.models import llama  # noqa: E402
-from tests._decode_ref import decode_inputs, reference_decode, rel_err  # noqa: E402
+from arfuse.models.generate import rel_err  # noqa: E402
+from tests._decode_ref import decode_inputs, reference_decode  # noqa: E402
 
 HEADS, KV_HEADS, LENGTH, HEAD_DIM, LAYERS = 16, 2, 1024, 128, 80
 SETTINGS = [dict(BLOCK_N=b, NUM_WARPS=w, WAVES=v) for b, w, v in itertools.product((32, 64, 128), (4, 8), (2, 4))]

@@ -1,4 +1,5 @@
-"""A float64 reference for decode attention and its inputs, shared by the CPU and GPU model tests."""
+"""A float64 reference for decode attention and its inputs, shared by the CPU and GPU model tests
+(compare with :func:`arfuse.models.generate.rel_err`)."""
 from __future__ import annotations
 
 import math
@@ -22,9 +23,3 @@ def decode_inputs(batch, heads, kv_heads, length, head_dim, dtype, device, seed)
     g = torch.Generator(device=device).manual_seed(seed)
     shapes = ((batch, heads, 1, head_dim), (batch, kv_heads, length, head_dim), (batch, kv_heads, length, head_dim))
     return tuple(torch.randn(shape, generator=g, device=device, dtype=dtype) for shape in shapes)
-
-
-def rel_err(out, ref) -> float:
-    """``||out - ref|| / ||ref||`` in float64 on the CPU (inf if ``out`` is not finite)."""
-    out = out.double().cpu()
-    return float("inf") if not torch.isfinite(out).all() else ((out - ref.cpu()).norm() / ref.norm()).item()

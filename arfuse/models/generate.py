@@ -50,8 +50,8 @@ def greedy(model: Transformer, prompt: torch.Tensor, steps: int,
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` in float64 (inf if ``out`` is not finite)."""
-    out, ref = out.double(), ref.double()
+    """``||out - ref|| / ||ref||`` in float64 on ``out``'s device (inf if ``out`` is not finite)."""
+    out, ref = out.double(), ref.to(device=out.device, dtype=torch.float64)
     if not torch.isfinite(out).all():
         return float("inf")
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()

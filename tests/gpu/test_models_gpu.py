@@ -18,7 +18,7 @@ from arfuse.backends import base
 from arfuse.cli import e2e
 from arfuse.launch import run_ranks
 from arfuse.models import generate, llama, timing, tp
-from tests._decode_ref import decode_inputs, reference_decode, rel_err
+from tests._decode_ref import decode_inputs, reference_decode
 
 SEED = 11
 LAYERS = 2
@@ -89,7 +89,7 @@ def _rank(rank, world, paths):
     out["compiled_pointwise"] = generate.compare(eager_logits, logits, torch.bfloat16)  # same path, eager
     model.use_decode_attention_("triton")  # also what `arfuse e2e` times on CUDA
     logits, _ = generate.greedy(model, prompt, STEPS, forced=ref_tokens)
-    out["compiled_attention"] = generate.compare(eager_logits, logits, torch.bfloat16)
+    out["triton_attention"] = generate.compare(eager_logits, logits, torch.bfloat16)
     switch.close()
     return out
 
@@ -150,7 +150,7 @@ def test_tp4_kv_decode_equals_full_recompute(tp4):
 def test_tp4_compiled_rotary_and_swiglu_agree_with_eager(tp4):
     for rank, out in enumerate(tp4):
         assert out["compiled_pointwise"]["ok"], (rank, out["compiled_pointwise"])
-        assert out["compiled_attention"]["ok"], (rank, out["compiled_attention"])
+        assert out["triton_attention"]["ok"], (rank, out["triton_attention"])
 
 
 @pytest.mark.gpu(min_gpus=4)
@@ -186,8 +186,8 @@ def test_decode_attentions_match_float64_on_gpu(batch):
         input_pos.fill_(pos)
         mask = llama.decode_mask(1024, input_pos, device, torch.bfloat16)
         ref = reference_decode(q.cpu(), keys.cpu(), values.cpu(), pos)
-        errors[f"sdpa@{pos}"] = rel_err(llama.sdpa_decode(q, keys, values, input_pos, mask), ref)
-        errors[f"triton@{pos}"] = rel_err(split_kv(q, keys, values, input_pos), ref)
+        errors[f"sdpa@{pos}"] = generate.rel_err(llama.sdpa_decode(q, keys, values, input_pos, mask), ref)
+        errors[f"triton@{pos}"] = generate.rel_err(split_kv(q, keys, values, input_pos), ref)
     input_pos.fill_(1023)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -201,7 +201,7 @@ def test_decode_attentions_match_float64_on_gpu(batch):
         input_pos.fill_(pos)
         out.fill_(float("nan"))
         graph.replay()
-        errors[f"triton graph@{pos}"] = rel_err(out, reference_decode(q.cpu(), keys.cpu(), values.cpu(), pos))
+        errors[f"triton graph@{pos}"] = generate.rel_err(out, reference_decode(q.cpu(), keys.cpu(), values.cpu(), pos))
     assert all(e <= 1e-2 for e in errors.values()), errors
 
 

@@ -146,11 +146,11 @@ def test_decode_attention_kernels_compile_for_sm90(chunk, group, head_dim):
     from arfuse.models import decode_attention as da
 
     padded = max(da.MIN_ROWS, triton.next_power_of_2(head_dim))
+    strides = ("sq_b", "sq_h", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n")
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "part_ptr": "*fp32",
-           "lse_ptr": "*fp32", **{n: "i32" for n in ("sq_b", "sq_h", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
-                                                     "n_kv_heads", "chunks")}, "qk_scale": "fp32"}
+           "lse_ptr": "*fp32", **{n: "i32" for n in strides + ("n_kv_heads", "chunks")}, "qk_scale": "fp32"}
     # the launcher specialises strides divisible by 16 (a KV cache's always are at head_dim 128) as it does pointers
-    strides = {"sq_b", "sq_h", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n"} if head_dim % 16 == 0 else set()
+    strides = set(strides) if head_dim % 16 == 0 else set()
     constants = {"CHUNK": chunk, "GROUP": group, "ROWS": 16, "HD": head_dim, "D": padded, "BLOCK": da.BLOCK_N}
     ptx = _compile(da.attention_chunk_kernel, sig, constants, num_warps=4, aligned=strides)
     assert re.search(r"\bmma\.|wgmma", ptx), "the scores and the weighted values should run on tensor cores"

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from arfuse.models import decode_attention, llama, profile, timing
-from tests._decode_ref import decode_inputs, reference_decode, rel_err
+from arfuse.models.generate import rel_err
+from tests._decode_ref import decode_inputs, reference_decode
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,12 +72,12 @@ TRITON_CASES = [  # batch, heads, kv_heads, cache length, head_dim, position, dt
 INTERPRETED = """
 import json, sys, torch
 from arfuse.models import decode_attention, generate, llama, timing
-from tests._decode_ref import decode_inputs, reference_decode, rel_err
+from tests._decode_ref import decode_inputs, reference_decode
 errors = []
 for b, h, kv, length, d, pos, dtype, _ in json.loads(sys.argv[1]):
     q, k, v = decode_inputs(b, h, kv, length, d, getattr(torch, dtype), "cpu", seed=b + pos)
     out = decode_attention.triton_decode(q, k, v, torch.tensor([pos]))
-    errors.append(rel_err(out, reference_decode(q, k, v, pos)))
+    errors.append(generate.rel_err(out, reference_decode(q, k, v, pos)))
 args = llama.preset("tiny")
 model = llama.Transformer(args).init_random_(5).requires_grad_(False)
 prompt = timing.random_tokens((2, 7), args.vocab_size, 5, "cpu")
