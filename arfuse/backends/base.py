@@ -15,6 +15,7 @@ Lifecycle, per fusion object:
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
@@ -24,6 +25,13 @@ from arfuse.core.spec import CLASSIC_FEATURES, FEATURES, FusionSpec
 from arfuse.core.types import Capacity, FusedCall, GroupCaps, Problem
 
 ALL_FEATURES = FEATURES
+# Features a backend implements but has not yet run on GPUs are refused unless this is set (for the verification
+# run itself): a kernel that compiled is not a kernel that was checked against the float64 reference.
+ALLOW_UNVERIFIED_ENV = "ARFUSE_ALLOW_UNVERIFIED"
+
+
+def allow_unverified() -> bool:
+    return os.environ.get(ALLOW_UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -31,11 +39,14 @@ class Support:
     """What a backend declares it can do; :meth:`Backend.check` tests a problem against it.
 
     ``features``: the :attr:`FusionSpec.features <arfuse.core.spec.FusionSpec.features>` it implements (a spec
-    needing one it lacks is refused); the default is what the first four patterns need."""
+    needing one it lacks is refused); the default is what the first four patterns need. ``verified``: those of
+    them already checked on GPUs against the float64 reference (None: all); the others are refused unless
+    ``ARFUSE_ALLOW_UNVERIFIED=1``."""
 
     devices: FrozenSet[str]
     dtypes: FrozenSet[torch.dtype]
     features: FrozenSet[str] = CLASSIC_FEATURES
+    verified: Optional[FrozenSet[str]] = None
     world_sizes: Optional[FrozenSet[int]] = None  # None: any
     max_bytes: Optional[int] = None  # per call (tokens * hidden * itemsize); None: unlimited
     hidden_multiple: int = 1
@@ -50,6 +61,11 @@ class Support:
         missing = problem.spec.features - self.features
         if missing:
             return f"{problem.spec.name}: {', '.join(sorted(missing))} not supported"
+        if self.verified is not None:
+            unverified = problem.spec.features - self.verified
+            if unverified and not allow_unverified():
+                return (f"{problem.spec.name}: {', '.join(sorted(unverified))} not yet verified on GPUs "
+                        f"({ALLOW_UNVERIFIED_ENV}=1 runs it)")
         if self.world_sizes is not None and problem.world_size not in self.world_sizes:
             return f"world size {problem.world_size} not supported (needs one of {sorted(self.world_sizes)})"
         if problem.hidden_size % self.hidden_multiple:
