@@ -8,8 +8,10 @@ from arfuse import backends as _backends  # noqa: F401  (registers the backends)
 from arfuse.api import AllReduceFusion, free_idle_workspaces
 from arfuse.core.counters import strict
 from arfuse.core.errors import ArfuseError, BackendError, FallbackError, PeerTimeoutError
-from arfuse.core.types import Pattern, Plan
-from arfuse.functional import all_reduce, residual_rmsnorm, rmsnorm
+from arfuse.core.quant import FP8PerToken, FP8PerTokenGroup, FP8Static
+from arfuse.core.types import FusedOutput, Pattern, Plan
+from arfuse.functional import (all_reduce, moe_finalize_residual_rmsnorm, residual_rmsnorm, residual_rmsnorm_quant,
+                               rmsnorm)
 from arfuse.module import FusedAddRMSNorm
 
 __version__ = "0.1.0"
@@ -18,14 +20,20 @@ __all__ = [
     "AllReduceFusion",
     "ArfuseError",
     "BackendError",
+    "FP8PerToken",
+    "FP8PerTokenGroup",
+    "FP8Static",
     "FallbackError",
     "FusedAddRMSNorm",
+    "FusedOutput",
     "Pattern",
     "PeerTimeoutError",
     "Plan",
     "all_reduce",
     "free_idle_workspaces",
+    "moe_finalize_residual_rmsnorm",
     "residual_rmsnorm",
+    "residual_rmsnorm_quant",
     "rmsnorm",
     "strict",
 ]

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from arfuse.api import AllReduceFusion
+from arfuse.core.types import FusedOutput
 from arfuse.probe import vote
 
 _cache: Dict[tuple, AllReduceFusion] = {}
@@ -40,16 +41,38 @@ def _fusion_for(op: str, group, x, backend: str) -> AllReduceFusion:
 
 
 def residual_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
-                     group=None, backend: str = "auto", inplace: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                     group=None, backend: str = "auto", weight_offset: float = 0.0,
+                     inplace: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``AllReduceFusion.residual_rmsnorm`` without managing the object. Collective."""
-    return _fusion_for("residual_rmsnorm", group, x, backend).residual_rmsnorm(x, residual, weight, eps,
-                                                                              inplace=inplace)
+    return _fusion_for("residual_rmsnorm", group, x, backend).residual_rmsnorm(
+        x, residual, weight, eps, weight_offset=weight_offset, inplace=inplace)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, group=None,
-            backend: str = "auto") -> torch.Tensor:
+def residual_rmsnorm_quant(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+                           quant, group=None, backend: str = "auto", weight_offset: float = 0.0,
+                           also_norm: bool = False, inplace: bool = False) -> FusedOutput:
+    """``AllReduceFusion.residual_rmsnorm_quant`` without managing the object. Collective."""
+    return _fusion_for("residual_rmsnorm_quant", group, x, backend).residual_rmsnorm_quant(
+        x, residual, weight, eps, quant=quant, weight_offset=weight_offset, also_norm=also_norm, inplace=inplace)
+
+
+def moe_finalize_residual_rmsnorm(expert_out: torch.Tensor, permuted_idx: torch.Tensor,
+                                  expert_scales: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                  eps: float = 1e-6, *, shared_expert_out: Optional[torch.Tensor] = None,
+                                  group=None, backend: str = "auto", weight_offset: float = 0.0, quant=None,
+                                  also_norm: bool = False, inplace: bool = False) -> FusedOutput:
+    """``AllReduceFusion.moe_finalize_residual_rmsnorm`` without managing the object (sized by ``residual``, the
+    (tokens, hidden) tensor every call has). Collective."""
+    fusion = _fusion_for("moe_finalize_residual_rmsnorm", group, residual, backend)
+    return fusion.moe_finalize_residual_rmsnorm(expert_out, permuted_idx, expert_scales, residual, weight, eps,
+                                                shared_expert_out=shared_expert_out, weight_offset=weight_offset,
+                                                quant=quant, also_norm=also_norm, inplace=inplace)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, group=None, backend: str = "auto",
+            weight_offset: float = 0.0) -> torch.Tensor:
     """``AllReduceFusion.rmsnorm`` without managing the object. Collective."""
-    return _fusion_for("rmsnorm", group, x, backend).rmsnorm(x, weight, eps)
+    return _fusion_for("rmsnorm", group, x, backend).rmsnorm(x, weight, eps, weight_offset=weight_offset)
 
 
 def all_reduce(x: torch.Tensor, *, group=None, backend: str = "auto") -> torch.Tensor:

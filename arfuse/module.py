@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from arfuse.api import AllReduceFusion
+from arfuse.core.validate import check_weight_offset
 
 
 class FusedAddRMSNorm(nn.Module):
@@ -14,7 +15,9 @@ class FusedAddRMSNorm(nn.Module):
 
     ``forward(x, residual)`` returns ``(normed, new_residual)``; ``forward(x)`` (no residual) returns
     ``rmsnorm(allreduce(x))``. ``x`` may have leading batch dimensions; they are flattened to tokens.
-    ``inplace_residual=True`` updates ``residual`` in place. Collective; graph-capturable; compiles.
+    ``inplace_residual=True`` updates ``residual`` in place. ``weight_offset``: the norm multiplies by
+    ``weight + weight_offset`` (1.0 for Gemma-style norms, whose weights are stored around 0). Collective;
+    graph-capturable; compiles.
 
     >>> fusion = AllReduceFusion(max_tokens=8, hidden_size=16, dtype=torch.float32, device="cpu")
     >>> norm = FusedAddRMSNorm(16, eps=1e-6, fusion=fusion, dtype=torch.float32)
@@ -26,13 +29,14 @@ class FusedAddRMSNorm(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, fusion: Optional[AllReduceFusion] = None, *,
                  dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
-                 inplace_residual: bool = False):
+                 inplace_residual: bool = False, weight_offset: float = 0.0):
         super().__init__()
         if not isinstance(fusion, AllReduceFusion):
             raise TypeError(f"FusedAddRMSNorm: fusion must be an AllReduceFusion, got {type(fusion).__name__}")
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype or fusion.capacity.dtype,
                                               device=device or fusion.capacity.device))
         self.eps = eps
+        self.weight_offset = check_weight_offset("FusedAddRMSNorm", weight_offset)
         self.fusion = fusion
         self.inplace_residual = inplace_residual
 
@@ -41,7 +45,7 @@ class FusedAddRMSNorm(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if residual is None:
-            return self.fusion.rmsnorm(flat, self.weight, self.eps).view(shape)
+            return self.fusion.rmsnorm(flat, self.weight, self.eps, weight_offset=self.weight_offset).view(shape)
         if not isinstance(residual, torch.Tensor) or residual.shape != shape:
             got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
             raise ValueError(f"FusedAddRMSNorm: residual must have x's shape {tuple(shape)}, got {got}")
@@ -49,8 +53,9 @@ class FusedAddRMSNorm(nn.Module):
             raise ValueError("FusedAddRMSNorm: with inplace_residual=True, residual must be contiguous (a strided "
                              "residual would be updated in a copy)")
         normed, res = self.fusion.residual_rmsnorm(flat, residual.reshape(-1, shape[-1]), self.weight, self.eps,
-                                                   inplace=self.inplace_residual)
+                                                   weight_offset=self.weight_offset, inplace=self.inplace_residual)
         return normed.view(shape), (residual if self.inplace_residual else res.view(shape))
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}, inplace_residual={self.inplace_residual}"
+        offset = f", weight_offset={self.weight_offset:g}" if self.weight_offset else ""
+        return f"{self.weight.shape[0]}, eps={self.eps}{offset}, inplace_residual={self.inplace_residual}"

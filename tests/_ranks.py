@@ -14,9 +14,10 @@ import arfuse
 from arfuse import functional as F
 from arfuse.backends.base import Support
 from arfuse.backends.torch_ref import TorchRefBackend
+from arfuse.core.spec import catalogue
 from arfuse.core.types import FP8_DTYPE, Pattern
 from arfuse.launch import run_ranks
-from arfuse.verify import TOLERANCE, Case, digest, poison, reference, rel_err
+from arfuse.verify import TOLERANCE, Case, checked_spec_call, digest, poison, reference, rel_err
 
 LAUNCH_TIMEOUT_S = 240.0
 SMALL = 8  # SmallOnly refuses calls of more tokens than this
@@ -50,9 +51,12 @@ class Record:
     tolerance: float
     digest: str
     problems: List[str]
+    tolerances: Optional[Dict[str, float]] = None  # per output, where they differ (quantized outputs)
 
     def failures(self) -> List[str]:
-        bad = [f"{k} error {e:.3g} > {self.tolerance:g}" for k, e in self.errors.items() if not e <= self.tolerance]
+        tol = self.tolerances or {}
+        bad = [f"{k} error {e:.3g} > {tol.get(k, self.tolerance):g}" for k, e in self.errors.items()
+               if not e <= tol.get(k, self.tolerance)]
         return [f"{self.label}: {p}" for p in bad + self.problems]
 
 
@@ -158,6 +162,22 @@ def exercise(fusion: arfuse.AllReduceFusion, case: Case, rank: int, world: int, 
     return records
 
 
+def exercise_specs(fusion: arfuse.AllReduceFusion, case: Case, rank: int, world: int, specs=None,
+                   inplace: bool = True) -> List[Record]:
+    """Every spec of ``specs`` (default: one of each kind, ``core.spec.catalogue``) through the public ops into
+    NaN-poisoned outputs, each output checked against the float64 reference (quantized outputs by their
+    dequantized error and scale formula); residual specs in place too. Collective."""
+    records = []
+    for spec in (specs or catalogue()):
+        c = dataclasses.replace(case, weight_offset=1.0 if spec.weight_offset else 0.0)
+        for in_place in ((False, True) if inplace and spec.residual else (False,)):
+            checked = checked_spec_call(fusion, spec, c, rank, world, "cpu", inplace=in_place)
+            records.append(Record(f"{spec.name}{' inplace' if in_place else ''} tokens={c.tokens} {c.dtype}",
+                                  {k: e for k, (e, _) in checked.errors.items()}, TOLERANCE[c.dtype],
+                                  checked.digest, [], {k: t for k, (_, t) in checked.errors.items()}))
+    return records
+
+
 OBJECT_CALLS_PER_EXERCISE = 12  # calls exercise() makes through the fusion object itself (module included)
 RECORDS_PER_EXERCISE = 16  # checked calls per exercise(): the above plus 4 functional ones
 
@@ -210,6 +230,16 @@ class Good:
     def __init__(self, seed: int = 0, rank: int = 0):
         self.case = Case(self.N, self.H, torch.float32, seed)
         self.x, self.residual, self.weight = self.case.x(rank), self.case.residual(), self.case.weight()
+        self.experts, self.idx = self.case.expert_out(rank), self.case.permuted_idx(rank)
+        self.escales = self.case.expert_scales(rank)
+
+    def moe(self, fusion, **changes):
+        """``fusion.moe_finalize_residual_rmsnorm`` on these inputs with some replaced (keyword = argument)."""
+        args = dict(expert_out=self.experts, permuted_idx=self.idx, expert_scales=self.escales,
+                    residual=self.residual, weight=self.weight)
+        kwargs = {k: changes.pop(k) for k in list(changes) if k not in args}
+        args.update(changes)
+        return fusion.moe_finalize_residual_rmsnorm(*args.values(), **kwargs)
 
 
 def _meta(t):
@@ -305,7 +335,90 @@ def bad_inputs() -> List[Bad]:
         Bad("module residual dtype", lambda f, g: _module(f)(g.x, g.residual.to(bf)), TypeError,
             ("residual", "dtype")),
     ]
-    return cases
+    return cases + bad_pattern_inputs()
+
+
+def bad_pattern_inputs() -> List[Bad]:
+    """The bad inputs of the weight-offset, dynamic-FP8 and MoE ops."""
+    H, MAX, N = Good.H, Good.MAX, Good.N
+    bf = torch.bfloat16
+    group = arfuse.FP8PerTokenGroup(8, packed_ue8m0=True)
+
+    def quant(f, g, **kw):
+        return f.residual_rmsnorm_quant(g.x, g.residual, g.weight, **kw)
+
+    return [
+        Bad("weight_offset nan", lambda f, g: f.residual_rmsnorm(g.x, g.residual, g.weight,
+                                                                  weight_offset=float("nan")),
+            ValueError, ("weight_offset", "finite")),
+        Bad("weight_offset not a number", lambda f, g: f.rmsnorm(g.x, g.weight, weight_offset="1"), TypeError,
+            ("weight_offset", "float")),
+        Bad("quant not a quantization", lambda f, g: quant(f, g, quant="fp8"), TypeError,
+            ("quant", "FP8PerToken")),
+        Bad("quant group_size not dividing hidden", lambda f, g: quant(f, g, quant=arfuse.FP8PerTokenGroup(48)),
+            ValueError, ("group_size=48", "divide", str(H))),
+        Bad("quant group_size 0", lambda f, g: quant(f, g, quant=arfuse.FP8PerTokenGroup(0)), ValueError,
+            ("group_size", "positive")),
+        Bad("quant also_norm not a bool", lambda f, g: quant(f, g, quant=arfuse.FP8PerToken(), also_norm=1),
+            TypeError, ("also_norm", "bool")),
+        Bad("quant x wrong dtype", lambda f, g: f.residual_rmsnorm_quant(g.x.to(bf), g.residual, g.weight,
+                                                                          quant=arfuse.FP8PerToken()),
+            TypeError, ("x", "dtype")),
+        Bad("quant static scale <= 0", lambda f, g: quant(f, g, quant=arfuse.FP8Static(-1.0)), ValueError,
+            ("scale", "> 0")),
+        Bad("per-token scale_out wrong shape", lambda f, g: quant(f, g, quant=arfuse.FP8PerToken(),
+                                                                  scale_out=torch.empty(N, 2)),
+            ValueError, ("scale_out", "shape", f"({N}, 1)")),
+        Bad("group scale_out wrong dtype", lambda f, g: quant(f, g, quant=arfuse.FP8PerTokenGroup(8),
+                                                              scale_out=torch.empty(N, H // 8, dtype=bf)),
+            TypeError, ("scale_out", "float32")),
+        Bad("ue8m0 scale_out row-major", lambda f, g: quant(f, g, quant=group,
+                                                            scale_out=torch.empty(N, 2, dtype=torch.int32)),
+            ValueError, ("scale_out", "column-major")),
+        Bad("quant_out wrong dtype", lambda f, g: quant(f, g, quant=arfuse.FP8PerToken(),
+                                                        quant_out=torch.empty(N, H)),
+            TypeError, ("quant_out", "float8_e4m3fn")),
+        Bad("norm_out without also_norm", lambda f, g: quant(f, g, quant=arfuse.FP8PerToken(),
+                                                             norm_out=torch.empty(N, H)),
+            ValueError, ("norm_out", "not written")),
+        Bad("quant inplace and residual_out", lambda f, g: quant(f, g, quant=arfuse.FP8PerToken(), inplace=True,
+                                                                 residual_out=torch.empty(N, H)),
+            ValueError, ("inplace", "residual_out")),
+        Bad("moe idx int64", lambda f, g: g.moe(f, permuted_idx=g.idx.long()), TypeError,
+            ("permuted_idx", "int32")),
+        Bad("moe idx 1-D", lambda f, g: g.moe(f, permuted_idx=g.idx[:, 0].contiguous()), ValueError,
+            ("permuted_idx", "2-D")),
+        Bad("moe top_k 0", lambda f, g: g.moe(f, permuted_idx=g.idx[:, :0], expert_scales=g.escales[:, :0]),
+            ValueError, ("permuted_idx", "top_k")),
+        Bad("moe index past the rows", lambda f, g: g.moe(f, permuted_idx=torch.full_like(g.idx, N * 2)),
+            ValueError, ("permuted_idx", f"outside [0, {N * 2})", "expert_out")),
+        Bad("moe negative index", lambda f, g: g.moe(f, permuted_idx=torch.full_like(g.idx, -1)), ValueError,
+            ("permuted_idx", "-1", "outside")),
+        Bad("moe expert_scales shape", lambda f, g: g.moe(f, expert_scales=g.escales[:, :1].contiguous()),
+            ValueError, ("expert_scales", "shape")),
+        Bad("moe expert_scales int", lambda f, g: g.moe(f, expert_scales=g.idx), TypeError,
+            ("expert_scales", "dtype")),
+        Bad("moe expert_out hidden", lambda f, g: g.moe(f, expert_out=torch.ones(3, H + 8)), ValueError,
+            ("expert_out", "hidden_size")),
+        Bad("moe expert_out dtype", lambda f, g: g.moe(f, expert_out=g.experts.to(bf)), TypeError,
+            ("expert_out", "dtype")),
+        Bad("moe expert_out not a tensor", lambda f, g: g.moe(f, expert_out=None), TypeError,
+            ("expert_out", "Tensor")),
+        Bad("moe shared shape", lambda f, g: g.moe(f, shared_expert_out=torch.ones(N + 1, H)), ValueError,
+            ("shared_expert_out", "shape")),
+        Bad("moe residual tokens", lambda f, g: g.moe(f, residual=g.residual[:-1]), ValueError,
+            ("residual", "shape")),
+        Bad("moe too many tokens", lambda f, g: g.moe(f, permuted_idx=torch.zeros(MAX + 1, 2, dtype=torch.int32)),
+            ValueError, ("max_tokens",)),
+        Bad("moe quant group not dividing", lambda f, g: g.moe(f, quant=arfuse.FP8PerTokenGroup(48)), ValueError,
+            ("group_size", "divide")),
+        Bad("functional quant group not dividing",
+            lambda f, g: F.residual_rmsnorm_quant(g.x, g.residual, g.weight, quant=arfuse.FP8PerTokenGroup(48)),
+            ValueError, ("group_size", "divide")),
+        Bad("functional moe idx dtype",
+            lambda f, g: F.moe_finalize_residual_rmsnorm(g.experts, g.idx.long(), g.escales, g.residual, g.weight),
+            TypeError, ("permuted_idx", "int32")),
+    ]
 
 
 def _module(fusion):
@@ -322,6 +435,10 @@ def closed_calls() -> List[Bad]:
         Bad("closed rmsnorm", lambda f, g: f.rmsnorm(g.x, g.weight), ValueError, ("rmsnorm", "closed")),
         Bad("closed all_reduce", lambda f, g: f.all_reduce(g.x), ValueError, ("all_reduce", "closed")),
         Bad("closed module", lambda f, g: _module(f)(g.x, g.residual), ValueError, ("closed",)),
+        Bad("closed residual_rmsnorm_quant", lambda f, g: f.residual_rmsnorm_quant(
+            g.x, g.residual, g.weight, quant=arfuse.FP8PerToken()), ValueError, ("residual_rmsnorm_quant", "closed")),
+        Bad("closed moe_finalize_residual_rmsnorm", lambda f, g: g.moe(f), ValueError,
+            ("moe_finalize_residual_rmsnorm", "closed")),
     ]
 
 

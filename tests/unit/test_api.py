@@ -24,7 +24,7 @@ REPO = Path(arfuse.__file__).resolve().parent.parent
 
 
 def test_public_surface_is_small_and_importable():
-    assert len(arfuse.__all__) <= 16
+    assert len(arfuse.__all__) <= 24  # every name is a contract: add one deliberately
     for name in arfuse.__all__:
         assert getattr(arfuse, name) is not None, name
     assert arfuse.Pattern.RESIDUAL_RMSNORM.has_residual and not arfuse.Pattern.RMSNORM.has_residual

@@ -12,7 +12,8 @@ import arfuse
 from arfuse import functional as F
 from tests._ranks import Good, bad_inputs, closed_calls, expect
 
-OPS = re.compile(r"^(residual_rmsnorm_fp8|residual_rmsnorm|rmsnorm|all_reduce): ")
+OPS = re.compile(r"^(residual_rmsnorm_fp8|residual_rmsnorm_quant|residual_rmsnorm|rmsnorm|all_reduce|"
+                 r"moe_finalize_residual_rmsnorm|FP8PerTokenGroup): ")
 
 
 @pytest.fixture
