@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from arfuse.api import AllReduceFusion
+from arfuse.core import validate
 from arfuse.probe import vote
 
 _cache: Dict[tuple, AllReduceFusion] = {}
@@ -19,8 +20,9 @@ _lock = threading.RLock()  # held across construction: one collective constructi
 
 
 def _fusion_for(op: str, group, x, backend: str) -> AllReduceFusion:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"{op}: x must be a 2-D torch.Tensor (tokens, hidden)")
+    validate.check_functional_input(op, x)
+    if not isinstance(backend, str):
+        raise TypeError(f"{op}: backend must be a str, got {type(backend).__name__}")
     key = (vote.group_ranks(group), x.shape[1], x.dtype, x.device, backend)
     tokens = max(x.shape[0], 1)
     with _lock:

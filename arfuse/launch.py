@@ -59,6 +59,8 @@ def _worker(rank: int, world_size: int, port: int, device: str, env: Dict[str, s
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
+    if device == "cpu":  # the ranks share this host's cores; oversubscribed OpenMP threads spin and crawl
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         init_rank(rank, world_size, device)
         value = fn(rank, world_size, *args)
