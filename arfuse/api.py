@@ -36,7 +36,7 @@ def _normalize_device(device) -> torch.device:
     if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
         raise TypeError(f"{op}: device must be a str, int or torch.device, got {type(device).__name__}")
     try:
-        device = torch.device(device)
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     except (RuntimeError, ValueError):
         raise ValueError(f"{op}: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     if device.type == "cpu":
@@ -109,7 +109,7 @@ class AllReduceFusion:
     ``"triton_symm"``, ``"flashinfer"``) or ``"name/variant"``. A named path that cannot run a size falls back
     to ``torch_ref`` (logged once, counted) or, in strict mode, raises :class:`FallbackError` - at construction
     already (on every rank) when it cannot run any pattern at any size here.
-    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, an index or a torch.device (default: the current CUDA
+    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, a CUDA index or a torch.device (default: the current CUDA
     device under an NCCL group, else cpu); one this process cannot use is a ValueError naming ``device``.
     ``strict``: None follows :class:`arfuse.strict`. ``table_path``: a tuning table (default: ``arfuse tune``'s).
     ``timeout_s``: how long a kernel waits for a peer before recording :class:`PeerTimeoutError` (default

@@ -212,8 +212,8 @@ def failures_table(ms: Sequence[dict]):
     return table
 
 
-CPU_NOTE = ("CPU timings are indicative only: the ranks share this host's cores, with each other and with anything "
-            "else running; a difference within the spread (the samples' interquartile range) is no difference.")
+CPU_NOTE = ("CPU timings are indicative only (the ranks share this host's cores with each other and with anything "
+            "else running): a difference within the spread is no difference.")
 LATENCY_LEGEND = ("bold green: fastest{ties}; ≠: outputs differ across ranks; -: cannot run at that size")
 SPEEDUP_LEGEND = (">1: faster; {baseline} = the baseline, best peer = the fastest of the peers and FlashInfer's "
                   "kernels{ties}")

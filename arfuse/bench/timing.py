@@ -41,9 +41,8 @@ class TimingConfig:
         if device_type == "cuda":
             return (f"cuda-graph: {self.calls_per_graph} calls per graph, {self.warmup} warm-up replays, mean of "
                     f"{self.replays} replays per call, max over ranks")
-        return (f"cpu-eager: wall-clock median of {self.cpu_repeats} samples of {self.calls_per_graph} calls, "
-                f"spread: the samples' interquartile range, max over ranks (indicative only; not comparable to "
-                f"GPU)")
+        return (f"cpu-eager: wall-clock median of {self.cpu_repeats} samples of {self.calls_per_graph} calls "
+                f"(spread: their interquartile range), max over ranks; indicative only, not comparable to GPU")
 
 
 @dataclass(frozen=True)
