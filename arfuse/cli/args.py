@@ -137,6 +137,24 @@ def check_backends(flag: str, given: Iterable[str], extra: Sequence[str] = ()) -
     check_choices(flag, given, tuple(extra) + backend_requests(), also=backend_requests(listed_only=False))
 
 
+def check_writable(flag: str, path) -> None:
+    """UsageError unless ``path`` (an output file, None: not asked for) can be written: its folder exists or can be
+    created, and is writable. Checked before measuring, so a long run does not end in an unwritable path."""
+    import os
+    from pathlib import Path
+
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder, not a file")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: cannot write there ({folder} is not a writable folder)")
+
+
 def cuda_device_count() -> int:
     import torch
 

@@ -165,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
     from arfuse.select.table import default_tune_path
 
     check_plot(args.plot)
+    args_.check_writable("--json", args.json)
+    args_.check_writable("--plot", args.plot)
     if args.from_json:
         try:
             doc = json.loads(Path(args.from_json).read_text())

@@ -3,7 +3,8 @@
 With no GPU it spawns ``--ranks`` CPU processes (default 2) over gloo; with GPUs, one rank per GPU over NCCL;
 under ``torchrun`` it joins that launch instead of spawning. Every output is written into a NaN-poisoned
 tensor, compared with the float64 reference (:mod:`arfuse.verify`) on fresh random inputs per rank, and must be
-bitwise identical on every rank (digests gathered to rank 0). Exit code 1 if any check fails.
+bitwise identical on every rank (digests gathered to rank 0). Exit code 1 if any check fails. Progress (the
+launch, then rank 0's pattern and size) goes to stderr; the table fits 80 columns.
 
 torch is imported inside the functions: ``arfuse --help`` imports every command module.
 """

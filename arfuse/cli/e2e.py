@@ -3,7 +3,9 @@
 Each rank builds its shard of the model once (same seed on every rank), then for every path: switches the
 norms, runs the agreement check (greedy decoding, teacher-forced on the reference path's tokens), times prefill
 (TTFT) and decode (TPOT). The reference is ``unfused`` when listed, else the first path. Prints a table with
-the change against the reference, writes JSON, and exits 1 if a path disagrees with the reference.
+the change against the reference, writes JSON, and exits 1 if a path disagrees with the reference. By default
+it runs a model that finishes on the machine (``tiny`` on CPU, ``llama3-8b`` on GPUs); every flag is checked
+before any rank starts, and rank 0 shows on stderr which path and point it is timing.
 """
 from __future__ import annotations
 
@@ -305,6 +307,7 @@ def _spec(args) -> Tuple[Spec, int]:
 
     device = args_.resolve_device(args.device or "auto")
     args_.check_backends("--backends", args.backends, extra=(UNFUSED,))
+    args_.check_writable("--json", args.json)
     tp = args.tp or (1 if args.rank_shapes_of is not None else
                      args_.cuda_device_count() if device == "cuda" else 2)
     if args.rank_shapes_of is not None and tp != 1:

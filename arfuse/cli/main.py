@@ -32,7 +32,9 @@ def version() -> str:
 def build_parser() -> Parser:
     parser = Parser(prog="arfuse", description="Fused TP allreduce + residual + RMSNorm.")
     parser.add_argument("--version", action="version", version=f"arfuse {version()}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log arfuse's decisions (INFO)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log arfuse's decisions (INFO) and print a failed rank's whole traceback (default: "
+                             "warnings and the traceback's last line); before the command")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, helptext) in COMMANDS.items():
         p = sub.add_parser(name, help=helptext, description=helptext)

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from arfuse.select import table
 
     device = resolve_device(args)
+    args_.check_writable("--out", args.out)
     out = Path(args.out) if args.out else table.default_tune_path()
     cfg = sweep_config(args, device, args.tokens, peers=False, auto=False)
     start = time.monotonic()

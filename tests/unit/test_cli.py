@@ -57,6 +57,10 @@ MISTAKES = [
     (["tune", "--write-defaults"], "--write-defaults"),
     (["tune", "--from-bench", "/nonexistent/bench.json"], "--from-bench"),
     (["tune", "--tokens", "1,-2"], "--tokens"),
+    (["tune", "--out", f"{__file__}/tune.json"], "--out"),  # a file where a folder should be
+    (["bench", "--json", f"{__file__}/bench.json"], "--json"),
+    (["bench", "--plot", "/"], "--plot"),
+    (["e2e", "--json", f"{__file__}/e2e.json"], "--json"),
     (["e2e", "--tp", "0"], "--tp"),
     (["e2e", "--device", "cpu", "--tp", "3"], "--tp"),
     (["e2e", "--backends", "nosuch"], "--backends"),
