@@ -12,7 +12,8 @@ import torch
 from arfuse.backends import base
 from arfuse.core import outputs as out_specs
 from arfuse.core import validate as v
-from arfuse.core.counters import StatsView, logger
+from arfuse.core.counters import StatsView, logger, resolve_strict
+from arfuse.core.errors import FallbackError
 from arfuse.core.quant import QUANT_TYPES, FP8Static
 from arfuse.core.spec import FusionSpec, Prologue, Quant
 from arfuse.core.types import Capacity, FusedCall, FusedOutput, GroupCaps, Pattern, Plan
@@ -32,10 +33,27 @@ def _default_device(group) -> torch.device:
 
 
 def _normalize_device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    """``device`` as a torch.device with its index; ValueError/TypeError naming ``device`` if it is not one this
+    process can use (checked before any collective)."""
+    op = "AllReduceFusion"
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{op}: device must be a str, int or torch.device, got {type(device).__name__}")
+    try:
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{op}: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ValueError(f"{op}: device must be a cpu or cuda device, got {device}")
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
+               else "no CUDA device is visible")
+        raise ValueError(f"{op}: device {device} cannot be used: {why}")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"{op}: device {device} does not exist: {count} CUDA device(s) visible")
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def _check_backend_name(requested) -> str:
@@ -92,6 +110,17 @@ def _quant_output(call: FusedCall) -> FusedOutput:
     return FusedOutput(call.out, scale, call.residual_out, call.norm_out)
 
 
+def _check_requested_can_run(executor: Executor, requested: str, strict: Optional[bool]) -> None:
+    """In strict mode, a named backend none of whose plans can run (every pattern and token count would fall
+    back) is refused at construction, not at the first call. The plans are computed alike on every rank from the
+    agreed capabilities, so every rank raises together."""
+    if requested == policy.AUTO or not resolve_strict(strict):
+        return
+    reason = executor.never_runs()
+    if reason is not None:
+        raise FallbackError(policy.parse_request(requested)[0], reason)
+
+
 def _close_at_exit(executor: Executor) -> None:
     try:
         executor.close()
@@ -112,7 +141,10 @@ class AllReduceFusion:
 
     ``backend``: ``"auto"`` (fastest capable path per size), a registered name (``"torch_ref"``, ``"nccl"``,
     ``"triton_symm"``, ``"flashinfer"``) or ``"name/variant"``. A named path that cannot run a size falls back
-    to ``torch_ref`` (logged once, counted) or, in strict mode, raises :class:`FallbackError`.
+    to ``torch_ref`` (logged once, counted) or, in strict mode, raises :class:`FallbackError` - at construction
+    already (on every rank) when it cannot run any pattern at any size here.
+    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, a CUDA index or a torch.device (default: the current CUDA
+    device under an NCCL group, else cpu); one this process cannot use is a ValueError naming ``device``.
     ``strict``: None follows :class:`arfuse.strict`. ``table_path``: a tuning table (default: ``arfuse tune``'s).
     ``timeout_s``: how long a kernel waits for a peer before recording :class:`PeerTimeoutError` (default
     ``ARFUSE_TIMEOUT_S`` or 10 s).
@@ -132,10 +164,7 @@ class AllReduceFusion:
                  strict: Optional[bool] = None, table_path=None, timeout_s: Optional[float] = None):
         op = "AllReduceFusion"
         for name, value in (("max_tokens", max_tokens), ("hidden_size", hidden_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-            if value <= 0:
-                raise ValueError(f"{op}: {name} must be > 0, got {value}")
+            v.check_int_arg(op, name, value)
         if dtype not in v.SUPPORTED_DTYPES:
             raise TypeError(f"{op}: dtype must be one of float32/bfloat16/float16, got {dtype}")
         if strict is not None and not isinstance(strict, bool):
@@ -145,6 +174,11 @@ class AllReduceFusion:
         device = _normalize_device(device) if device is not None else _default_device(group)
         self.capacity = Capacity(max_tokens, hidden_size, dtype, device, timeout_s)
         self._executor = Executor(group, self.capacity, requested, strict, table_path)
+        try:
+            _check_requested_can_run(self._executor, requested, strict)
+        except BaseException:
+            self._executor.close()
+            raise
         self._handle = register_executor(self._executor)
         self._finalizer = weakref.finalize(self, _close_at_exit, self._executor)
 

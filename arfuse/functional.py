@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from arfuse.api import AllReduceFusion
+from arfuse.core import validate
 from arfuse.core.types import FusedOutput
 from arfuse.probe import vote
 
@@ -19,9 +20,10 @@ _retired: List[Tuple[tuple, AllReduceFusion]] = []  # outgrown (ranks, object) a
 _lock = threading.RLock()  # held across construction: one collective construction at a time per process
 
 
-def _fusion_for(op: str, group, x, backend: str) -> AllReduceFusion:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"{op}: x must be a 2-D torch.Tensor (tokens, hidden)")
+def _fusion_for(op: str, group, x, backend: str, name: str = "x") -> AllReduceFusion:
+    validate.check_functional_input(op, x, name)
+    if not isinstance(backend, str):
+        raise TypeError(f"{op}: backend must be a str, got {type(backend).__name__}")
     key = (vote.group_ranks(group), x.shape[1], x.dtype, x.device, backend)
     tokens = max(x.shape[0], 1)
     with _lock:
@@ -63,7 +65,7 @@ def moe_finalize_residual_rmsnorm(expert_out: torch.Tensor, permuted_idx: torch.
                                   also_norm: bool = False, inplace: bool = False) -> FusedOutput:
     """``AllReduceFusion.moe_finalize_residual_rmsnorm`` without managing the object (sized by ``residual``, the
     (tokens, hidden) tensor every call has). Collective."""
-    fusion = _fusion_for("moe_finalize_residual_rmsnorm", group, residual, backend)
+    fusion = _fusion_for("moe_finalize_residual_rmsnorm", group, residual, backend, "residual")
     return fusion.moe_finalize_residual_rmsnorm(expert_out, permuted_idx, expert_scales, residual, weight, eps,
                                                 shared_expert_out=shared_expert_out, weight_offset=weight_offset,
                                                 quant=quant, also_norm=also_norm, inplace=inplace)

@@ -7,11 +7,17 @@ import torch
 from torch import nn
 
 from arfuse.api import AllReduceFusion
-from arfuse.core.validate import check_weight_offset
+from arfuse.core import validate as v
 
 
 class FusedAddRMSNorm(nn.Module):
     """Holds an RMSNorm's weight and eps and runs ``allreduce(x) + residual -> RMSNorm`` through ``fusion``.
+
+    ``FusedAddRMSNorm(hidden_size, eps=1e-6, *, fusion, dtype=None, device=None, inplace_residual=False,
+    weight_offset=0.0)``.
+    ``fusion`` is required: the :class:`AllReduceFusion` of the TP group, sized for this norm (a model builds
+    one and shares it between all its norms; building one is collective, so it cannot happen lazily inside a
+    forward). ``hidden_size``, ``eps``, ``dtype`` and ``device`` are checked against it at construction.
 
     ``forward(x, residual)`` returns ``(normed, new_residual)``; ``forward(x)`` (no residual) returns
     ``rmsnorm(allreduce(x))``. ``x`` may have leading batch dimensions; they are flattened to tokens.
@@ -27,16 +33,17 @@ class FusedAddRMSNorm(nn.Module):
     >>> fusion.close()
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, fusion: Optional[AllReduceFusion] = None, *,
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, fusion: AllReduceFusion,
                  dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
                  inplace_residual: bool = False, weight_offset: float = 0.0):
         super().__init__()
+        op = "FusedAddRMSNorm"
         if not isinstance(fusion, AllReduceFusion):
-            raise TypeError(f"FusedAddRMSNorm: fusion must be an AllReduceFusion, got {type(fusion).__name__}")
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype or fusion.capacity.dtype,
-                                              device=device or fusion.capacity.device))
-        self.eps = eps
-        self.weight_offset = check_weight_offset("FusedAddRMSNorm", weight_offset)
+            raise TypeError(f"{op}: fusion must be an AllReduceFusion, got {type(fusion).__name__}")
+        self.eps = v.check_module_args(op, fusion.capacity, hidden_size, eps, dtype, device, inplace_residual)
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=fusion.capacity.dtype,
+                                              device=fusion.capacity.device))
+        self.weight_offset = v.check_weight_offset(op, weight_offset)
         self.fusion = fusion
         self.inplace_residual = inplace_residual
 

@@ -1,6 +1,6 @@
 """Quick side-by-side timing of arfuse's kernel paths (development aid; `arfuse bench` is the full tool).
 
-Method of ../shared/PERFORMANCE.md: 10 calls captured per CUDA graph, warm-up, 20 timed replays, mean per call,
+The project's timing method: 10 calls captured per CUDA graph, warm-up, 20 timed replays, mean per call,
 max over ranks. Usage: python bench/kernel_timing.py --world 4 --hidden 8192 --out results.json
 """
 import argparse

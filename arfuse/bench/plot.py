@@ -20,8 +20,11 @@ def _panels(measurements: Sequence[dict]) -> Tuple[List[int], List[Tuple[int, st
 
 def plot(doc: dict, path) -> Path:
     """Write the PNG for a bench document to ``path``; returns the path. Paths that failed or cannot run at a
-    size have no point there."""
-    import matplotlib
+    size have no point there. Needs matplotlib (``pip install 'arfuse[plot]'``)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("plot: needs matplotlib, which is not installed: pip install 'arfuse[plot]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

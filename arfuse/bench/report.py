@@ -125,7 +125,21 @@ def summary(ms: Sequence[dict]) -> List[dict]:
 
 
 # -- tables ----------------------------------------------------------------------------------------------------
-def _cell(m: Optional[dict], fastest: Optional[float]) -> str:
+def _bounds(m: dict) -> Tuple[float, float]:
+    """The measured spread of ``m`` (its interquartile range on CPU), or just its figure where none was taken."""
+    spread = m.get("us_spread")
+    return (spread[0], spread[1]) if spread else (m["us"], m["us"])
+
+
+def within_spread(a: dict, b: dict) -> bool:
+    """Whether two passing measurements cannot be told apart: their spreads overlap (on CUDA, where no spread is
+    taken, only equal figures)."""
+    a_lo, a_hi = _bounds(a)
+    b_lo, b_hi = _bounds(b)
+    return a_lo <= b_hi and b_lo <= a_hi
+
+
+def _cell(m: Optional[dict], fastest: Optional[dict]) -> str:
     if m is None:
         return ""
     if m["status"] == "FAILED":
@@ -135,49 +149,51 @@ def _cell(m: Optional[dict], fastest: Optional[float]) -> str:
     text = f"{m['us']:.2f}" if m["us"] < 100 else f"{m['us']:.1f}"
     if not m.get("identical", True):
         text += "≠"
-    return f"[bold green]{text}[/]" if fastest is not None and m["us"] <= fastest * 1.0000001 else text
+    top = fastest is not None and (m["us"] <= fastest["us"] * 1.0000001 or within_spread(m, fastest))
+    return f"[bold green]{text}[/]" if top else text
 
 
 def _ratio(ref: Optional[dict], m: Optional[dict]) -> str:
     if ref is None or m is None or m["status"] != "ok":
         return "-"
     r = ref["us"] / m["us"]
+    if m is not ref and within_spread(ref, m):
+        return f"[yellow]≈{r:.2f}[/]"
     color = "green" if r >= 1.0 else ("yellow" if r >= 0.95 else "red")
     return f"[{color}]{r:.2f}[/]"
 
 
-def latency_table(shape: Shape, ms: Sequence[dict], method: str):
+def latency_table(shape: Shape, ms: Sequence[dict]):
+    """µs per call: one row per token count, one column per path that ran."""
     from rich.table import Table
 
-    world, hidden, dtype = shape
     paths = ordered_paths(ms, ran_only=True)
-    table = Table(title=f"µs per call - TP{world}, hidden {hidden}, {dtype}  [dim]({method})[/]",
-                  caption="bold green: fastest; ≠: outputs differ across ranks; -: cannot run at that size")
+    table = Table()
     table.add_column("tokens", justify="right")
     for p in paths:
         table.add_column(p, justify="right", style="bold" if p == "auto" else None)
     for n in sorted({m["tokens"] for m in ms}):
         at = {m["path"]: m for m in ms if m["tokens"] == n}
         fastest = best(at.values())
-        table.add_row(str(n), *[_cell(at.get(p), fastest["us"] if fastest else None) for p in paths])
+        table.add_row(str(n), *[_cell(at.get(p), fastest) for p in paths])
     return table
 
 
 def speedup_table(shape: Shape, ms: Sequence[dict]):
+    """Ratios only: per arfuse path, (baseline µs / its µs) and (best peer µs / its µs); the last column names
+    the best peer (its µs are in the latency table)."""
     from rich.table import Table
 
-    world, hidden, dtype = shape
     ours = [p for p in ordered_paths(ms, ran_only=True) if not is_peer(next(m for m in ms if m["path"] == p))]
-    baseline = next((p for p in BASELINE if any(m["path"] == p for m in ms)), "(no baseline)")
-    table = Table(title=f"speed-up (×) vs {baseline} / vs best peer - TP{world}, hidden {hidden}, {dtype}",
-                  caption=">1: faster; the best peer is the fastest of the peers and FlashInfer's kernels")
-    for col in ["tokens", *ours, "best peer"]:
+    table = Table()
+    for col in ["tokens", *ours]:
         table.add_column(col, justify="right")
+    table.add_column("best peer")
     for row in summary(ms):
         at = {m["path"]: m for m in ms if m["tokens"] == row["tokens"]}
         cells = [f"{_ratio(row['baseline'], at.get(p))} / {_ratio(row['best_peer'], at.get(p))}" for p in ours]
         peer = row["best_peer"]
-        table.add_row(str(row["tokens"]), *cells, f"{peer['path']} {peer['us']:.2f}" if peer else "-")
+        table.add_row(str(row["tokens"]), *cells, peer["path"] if peer else "-")
     return table
 
 
@@ -187,7 +203,7 @@ def failures_table(ms: Sequence[dict]):
     bad = [m for m in ms if m["status"] == "FAILED"]
     if not bad:
         return None
-    table = Table(title="[bold red]FAILED[/] (checked against the float64 reference before timing; not timed)")
+    table = Table()
     for col in ("TP", "hidden", "dtype", "tokens", "path", "reason"):
         table.add_column(col)
     for m in bad:
@@ -196,21 +212,42 @@ def failures_table(ms: Sequence[dict]):
     return table
 
 
+CPU_NOTE = ("CPU timings are indicative only (the ranks share this host's cores with each other and with anything "
+            "else running): a difference within the spread is no difference.")
+LATENCY_LEGEND = ("bold green: fastest{ties}; ≠: outputs differ across ranks; -: cannot run at that size")
+SPEEDUP_LEGEND = (">1: faster; {baseline} = the baseline, best peer = the fastest of the peers and FlashInfer's "
+                  "kernels{ties}")
+
+
 def print_report(doc: dict, console=None) -> None:
-    """Print the latency and speed-up tables of every shape, the failures, and the counters legend."""
+    """Print the latency and speed-up tables of every shape, the failures, and the machine. Each table gets a
+    heading and a legend line of its own (a rich title or caption would wrap to the table's width)."""
     from rich.console import Console
 
-    console = console or Console(width=None if os.isatty(1) else 220)
+    console = console or Console()
     method = str(doc["config"].get("timing_method", ""))
+    cpu = method.startswith("cpu") or doc["config"].get("device") == "cpu"
+    console.print(f"[dim]timing: {method}[/]")
+    if cpu:
+        console.print(f"[yellow]{CPU_NOTE}[/]")
+    ties = " (and every path within its spread)" if cpu else ""
     for shape, ms in sorted(by_shape(doc["measurements"]).items()):
-        console.print(latency_table(shape, ms, method))
+        world, hidden, dtype = shape
+        console.print(f"\n[bold]µs per call - TP{world}, hidden {hidden}, {dtype}[/]")
+        console.print(latency_table(shape, ms))
+        console.print(f"[dim]{LATENCY_LEGEND.format(ties=ties)}[/]")
         shown = ordered_paths(ms, ran_only=True)
         for p in ordered_paths(ms):
             if p not in shown:
                 console.print(f"[dim]  not run: {p}: {next(m['reason'] for m in ms if m['path'] == p)}[/]")
+        baseline = next((p for p in BASELINE if any(m["path"] == p for m in ms)), "(no baseline)")
+        console.print(f"\n[bold]speed-up (×) vs {baseline} / vs best peer - TP{world}, hidden {hidden}, {dtype}[/]")
         console.print(speedup_table(shape, ms))
+        console.print(f"[dim]{SPEEDUP_LEGEND.format(baseline=baseline, ties='; ≈: within the spread' if cpu else '')}"
+                      f"[/]")
     failed = failures_table(doc["measurements"])
     if failed is not None:
+        console.print("\n[bold red]FAILED[/] (checked against the float64 reference before timing; not timed)")
         console.print(failed)
     m = doc["machine"]
     gpus = m.get("gpus") or []

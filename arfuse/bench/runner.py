@@ -158,8 +158,8 @@ class _Sweep:
     def _record(self, spec: PathSpec, caps: GroupCaps, hidden: int, dtype: torch.dtype, n: int, **fields) -> dict:
         rec = {"world_size": self.world, "gpu": device_key(caps), "device": self.device.type, "hidden": hidden,
                "dtype": dtype_name(dtype), "tokens": n, "path": spec.path, "kind": spec.kind, "status": "n/a",
-               "us": None, "us_ranks": None, "err_out": None, "err_residual": None, "identical": None,
-               "reason": None, "ran": None, "plan": None, "counters": None}
+               "us": None, "us_ranks": None, "us_spread": None, "err_out": None, "err_residual": None,
+               "identical": None, "reason": None, "ran": None, "plan": None, "counters": None}
         rec.update(fields)
         for key in ("err_out", "err_residual"):  # JSON has no inf/nan: an unusable output is None + reason
             if rec[key] is not None and not math.isfinite(rec[key]):
@@ -249,18 +249,19 @@ class _Sweep:
             return
         why = None
         try:
-            us = timing.time_call(lambda: call(x, inp.residual, inp.weight, inp.eps, norm_out=norm_out,
-                                               residual_out=res_out), self.device, self.group, self.cfg.timing)
+            measured = timing.time_call(lambda: call(x, inp.residual, inp.weight, inp.eps, norm_out=norm_out,
+                                                     residual_out=res_out), self.device, self.group, self.cfg.timing)
         except Exception as e:  # boundary: a path that breaks under graph capture is reported
-            why, us = f"timing: {type(e).__name__}: {e}", math.nan
+            why, measured = f"timing: {type(e).__name__}: {e}", timing.Measured(math.nan)
         ok, reason = vote.agree(why is None, why, self.group)
         if not ok:
             self._record(spec, caps, hidden, dtype, n, status="FAILED", reason=reason, **fields)
             return
-        worst, per_rank = timing.max_over_ranks(us, self.group)
+        worst, per_rank = timing.worst_over_ranks(measured, self.group)
         if fusion is not None:
             fields["counters"] = dict(fusion.stats())
-        self._record(spec, caps, hidden, dtype, n, status="ok", us=worst, us_ranks=per_rank, **fields)
+        self._record(spec, caps, hidden, dtype, n, status="ok", us=worst.us, us_ranks=per_rank,
+                     us_spread=list(worst.spread) if worst.spread else None, **fields)
 
 
 def current_device(device_type: str) -> torch.device:
@@ -273,7 +274,8 @@ def sweep(cfg: SweepConfig, group=None, device_type: str = "cpu") -> Dict[str, l
     """Run the sweep on this rank of ``group`` (default: WORLD, already initialised). Collective.
 
     Returns ``{"measurements": [...], "shapes": [...]}``, identical on every rank: one measurement per (path,
-    token count) with ``status`` ``ok`` (``us`` = µs per call, slowest rank), ``FAILED`` or ``n/a`` and its
+    token count) with ``status`` ``ok`` (``us`` = µs per call, slowest rank; on CPU ``us_spread`` = the
+    samples' interquartile range, each bound the largest over the ranks), ``FAILED`` or ``n/a`` and its
     ``reason``; one shape per (hidden, dtype) with the group's capabilities and every path's capability.
     """
     return _Sweep(cfg, group, current_device(device_type)).run()

@@ -59,7 +59,10 @@ def tune_rank(rank: int, world_size: int, cfg: runner.SweepConfig, device_type: 
     entries = entries_from_measurements(result["measurements"], source=f"arfuse tune {stamp}")
     if not entries:
         failed = sorted({f"{m['path']}: {m['reason']}" for m in result["measurements"] if m["status"] == "FAILED"})
-        raise RuntimeError(f"arfuse tune: no path passed its check; nothing to write ({'; '.join(failed[:3])})")
+        if failed:
+            raise RuntimeError(f"arfuse tune: no path passed its check; nothing to write ({'; '.join(failed[:3])})")
+        cannot = "; ".join(sorted({f"{m['path']}: {m['reason']}" for m in result["measurements"]})[:3])
+        raise RuntimeError(f"arfuse tune: no path can run here; nothing to write ({cannot or 'no path selected'})")
     path = Path(out_path)
     why = None
     if rank == 0:

@@ -15,73 +15,75 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
+from arfuse.cli import args as args_, output
+from arfuse.cli.args import UsageError
+
 DEFAULT_TOKENS = tuple(1 << k for k in range(12))  # 1 .. 2048
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-          "fp32": "float32", "float32": "float32"}
-
-
-def int_list(text: str) -> Tuple[int, ...]:
-    """``"1,2,4"`` -> (1, 2, 4); every value a positive int."""
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return tuple(sorted(set(values)))
-
-
-def dtype_list(text: str) -> Tuple[str, ...]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [n for n in names if n not in DTYPES]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"unknown dtype(s) {bad or text!r}; choose from {', '.join(DTYPES)}")
-    return tuple(dict.fromkeys(DTYPES[n] for n in names))
-
-
-def name_list(text: str) -> Tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """Arguments ``bench`` and ``tune`` share."""
-    p.add_argument("--hidden", type=int_list, default=None, help="hidden sizes (default: 4096,8192 GPU; 1024 CPU)")
-    p.add_argument("--dtype", type=dtype_list, default=("bfloat16",), help="dtypes (default: bfloat16)")
-    p.add_argument("--world-sizes", type=int_list, default=None,
+    p.add_argument("--hidden", type=args_.sorted_int_list, default=None,
+                   help="comma-separated hidden sizes (default: 4096,8192 on GPU; 1024 on CPU)")
+    args_.add_hidden_alias(p, "hidden", args_.sorted_int_list)
+    p.add_argument("--dtype", type=args_.dtype_list, default=("bfloat16",),
+                   help=f"comma-separated dtypes: {args_.DTYPE_HELP} (default: bfloat16)")
+    p.add_argument("--world-sizes", type=args_.sorted_int_list, default=None,
                    help="world sizes, each a separate spawn (default: 2,4,.. up to the GPU count; 2 on CPU); "
                         "under torchrun only the current world")
-    p.add_argument("--backends", type=name_list, default=(),
+    p.add_argument("--backends", type=args_.name_list, default=(),
                    help="only these paths: backend names, name/variant, auto, peer names or 'peers' (default: all)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if visible")
-    p.add_argument("--replays", type=int, default=20,
-                   help="timed replays of a graph of 10 calls (default: 20, the least PERFORMANCE.md allows)")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up replays (default: 3)")
-    p.add_argument("--cpu-repeats", type=int, default=7,
-                   help="CPU: timed samples of 10 eager calls, median taken (default: 7)")
-    p.add_argument("--seed", type=int, default=0, help="input seed (default: 0)")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per spawn (default: 1800)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cuda when GPUs are visible, else cpu (default: auto)")
+    p.add_argument("--replays", type=args_.positive_int, default=20,
+                   help="CUDA: timed replays of a graph of 10 calls (default: 20, the least the method allows)")
+    p.add_argument("--warmup", type=args_.non_negative_int, default=3, help="warm-up replays or calls (default: 3)")
+    p.add_argument("--cpu-repeats", type=args_.positive_int, default=15,
+                   help="CPU: timed samples of 10 eager calls; the median is the figure, the interquartile range "
+                        "the spread (default: 15)")
+    p.add_argument("--seed", type=args_.non_negative_int, default=0, help="input seed (default: 0)")
+    p.add_argument("--timeout", type=args_.positive_float, default=1800.0,
+                   help="seconds allowed per spawn (default: 1800)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (default: shown)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int_list, default=DEFAULT_TOKENS, help="token counts (default: 1,2,4,...,2048)")
+    p.add_argument("--tokens", type=args_.sorted_int_list, default=DEFAULT_TOKENS,
+                   help="comma-separated token counts (default: 1,2,4,...,2048)")
     add_common(p)
-    p.add_argument("--table", default=None, help="tuning table for auto (default: ARFUSE_TUNE_FILE or the cache)")
-    p.add_argument("--no-peers", action="store_true", help="leave out the unfused peers")
-    p.add_argument("--json", default=None, metavar="PATH", help="write every measurement as JSON")
-    p.add_argument("--plot", default=None, metavar="PATH", help="write latency vs tokens as PNG")
+    p.add_argument("--table", default=None, metavar="PATH",
+                   help="tuning table for auto (default: ARFUSE_TUNE_FILE, else ~/.cache/arfuse/tune.json)")
+    p.add_argument("--no-peers", action="store_true", help="leave out the unfused peers (default: included)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write every measurement as JSON (default: not "
+                                                                "written)")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="write latency vs tokens as PNG; needs matplotlib, pip install 'arfuse[plot]' (default: "
+                        "no plot)")
     p.add_argument("--from-json", default=None, metavar="PATH",
-                   help="measure nothing: print the tables of a saved --json result (and --plot it)")
+                   help="measure nothing: print the tables of a saved --json result (and --plot it) (default: "
+                        "measure)")
+
+
+def check_paths(flag: str, requested, peers: bool, auto: bool) -> None:
+    """UsageError unless every ``--backends`` filter names something the sweep can run (imports arfuse)."""
+    from arfuse.bench.peers import BASELINE, ONE_SHOT, TWO_SHOT
+
+    extra = (*BASELINE, ONE_SHOT, TWO_SHOT, "peers") if peers else ()
+    listed, accepted = ([c for c in args_.backend_requests(listed_only) if auto or c != "auto"]
+                        for listed_only in (True, False))
+    args_.check_choices(flag, requested, (*listed, *extra), also=accepted)
+
+
+def check_plot(path) -> None:
+    """``--plot`` needs matplotlib: say so before measuring, not after."""
+    import importlib.util
+
+    if path and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib, which is not installed: pip install 'arfuse[plot]'")
 
 
 def resolve_device(args: argparse.Namespace) -> str:
-    import torch
-
-    if args.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("arfuse: --device cuda but no CUDA device is visible")
-    return args.device
+    return args_.resolve_device(args.device)
 
 
 def world_sizes(args: argparse.Namespace, device: str) -> Tuple[int, ...]:
@@ -96,14 +98,17 @@ def world_sizes(args: argparse.Namespace, device: str) -> Tuple[int, ...]:
 
 
 def sweep_config(args: argparse.Namespace, device: str, tokens, peers: bool, auto: bool, table=None):
+    """The sweep of ``bench`` or ``tune``, its flags checked (UsageError) before any rank is spawned."""
     from arfuse.bench.runner import SweepConfig
     from arfuse.bench.timing import TimingConfig
+    from arfuse.launch import under_torchrun
 
+    check_paths("--backends", args.backends, peers, auto)
+    if not under_torchrun():
+        for world in world_sizes(args, device):
+            args_.check_ranks("--world-sizes", world, device)
     hidden = args.hidden or ((4096, 8192) if device == "cuda" else (1024,))
-    try:
-        timing = TimingConfig(warmup=args.warmup, replays=args.replays, cpu_repeats=args.cpu_repeats)
-    except ValueError as e:
-        raise SystemExit(f"arfuse: {e}") from None
+    timing = TimingConfig(warmup=args.warmup, replays=args.replays, cpu_repeats=args.cpu_repeats)
     return SweepConfig(tokens=tuple(tokens), hidden=tuple(hidden), dtypes=tuple(args.dtype),
                        only=tuple(args.backends), peers=peers, auto=auto, timing=timing, seed=args.seed,
                        table_path=table, progress=not args.no_progress)
@@ -124,8 +129,8 @@ def launch_each(fn, args: argparse.Namespace, device: str, *fn_args,
 
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if args.world_sizes and tuple(args.world_sizes) != (world,):
-            raise SystemExit(f"arfuse: under torchrun the world size is {world}; --world-sizes "
-                             f"{','.join(map(str, args.world_sizes))} cannot be honoured")
+            raise UsageError(f"--world-sizes {','.join(map(str, args.world_sizes))}: under torchrun the world "
+                             f"size is {world}")
         init_rank(rank, world, device)
         try:
             result = fn(rank, world, *fn_args)
@@ -136,8 +141,8 @@ def launch_each(fn, args: argparse.Namespace, device: str, *fn_args,
     for world in world_sizes(args, device):
         try:
             results.append(run_ranks(fn, world, *fn_args, device=device, timeout_s=args.timeout)[0])
-        except (RankFailed, TimeoutError, ValueError) as e:
-            return results, f"TP{world}: {e}"
+        except (RankFailed, TimeoutError) as e:
+            return results, f"TP{world}: {output.failure(e, getattr(args, 'verbose', False))}"
         if on_result is not None:
             on_result(results)
     return results, None
@@ -159,20 +164,20 @@ def run(args: argparse.Namespace) -> int:
     from arfuse.bench import report
     from arfuse.select.table import default_tune_path
 
+    check_plot(args.plot)
+    args_.check_writable("--json", args.json)
+    args_.check_writable("--plot", args.plot)
     if args.from_json:
         try:
             doc = json.loads(Path(args.from_json).read_text())
             report.validate(doc)
         except (OSError, ValueError) as e:
-            print(f"arfuse bench: cannot use {args.from_json}: {e}", file=sys.stderr)
-            return 2
-        report.print_report(doc)
+            raise UsageError(f"--from-json {args.from_json}: {e}") from None
+        report.print_report(doc, output.console(220))
         write_outputs(doc, None, args.plot)
         return 0
     if args.table and not Path(args.table).is_file():
-        print(f"arfuse bench: --table {args.table}: no such file (auto would silently use the defaults)",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"--table {args.table}: no such file (auto would silently use the defaults)")
     device = resolve_device(args)
     cfg = sweep_config(args, device, args.tokens, peers=not args.no_peers, auto=True, table=args.table)
     auto_table = Path(args.table) if args.table else default_tune_path()
@@ -195,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         return 0  # a torchrun rank other than 0: rank 0 reports
     doc = make_doc(runs)
-    report.print_report(doc)
+    report.print_report(doc, output.console(220))
     write_outputs(doc, args.json, args.plot)
     if error:
         print(f"arfuse bench: stopped early: {error}", file=sys.stderr)

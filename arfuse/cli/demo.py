@@ -3,7 +3,8 @@
 With no GPU it spawns ``--ranks`` CPU processes (default 2) over gloo; with GPUs, one rank per GPU over NCCL;
 under ``torchrun`` it joins that launch instead of spawning. Every output is written into a NaN-poisoned
 tensor, compared with the float64 reference (:mod:`arfuse.verify`) on fresh random inputs per rank, and must be
-bitwise identical on every rank (digests gathered to rank 0). Exit code 1 if any check fails.
+bitwise identical on every rank (digests gathered to rank 0). Exit code 1 if any check fails. Progress (the
+launch, then rank 0's pattern and size) goes to stderr; the table fits 80 columns.
 
 torch is imported inside the functions: ``arfuse --help`` imports every command module.
 """
@@ -18,12 +19,13 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+from arfuse.cli import args as args_, output
+
 SWEEP = (1, 3, 16, 64, 128, 257)
 PATTERNS = {"residual_rmsnorm": "RESIDUAL_RMSNORM", "residual_rmsnorm_fp8": "RESIDUAL_RMSNORM_FP8",
             "rmsnorm": "RMSNORM", "all_reduce": "ALLREDUCE"}  # op name -> arfuse.Pattern member
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-          "fp32": "float32", "float32": "float32"}
 MAX_GPU_RANKS = 8
+PROG = "arfuse demo"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class DemoConfig:
     warmup: int = 3
     seed: int = 1234
     scale: float = 0.05
+    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -69,16 +72,21 @@ class Row:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ranks", type=_positive_int, default=None,
+    p.add_argument("--ranks", type=args_.positive_int, default=None,
                    help=f"ranks to spawn (default: 2 on CPU, one per GPU up to {MAX_GPU_RANKS})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="cuda when GPUs are visible, else cpu (default: auto)")
-    p.add_argument("--backend", default="auto", help="'auto', a backend name or 'name/variant' (default: auto)")
-    p.add_argument("--hidden", type=_positive_int, default=None, help="hidden size (default: 1024 CPU, 8192 GPU)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="input dtype (default: bf16)")
-    p.add_argument("--tokens", type=_token_list, default=SWEEP,
+    p.add_argument("--backend", default="auto",
+                   help="'auto', a backend name or 'name/variant'; arfuse doctor lists them (default: auto)")
+    p.add_argument("--hidden", type=args_.positive_int, default=None,
+                   help="hidden size (default: 1024 on CPU, 8192 on GPU)")
+    args_.add_hidden_alias(p, "hidden", args_.positive_int)
+    p.add_argument("--dtype", type=args_.dtype, default="bfloat16", help=f"{args_.DTYPE_HELP} (default: bfloat16)")
+    p.add_argument("--tokens", type=args_.int_list, default=SWEEP,
                    help=f"comma-separated token counts (default: {','.join(map(str, SWEEP))})")
-    p.add_argument("--iters", type=_positive_int, default=None, help="timed calls per row (default: 20 CPU, 100 GPU)")
+    p.add_argument("--iters", type=args_.positive_int, default=None,
+                   help="timed calls per row (default: 20 on CPU, 100 on GPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress on stderr (default: shown)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,25 +94,22 @@ def run(args: argparse.Namespace) -> int:
 
     from arfuse.launch import RankFailed, run_ranks, under_torchrun
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("arfuse demo: --device cuda but no CUDA device is visible", file=sys.stderr)
-        return 2
+    device = args_.resolve_device(args.device)
+    args_.check_backends("--backend", [args.backend])
     config = DemoConfig(device=device, tokens=tuple(args.tokens),
-                        hidden=args.hidden or (8192 if device == "cuda" else 1024), dtype=DTYPES[args.dtype],
-                        backend=args.backend, iters=args.iters or (100 if device == "cuda" else 20))
+                        hidden=args.hidden or (8192 if device == "cuda" else 1024), dtype=args.dtype,
+                        backend=args.backend, iters=args.iters or (100 if device == "cuda" else 20),
+                        progress=not args.no_progress)
     if under_torchrun():
         return _run_in_torchrun(config)
     ranks = args.ranks or (min(torch.cuda.device_count(), MAX_GPU_RANKS) if device == "cuda" else 2)
-    if device == "cuda" and ranks > torch.cuda.device_count():
-        print(f"arfuse demo: --ranks {ranks} needs {ranks} GPUs, found {torch.cuda.device_count()}",
-              file=sys.stderr)
-        return 2
+    args_.check_ranks("--ranks", ranks, device)
+    if config.progress:
+        output.status(PROG, f"starting {ranks} {device} ranks ({'NCCL' if device == 'cuda' else 'gloo'}) ...")
     try:
         result = run_ranks(demo_rank, ranks, config, device=device)[0]
     except (RankFailed, TimeoutError) as e:
-        detail = str(e) if getattr(args, "verbose", False) else str(e).strip().splitlines()[-1]
-        print(f"arfuse demo: FAILED: {detail}", file=sys.stderr)
+        print(f"{PROG}: FAILED: {output.failure(e, getattr(args, 'verbose', False))}", file=sys.stderr)
         return 1
     return _report(config, ranks, *result)
 
@@ -135,14 +140,16 @@ def demo_rank(rank: int, world_size: int, config: DemoConfig):
 
     dtype = getattr(torch, config.dtype)
     device = torch.device("cuda", torch.cuda.current_device()) if config.device == "cuda" else torch.device("cpu")
-    if device.type == "cpu":  # ranks share this host's cores; oversubscribed OpenMP threads spin and crawl
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     mine: List[RankRow] = []
-    with AllReduceFusion(max_tokens=max(config.tokens), hidden_size=config.hidden, dtype=dtype, device=device,
-                         backend=config.backend) as fusion:
+    bar = output.progress(len(config.tokens) * len(PATTERNS), f"rank 0 of {world_size}: constructing",
+                          enabled=config.progress and rank == 0, unit="check")
+    with bar, AllReduceFusion(max_tokens=max(config.tokens), hidden_size=config.hidden, dtype=dtype,
+                              device=device, backend=config.backend) as fusion:
         for i, tokens in enumerate(config.tokens):
             for j, pattern in enumerate(PATTERNS):
+                bar.set_description(f"rank 0 of {world_size}: {pattern}, {tokens} tokens")
                 mine.append(_check_one(fusion, config, tokens, pattern, config.seed + 97 * i + j, rank, world_size))
+                bar.update(1)
         stats = fusion.stats()
     gathered: List[Tuple[List[RankRow], dict]] = [None] * world_size  # type: ignore[list-item]
     dist.all_gather_object(gathered, (mine, dict(stats)))
@@ -178,8 +185,6 @@ def _check_one(fusion, config: DemoConfig, tokens: int, pattern: str, seed: int,
     outputs = (out,) if res_out is None else (out, res_out)
     return RankRow(tokens, pattern, path, err_out, err_res, TOLERANCE[out_dtype], digest(*outputs),
                    _median_us(call, config, device))
-
-
 
 
 def _median_us(call, config: DemoConfig, device) -> float:
@@ -235,21 +240,28 @@ def _exit_code(rows: Sequence[Row], stats_agree: bool) -> int:
 
 
 def _report(config: DemoConfig, ranks: int, rows: Sequence[Row], stats, stats_agree: bool) -> int:
-    from rich.console import Console
+    from rich import box
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    console = output.console()
     fabric = "NCCL" if config.device == "cuda" else "gloo"
     table = Table(title=f"arfuse demo: {ranks} ranks ({config.device}, {fabric}), hidden {config.hidden}, "
                         f"{config.dtype}, backend {config.backend}",
-                  caption=f"error: ||out - ref|| / ||ref|| against float64, worst rank; "
-                          f"time: median of {config.iters} eager calls, slowest rank")
-    for name, justify in (("tokens", "right"), ("pattern", "left"), ("backend", "left"), ("err out", "right"),
-                          ("err residual", "right"), ("time µs", "right"), ("status", "left")):
-        table.add_column(name, justify=justify)
+                  caption=f"err: ||out - ref|| / ||ref|| against float64, worst rank; "
+                          f"µs: median of {config.iters} eager calls, slowest rank",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    # Fits 80 columns with the pattern names whole (residual_rmsnorm vs residual_rmsnorm_fp8); a long path name
+    # (triton_symm/lamport_two_shot) or failure reason folds onto a second line instead.
+    table.add_column("tokens", justify="right", no_wrap=True)
+    table.add_column("pattern", no_wrap=True, min_width=max(map(len, PATTERNS)))
+    table.add_column("path", overflow="fold")
+    for name in ("err out", "err res", "µs"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("status", overflow="fold")
     for r in rows:
-        table.add_row(str(r.tokens), r.pattern, r.path, f"{r.err_out:.2e}",
-                      "-" if r.err_residual is None else f"{r.err_residual:.2e}", f"{r.median_us:.1f}",
+        table.add_row(str(r.tokens), r.pattern, r.path, f"{r.err_out:.1e}",
+                      "-" if r.err_residual is None else f"{r.err_residual:.1e}",
+                      f"{r.median_us:.1f}" if r.median_us < 100 else f"{r.median_us:.0f}",
                       "[green]ok[/green]" if r.problem is None else f"[red]FAIL: {r.problem}[/red]")
     console.print(table)
     console.print(str(stats), markup=False, highlight=False)
@@ -261,20 +273,3 @@ def _report(config: DemoConfig, ranks: int, rows: Sequence[Row], stats, stats_ag
         return 1
     console.print(f"[green]all {len(rows)} checks passed[/green]")
     return 0
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _token_list(text: str) -> Tuple[int, ...]:
-    try:
-        values = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"token counts must be >= 1, got {text!r}")
-    return values

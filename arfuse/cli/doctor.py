@@ -1,7 +1,7 @@
 """``arfuse doctor [--json]``: which backends can run here, and why not.
 
 For every registered backend: available yes/no with the reason, judged on one representative call
-(``--tokens``, ``--hidden-size``, ``--dtype``) for this process's group: WORLD under ``torchrun``, else a world of
+(``--tokens``, ``--hidden``, ``--dtype``) for this process's group: WORLD under ``torchrun``, else a world of
 one. For FlashInfer also: version, API generation, the per-kwarg support flags and which API arfuse drives. Works
 without a GPU (and says why GPU backends are then unavailable). Under ``torchrun`` every rank probes (the group
 facts are collective) and rank 0 prints. ``--json`` prints one JSON object.
@@ -11,16 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-DTYPES = ("bfloat16", "float16", "float32")
+from arfuse.cli import args as args_, output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--tokens", type=int, default=1, help="token count of the representative call")
-    parser.add_argument("--hidden-size", type=int, default=8192, help="hidden size of the representative call")
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the representative call")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables (default: "
+                                                            "tables)")
+    parser.add_argument("--tokens", type=args_.positive_int, default=1,
+                        help="token count of the representative call (default: 1)")
+    parser.add_argument("--hidden", type=args_.positive_int, default=8192,
+                        help="hidden size of the representative call (default: 8192)")
+    args_.add_hidden_alias(parser, "hidden", args_.positive_int)
+    parser.add_argument("--dtype", type=args_.dtype, default="bfloat16",
+                        help=f"dtype of the representative call: {args_.DTYPE_HELP} (default: bfloat16)")
 
 
 def _no_gpu_reason() -> Optional[str]:
@@ -75,7 +80,7 @@ def collect(args) -> Dict[str, Any]:
     fi = flashinfer_api.probe()
     no_gpu = _no_gpu_reason()
     dtype = getattr(torch, args.dtype)
-    problem = Problem(Pattern.RESIDUAL_RMSNORM, args.tokens, args.hidden_size, dtype, device.type, caps.world_size)
+    problem = Problem(Pattern.RESIDUAL_RMSNORM, args.tokens, args.hidden, dtype, device.type, caps.world_size)
     backends = {}
     for backend in base.registered():
         backends[backend.name] = _backend_entry(backend, problem, caps, no_gpu)
@@ -93,8 +98,9 @@ def collect(args) -> Dict[str, Any]:
                    "gpu_count": torch.cuda.device_count() if no_gpu is None else 0, "gpu_name": caps.gpu_name,
                    "sm": list(caps.sm) if caps.sm else None, "world_size": caps.world_size, "rank": caps.rank,
                    "under_torchrun": joined, "dist_backend": caps.dist_backend, "single_host": caps.single_host,
-                   "p2p": caps.p2p, "symm_mem": caps.symm_mem, "triton": caps.triton, "notes": list(caps.notes)},
-        "problem": {"pattern": problem.spec.name, "tokens": problem.num_tokens, "hidden_size": args.hidden_size,
+                   "p2p": caps.p2p, "symm_mem": caps.symm_mem, "triton": caps.triton,
+                   "triton_installed": _triton_version(), "notes": list(caps.notes)},
+        "problem": {"pattern": problem.spec.name, "tokens": problem.num_tokens, "hidden_size": args.hidden,
                     "dtype": args.dtype},
     }
     if joined:
@@ -104,12 +110,79 @@ def collect(args) -> Dict[str, Any]:
     return report
 
 
+def _triton_version() -> Optional[str]:
+    """The installed Triton's version, or None (not imported: this only reads the package metadata)."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return "installed (version unknown)"
+
+
+def _yes_no(value: bool, why_not: Optional[str] = None) -> str:
+    return "yes" if value else (f"no: {why_not}" if why_not else "no")
+
+
+def flashinfer_rows(fi: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """The FlashInfer table: what is installed (from the package metadata, even when the import fails), whether
+    arfuse can use it and why not, and what its API offers."""
+    version = fi.get("version")
+    rows = [("installed", f"yes, version {version}" if version else
+             ("yes (version unknown)" if fi.get("module_file") else "no (pip install flashinfer-python)")),
+            ("usable", _yes_no(fi["installed"], fi["probe_reason"] if version or fi.get("module_file") else None))]
+    if fi.get("module_file"):
+        rows.append(("module", fi["module_file"]))
+    if fi["installed"]:
+        rows += [("API", str(fi["api"])),
+                 ("arfuse drives", ", ".join(f"{k}: {v or 'none'}" for k, v in fi.get("paths", {}).items()) or "-"),
+                 ("supports", ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in fi["supports"].items()))]
+    rows += [("note", note) for note in fi.get("notes", [])]
+    return rows
+
+
+def device_rows(dev: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """The device and group table, every "no" with its reason where one is known."""
+    no_gpu = dev["no_gpu_reason"]
+    notes = dev["notes"]
+
+    def why(prefix: str) -> Optional[str]:
+        found = next((n for n in notes if n.startswith(prefix + ":")), None)
+        if found:
+            return found.split(": ", 1)[-1]
+        if no_gpu:
+            return f"no GPU ({no_gpu})"
+        return "a world of one has no peers" if prefix == "p2p" and dev["world_size"] == 1 else None
+
+    triton = dev.get("triton_installed")
+    if dev["triton"]:
+        triton_text = f"yes, version {triton}"
+    elif triton:
+        triton_text = f"installed (version {triton}), unused: {why('triton') or 'no CUDA device'}"
+    else:
+        triton_text = "no: not installed (pip install triton); arfuse's own GPU kernels need it"
+    rows = [("torch", dev["torch"]), ("cuda", dev["cuda"] or "none (torch built without CUDA)"),
+            ("device", dev["device"]), ("gpus", f"{dev['gpu_count']}" + (f" x {dev['gpu_name']}, sm "
+                                                                         f"{'.'.join(map(str, dev['sm']))}"
+                                                                         if dev["gpu_name"] and dev["sm"] else "")),
+            ("group", f"rank {dev['rank']} of {dev['world_size']}, " +
+             (f"{dev['dist_backend']}" if dev["dist_backend"] else "no process group (a world of one)") +
+             (", one host" if dev["single_host"] else ", several hosts")),
+            ("peer access (p2p)", _yes_no(dev["p2p"], why("p2p"))),
+            ("symmetric memory", _yes_no(dev["symm_mem"], why("symm_mem"))),
+            ("triton", triton_text)]
+    explained = ("p2p:", "symm_mem:", "triton:")  # shown as the reasons above
+    rows += [("note", n) for n in notes if not n.startswith(explained)]
+    return rows
+
+
 def _render(report: Dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    dev = report["device"]
+    console = output.console()
     table = Table(title="arfuse doctor: backends", show_lines=True)
     for col in ("backend", "available", "reason / variants"):
         table.add_column(col)
@@ -117,26 +190,15 @@ def _render(report: Dict[str, Any]) -> None:
         detail = b["reason"] or ", ".join(f"{v}: {r}" for v, r in b.get("variants", {}).items())
         table.add_row(name, "[green]yes[/green]" if b["available"] else "[red]no[/red]", detail)
     console.print(table)
-    fi = report["backends"]["flashinfer"]
-    fit = Table(title="FlashInfer", show_header=False)
-    fit.add_row("installed", f"{'yes' if fi['installed'] else 'no'} {fi['probe_reason']}".strip())
-    fit.add_row("version / API", f"{fi['version']} / {fi['api']}")
-    fit.add_row("module", str(fi.get("module_file")))
-    fit.add_row("arfuse drives", ", ".join(f"{k}: {v}" for k, v in fi.get("paths", {}).items()) or "-")
-    fit.add_row("supports", ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in fi["supports"].items()))
-    for note in fi.get("notes", []):
-        fit.add_row("note", note)
-    console.print(fit)
-    devt = Table(title="device and group", show_header=False)
-    for key in ("torch", "cuda", "device", "gpu_count", "gpu_name", "sm", "world_size", "rank", "dist_backend",
-                "p2p", "single_host", "symm_mem", "triton", "no_gpu_reason"):
-        devt.add_row(key, str(dev[key]))
-    for note in dev["notes"]:
-        devt.add_row("note", note)
-    if report.get("group_restriction"):
-        devt.add_row("selection", f"{report['group_restriction']}: only NCCL + fused norm (and torch_ref) run "
-                                  "across hosts")
-    console.print(devt)
+    for title, rows in (("FlashInfer", flashinfer_rows(report["backends"]["flashinfer"])),
+                        ("device and group", device_rows(report["device"]))):
+        facts = Table(title=title, show_header=False)
+        for key, value in rows:
+            facts.add_row(key, str(value))
+        if title != "FlashInfer" and report.get("group_restriction"):
+            facts.add_row("selection", f"{report['group_restriction']}: only NCCL + fused norm (and torch_ref) run "
+                                       "across hosts")
+        console.print(facts)
 
 
 def run(args) -> int:

@@ -3,7 +3,9 @@
 Each rank builds its shard of the model once (same seed on every rank), then for every path: switches the
 norms, runs the agreement check (greedy decoding, teacher-forced on the reference path's tokens), times prefill
 (TTFT) and decode (TPOT). The reference is ``unfused`` when listed, else the first path. Prints a table with
-the change against the reference, writes JSON, and exits 1 if a path disagrees with the reference.
+the change against the reference, writes JSON, and exits 1 if a path disagrees with the reference. By default
+it runs a model that finishes on the machine (``tiny`` on CPU, ``llama3-8b`` on GPUs); every flag is checked
+before any rank starts, and rank 0 shows on stderr which path and point it is timing.
 """
 from __future__ import annotations
 
@@ -14,63 +16,69 @@ import json
 import os
 import platform
 import statistics
+import sys
 from datetime import datetime, timezone
 from typing import Dict, List, Optional, Tuple
 
 
+from arfuse.cli import args as args_, output
+from arfuse.cli.args import UsageError
+
+PROG = "arfuse e2e"
 COMPILE_MODES = {"eager": "no torch.compile", "pointwise": "rotary + SwiGLU torch.compile'd"}
 DECODE_ATTENTION = {"sdpa": "scaled_dot_product_attention", "triton": "split-KV Triton kernel"}
-
-
-def _int_list(text: str) -> Tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _str_list(text: str) -> Tuple[str, ...]:
-    values = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one path")
-    return values
+UNFUSED = "unfused"  # arfuse.models.tp.UNFUSED (not imported here: that would import the model at parse time)
+DEFAULT_PRESET = {"cpu": "tiny", "cuda": "llama3-8b"}  # each finishes on one device of its kind
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="llama3-70b", help="tiny | llama3-8b | llama3-70b (default: llama3-70b)")
-    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
-    p.add_argument("--tp", type=int, default=None,
+    from arfuse.models.llama import PRESETS
+
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help=f"model shapes: {', '.join(PRESETS)} (default: {DEFAULT_PRESET['cpu']} on CPU, "
+                        f"{DEFAULT_PRESET['cuda']} on GPU)")
+    p.add_argument("--layers", type=args_.positive_int, default=None,
+                   help="override the preset's layer count (default: the preset's)")
+    p.add_argument("--tp", type=args_.positive_int, default=None,
                    help="ranks (default: all GPUs, or 2 on CPU; 1 with --rank-shapes-of)")
-    p.add_argument("--backends", type=_str_list, default=("auto", "unfused"),
-                   help="norm paths: auto, unfused, or arfuse backend names (default: auto,unfused)")
-    p.add_argument("--prompt-lens", type=_int_list, default=(128, 512, 2048), help="TTFT prompt lengths")
-    p.add_argument("--batches", type=_int_list, default=(1, 8, 32, 64), help="TPOT decode batches")
-    p.add_argument("--kv-len", type=int, default=1024, help="KV length of the timed decode step")
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--backends", type=args_.name_list, default=("auto", UNFUSED),
+                   help="comma-separated norm paths: auto, unfused, or arfuse backend names or name/variant "
+                        "(default: auto,unfused)")
+    p.add_argument("--prompt-lens", type=args_.int_list, default=(128, 512, 2048),
+                   help="comma-separated TTFT prompt lengths (default: 128,512,2048)")
+    p.add_argument("--batches", type=args_.int_list, default=(1, 8, 32, 64),
+                   help="comma-separated TPOT decode batches (default: 1,8,32,64)")
+    p.add_argument("--kv-len", type=args_.positive_int, default=1024,
+                   help="KV length of the timed decode step (default: 1024)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", type=args_.dtype, default=None,
+                   help=f"{args_.DTYPE_HELP} (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--graph-prefill", action="store_true",
-                   help="also time each prefill captured in a CUDA graph (GPU time without host launch overhead)")
+                   help="also time each prefill captured in a CUDA graph (GPU time without host launch overhead; "
+                        "default: off)")
     p.add_argument("--compile", choices=COMPILE_MODES, default=None,
                    help="what torch.compile covers, every path alike: eager (nothing) or pointwise (rotary + "
-                        "SwiGLU); default: pointwise on CUDA, eager on CPU")
+                        "SwiGLU) (default: pointwise on CUDA, eager on CPU)")
     p.add_argument("--decode-attention", choices=DECODE_ATTENTION, default=None,
-                   help="decode attention, every path alike: sdpa, or triton (arfuse's split-KV kernel); "
-                        "default: triton on CUDA, sdpa on CPU")
-    p.add_argument("--rank-shapes-of", type=int, default=None, metavar="N",
+                   help="decode attention, every path alike: sdpa, or triton (arfuse's split-KV kernel) "
+                        "(default: triton on CUDA, sdpa on CPU)")
+    p.add_argument("--rank-shapes-of", type=args_.positive_int, default=None, metavar="N",
                    help="one device (--tp 1) with the shapes one rank of a TP-N model computes with, and no "
-                        "communication: the floor under every allreduce path of that TP run")
+                        "communication: the floor under every allreduce path of that TP run (default: off)")
     p.add_argument("--profile", action="store_true",
-                   help="also record where each timed step's device time goes (kernels by category, rank 0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefill-repeats", type=int, default=5)
-    p.add_argument("--decode-replays", type=int, default=20)
-    p.add_argument("--check-steps", type=int, default=8, help="greedy steps compared between paths")
-    p.add_argument("--timeout", type=float, default=1200.0, help="seconds before the ranks are killed")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
+                   help="also record where each timed step's device time goes (kernels by category, rank 0; "
+                        "default: off)")
+    p.add_argument("--seed", type=args_.non_negative_int, default=0, help="weight and input seed (default: 0)")
+    p.add_argument("--prefill-repeats", type=args_.positive_int, default=5,
+                   help="timed prefills per prompt length, median taken (default: 5)")
+    p.add_argument("--decode-replays", type=args_.positive_int, default=20,
+                   help="timed CUDA-graph replays (CPU: eager steps) per decode batch, mean taken (default: 20)")
+    p.add_argument("--check-steps", type=args_.positive_int, default=8,
+                   help="greedy steps compared between paths (default: 8)")
+    p.add_argument("--timeout", type=args_.positive_float, default=1200.0,
+                   help="seconds before the ranks are killed (default: 1200)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results here (default: not written)")
+    p.add_argument("--no-progress", action="store_true", help="no progress on stderr (default: shown)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +102,7 @@ class Spec:
     profile: bool = False
     check_batch: int = 2
     check_prompt_len: int = 32
+    progress: bool = True
 
     @property
     def reference(self) -> str:
@@ -102,6 +111,12 @@ class Spec:
     @property
     def max_tokens(self) -> int:
         return max(max(self.prompt_lens), max(self.batches), self.check_batch * self.check_prompt_len)
+
+    @property
+    def steps_per_path(self) -> int:
+        """What one path runs, for the progress bar: the check, each TTFT and TPOT point, and the extras."""
+        points = len(self.prompt_lens) + len(self.batches)
+        return 1 + points + (len(self.prompt_lens) if self.graph_prefill else 0) + (points if self.profile else 0)
 
 
 def _model_args(spec: Spec):
@@ -134,7 +149,20 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
     cfg = timing.TimingConfig(prefill_repeats=spec.prefill_repeats, decode_replays=spec.decode_replays,
                               seed=spec.seed)
     results: Dict[str, dict] = {}
-    with torch.no_grad():
+    order = [spec.reference] + [p for p in spec.paths if p != spec.reference]
+    bar = output.progress(len(order) * spec.steps_per_path, f"rank 0 of {world_size}: building the model",
+                          enabled=spec.progress and rank == 0)
+
+    def each(path: str, points, what: str, fn) -> Dict[str, object]:
+        """``{str(point): fn(point)}``, one progress step per point."""
+        out = {}
+        for point in points:
+            bar.set_description(f"rank 0 of {world_size}: {path}: {what}{point}")
+            out[str(point)] = fn(point)
+            bar.update(1)
+        return out
+
+    with bar, torch.no_grad():
         args = _model_args(spec)
         model = tp.build(args, seed=spec.seed, dtype=dtype, device=device)
         if spec.compile == "pointwise":
@@ -142,9 +170,9 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
         model.use_decode_attention_(spec.decode_attention)
         switch = tp.NormSwitch(model, None, tp.TPConfig(max_tokens=spec.max_tokens))
         prompt = timing.random_tokens((spec.check_batch, spec.check_prompt_len), args.vocab_size, spec.seed, device)
-        order = [spec.reference] + [p for p in spec.paths if p != spec.reference]
         ref_logits = ref_tokens = None
         for path in order:
+            bar.set_description(f"rank 0 of {world_size}: {path}: agreement check")
             switch.use(path)
             logits, tokens = generate.greedy(model, prompt, spec.check_steps, forced=ref_tokens)
             if ref_logits is None:
@@ -152,11 +180,12 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
             check = generate.compare(ref_logits, logits, dtype)
             check["ranks_identical"] = _identical_across_ranks(logits)
             check["ok"] = check["ok"] and check["ranks_identical"]
-            samples = {str(p): timing.prefill_samples(model, p, cfg) for p in spec.prompt_lens}
+            bar.update(1)
+            samples = each(path, spec.prompt_lens, "TTFT P=", lambda p: timing.prefill_samples(model, p, cfg))
             ttft = {p: statistics.median(v) for p, v in samples.items()}
-            tpot = {str(b): timing.time_decode(model, b, spec.kv_len, cfg) for b in spec.batches}
-            graph_ttft = ({str(p): timing.time_prefill_graph(model, p, cfg) for p in spec.prompt_lens}
-                          if spec.graph_prefill else None)
+            tpot = each(path, spec.batches, "TPOT B=", lambda b: timing.time_decode(model, b, spec.kv_len, cfg))
+            graph_ttft = (each(path, spec.prompt_lens, "TTFT (graph) P=",
+                               lambda p: timing.time_prefill_graph(model, p, cfg)) if spec.graph_prefill else None)
             plans = {str(n): key for n, key in switch.plans(spec.prompt_lens + spec.batches).items()}
             results[path] = {"ttft_ms": ttft, "ttft_samples_ms": samples, "tpot_ms": tpot, "check": check,
                              "stats": switch.stats(), "plans": plans}
@@ -164,8 +193,10 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
                 results[path]["ttft_graph_ms"] = graph_ttft
             if spec.profile:
                 results[path]["profile"] = {
-                    "decode": {str(b): timing.profile_decode(model, b, spec.kv_len, cfg) for b in spec.batches},
-                    "prefill": {str(p): timing.profile_prefill(model, p, cfg) for p in spec.prompt_lens}}
+                    "decode": each(path, spec.batches, "profile B=",
+                                   lambda b: timing.profile_decode(model, b, spec.kv_len, cfg)),
+                    "prefill": each(path, spec.prompt_lens, "profile P=",
+                                    lambda p: timing.profile_prefill(model, p, cfg))}
         switch.close()
     method = dict(timing.method(device, cfg), compile=COMPILE_MODES[spec.compile],
                   decode_attention=DECODE_ATTENTION[spec.decode_attention])
@@ -201,9 +232,9 @@ def _cell(value: float, base: Optional[float]) -> str:
 
 def render(record: dict) -> None:
     """Print the path x metric table (with the change against the reference) and the agreement check."""
-    from rich.console import Console
     from rich.table import Table
 
+    console = output.console()
     ref, results = record["reference"], record["results"]
     paths = list(results)
     shapes = f", one rank's shapes of TP{record['rank_shapes_of']}" if record.get("rank_shapes_of") else ""
@@ -222,22 +253,21 @@ def render(record: dict) -> None:
     table.add_row("greedy tokens", *[f"{results[p]['check']['tokens_equal']}/{results[p]['check']['tokens']}"
                                      for p in paths])
     table.add_row("check", *["ok" if results[p]["check"]["ok"] else "FAILED" for p in paths])
-    Console().print(table)
+    console.print(table)
     for key, text in record["method"].items():
-        Console().print(f"  {key}: {text}")
+        console.print(f"  {key}: {text}")
     if any("profile" in r for r in results.values()):
         render_profile(results)
     spread = {p: max(_spread(v) for v in r["ttft_samples_ms"].values()) for p, r in results.items()
               if r.get("ttft_samples_ms")}
     if spread:
-        Console().print("  ttft spread over the repeats (max-min)/median, worst prompt: "
+        console.print("  ttft spread over the repeats (max-min)/median, worst prompt: "
                         + ", ".join(f"{p} {s:.0%}" for p, s in spread.items()))
 
 
 def render_profile(results: dict) -> None:
     """One row per path and timed step: the step's wall time, its kernels' summed time and count, and the
     summed time of each kernel category (rank 0)."""
-    from rich.console import Console
     from rich.table import Table
 
     from arfuse.models.profile import CATEGORIES, OTHER
@@ -253,7 +283,7 @@ def render_profile(results: dict) -> None:
                 cats = [f"{b['categories'][label]['us']:.0f}" for label in labels]
                 table.add_row(path, f"{kind} {var}={point}", "-" if wall is None else f"{wall * 1e3:.0f}",
                               f"{b['us']:.0f}", str(b["kernels"]), *cats)
-    console = Console()
+    console = output.console(150)
     console.width = max(console.width, 150)  # 13 columns: wider than a log's default 80
     console.print(table)
 
@@ -271,44 +301,58 @@ def _environment() -> dict:
     return env
 
 
-def run(args) -> int:
-    import torch
-
-    from arfuse import launch
+def _spec(args) -> Tuple[Spec, int]:
+    """(the run, its rank count), every flag checked (UsageError naming it) before any rank is spawned."""
     from arfuse.models import llama
 
-    device = args.device or launch.default_device()
-    if args.preset not in llama.PRESETS:
-        raise SystemExit(f"arfuse e2e: --preset must be one of {', '.join(llama.PRESETS)}, got {args.preset!r}")
-    for name in ("kv_len", "prefill_repeats", "decode_replays", "check_steps"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"arfuse e2e: --{name.replace('_', '-')} must be >= 1")
-    tp = args.tp or (1 if args.rank_shapes_of is not None else torch.cuda.device_count() if device == "cuda" else 2)
-    if tp < 1:
-        raise SystemExit(f"arfuse e2e: --tp must be >= 1, got {tp}")
-    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    device = args_.resolve_device(args.device or "auto")
+    args_.check_backends("--backends", args.backends, extra=(UNFUSED,))
+    args_.check_writable("--json", args.json)
+    tp = args.tp or (1 if args.rank_shapes_of is not None else
+                     args_.cuda_device_count() if device == "cuda" else 2)
     if args.rank_shapes_of is not None and tp != 1:
-        raise SystemExit(f"arfuse e2e: --rank-shapes-of runs one rank's shapes on one device: it needs --tp 1, "
-                         f"got --tp {tp}")
-    spec = Spec(args.preset, args.layers, args.backends, args.prompt_lens, args.batches, args.kv_len, dtype,
-                args.seed, args.prefill_repeats, args.decode_replays, args.check_steps, device,
+        raise UsageError(f"--rank-shapes-of runs one rank's shapes on one device: it needs --tp 1, got --tp {tp}")
+    args_.check_ranks("--tp", tp, device)
+    preset = args.preset or DEFAULT_PRESET[device]
+    model = llama.preset(preset, args.layers)
+    for flag, n in (("--tp", tp), ("--rank-shapes-of", args.rank_shapes_of)):
+        if n is not None and n > 1:
+            try:
+                llama.rank_shapes(model, n)
+            except ValueError as e:
+                raise UsageError(f"{flag} {n}: the {preset} model cannot be split {n} ways: "
+                                 f"{str(e).partition(': ')[2]}") from None
+    spec = Spec(preset, args.layers, args.backends, args.prompt_lens, args.batches, args.kv_len,
+                args.dtype or ("bfloat16" if device == "cuda" else "float32"), args.seed, args.prefill_repeats,
+                args.decode_replays, args.check_steps, device,
                 compile=args.compile or ("pointwise" if device == "cuda" else "eager"),
                 decode_attention=args.decode_attention or ("triton" if device == "cuda" else "sdpa"),
-                graph_prefill=args.graph_prefill, rank_shapes_of=args.rank_shapes_of, profile=args.profile)
+                graph_prefill=args.graph_prefill, rank_shapes_of=args.rank_shapes_of, profile=args.profile,
+                progress=not args.no_progress)
     if spec.graph_prefill and device != "cuda":
-        raise SystemExit("arfuse e2e: --graph-prefill needs CUDA (graph capture)")
+        raise UsageError("--graph-prefill needs CUDA (graph capture); this run is on cpu")
     if spec.decode_attention == "triton" and device != "cuda":
         from arfuse.models.decode_attention import interpreted
 
         if not interpreted():
-            raise SystemExit("arfuse e2e: --decode-attention triton needs CUDA (or TRITON_INTERPRET=1)")
+            raise UsageError("--decode-attention triton needs CUDA (or TRITON_INTERPRET=1); choose sdpa")
+    return spec, tp
+
+
+def run(args) -> int:
+    from arfuse import launch
+
+    spec, tp = _spec(args)
+    if spec.progress:
+        output.status(PROG, f"starting {tp} {spec.device} rank{'s' if tp > 1 else ''}: {spec.preset}, paths "
+                            f"{', '.join(spec.paths)} ...")
     try:
-        _model_args(spec)  # validates --layers and --rank-shapes-of before spawning
-    except ValueError as e:
-        raise SystemExit(f"arfuse e2e: {e}") from None
-    outs = launch.run_ranks(_rank_main, tp, spec, device=device, timeout_s=args.timeout)
+        outs = launch.run_ranks(_rank_main, tp, spec, device=spec.device, timeout_s=args.timeout)
+    except (launch.RankFailed, TimeoutError) as e:
+        print(f"{PROG}: FAILED: {output.failure(e, getattr(args, 'verbose', False))}", file=sys.stderr)
+        return 1
     first = outs[0]
-    record = dict(_environment(), preset=spec.preset, tp=tp, dtype=dtype, reference=spec.reference,
+    record = dict(_environment(), preset=spec.preset, tp=tp, dtype=spec.dtype, reference=spec.reference,
                   kv_len=spec.kv_len, check_steps=spec.check_steps, rank_shapes_of=spec.rank_shapes_of, **first)
     render(record)
     if args.json:
@@ -317,6 +361,6 @@ def run(args) -> int:
             json.dump(record, f, indent=2)
     failed = [p for p, r in record["results"].items() if not r["check"]["ok"]]
     if failed:
-        print(f"arfuse e2e: paths disagree with {spec.reference}: {', '.join(failed)}")
+        print(f"{PROG}: paths disagree with {spec.reference}: {', '.join(failed)}")
         return 1
     return 0

@@ -1,12 +1,17 @@
 """``arfuse <command>``: each command lives in its own module exposing ``add_arguments(parser)`` and
-``run(args) -> int`` (the exit code); modules are imported only when their command runs."""
+``run(args) -> int`` (the exit code); every command module is imported to build the parser, so they import their
+heavy dependencies inside their functions.
+
+A mistake on the command line is one line on stderr and exit code 2 (:mod:`arfuse.cli.args`).
+"""
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import sys
 from typing import List, Optional
+
+from arfuse.cli.args import Parser, UsageError, fail
 
 COMMANDS = {
     "demo": ("arfuse.cli.demo", "run the fused op over a token sweep on all local ranks and check every result"),
@@ -17,9 +22,19 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arfuse", description="Fused TP allreduce + residual + RMSNorm.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log arfuse's decisions (INFO)")
+def version() -> str:
+    """arfuse's version: ``arfuse.__version__``, the one source pyproject.toml reads too."""
+    import arfuse
+
+    return arfuse.__version__
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="arfuse", description="Fused TP allreduce + residual + RMSNorm.")
+    parser.add_argument("--version", action="version", version=f"arfuse {version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log arfuse's decisions (INFO) and print a failed rank's whole traceback (default: "
+                             "warnings and the traceback's last line); before the command")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, helptext) in COMMANDS.items():
         p = sub.add_parser(name, help=helptext, description=helptext)
@@ -33,9 +48,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if not args.command:
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except UsageError as e:
+        fail(f"arfuse {args.command}", str(e))
 
 
 if __name__ == "__main__":

@@ -15,33 +15,36 @@ import sys
 import time
 from pathlib import Path
 
-from arfuse.cli.bench import add_common, int_list, launch_each, resolve_device, sweep_config
+from arfuse.cli import args as args_
+from arfuse.cli.args import UsageError
+from arfuse.cli.bench import add_common, launch_each, resolve_device, sweep_config
 
 TUNE_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int_list, default=TUNE_TOKENS,
+    p.add_argument("--tokens", type=args_.sorted_int_list, default=TUNE_TOKENS,
                    help="token counts (default: 1,2,3,4,6,8,...,1536,2048)")
     add_common(p)
     p.add_argument("--out", default=None, metavar="PATH",
                    help="table file (default: ARFUSE_TUNE_FILE, else ~/.cache/arfuse/tune.json)")
     p.add_argument("--from-bench", nargs="+", default=None, metavar="JSON",
-                   help="build the entries from bench JSON files (e.g. one per world size)")
+                   help="build the entries from bench JSON files (e.g. one per world size) instead of timing "
+                        "(default: time)")
     p.add_argument("--write-defaults", action="store_true",
-                   help="with --from-bench: write into arfuse's shipped defaults.json")
+                   help="with --from-bench: write into arfuse's shipped defaults.json (default: --out)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.write_defaults and not args.from_bench:
-        print("arfuse tune: --write-defaults needs --from-bench JSON", file=sys.stderr)
-        return 2
+        raise UsageError("--write-defaults needs --from-bench JSON")
     if args.from_bench:
         return _from_bench(args)
     from arfuse.bench.tuner import tune_rank
     from arfuse.select import table
 
     device = resolve_device(args)
+    args_.check_writable("--out", args.out)
     out = Path(args.out) if args.out else table.default_tune_path()
     cfg = sweep_config(args, device, args.tokens, peers=False, auto=False)
     start = time.monotonic()
@@ -68,8 +71,7 @@ def _from_bench(args: argparse.Namespace) -> int:
             doc = json.loads(source.read_text())
             measurements = validate(doc)
         except (OSError, ValueError) as e:
-            print(f"arfuse tune: cannot use {source}: {e}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--from-bench {source}: {e}") from None
         date = doc.get("machine", {}).get("date", "")
         entries += entries_from_measurements(measurements, source=f"{source.name} {date}".strip())
     if not entries:

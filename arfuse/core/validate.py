@@ -190,3 +190,52 @@ def check_moe(op: str, expert_out, permuted_idx, expert_scales, shared, capacity
             raise ValueError(f"{op}: permuted_idx holds {bad}, outside [0, {expert_out.shape[0]}) (the rows of "
                              f"expert_out)")
     return tokens
+
+
+def check_int_arg(op: str, name: str, value) -> int:
+    """``value`` must be an int >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{op}: {name} must be > 0, got {value}")
+    return value
+
+
+def check_module_args(op: str, capacity: Capacity, hidden_size, eps, dtype, device, inplace_residual) -> float:
+    """A norm module's arguments against the fusion object it runs through; returns ``eps`` as a float. Every
+    mismatch would otherwise fail only at the first call."""
+    check_int_arg(op, "hidden_size", hidden_size)
+    if hidden_size != capacity.hidden_size:
+        raise ValueError(f"{op}: hidden_size must equal the fusion object's hidden_size={capacity.hidden_size}, "
+                         f"got {hidden_size}")
+    eps = check_eps(op, eps)
+    if dtype is not None and dtype != capacity.dtype:
+        raise TypeError(f"{op}: dtype must be the fusion object's dtype {dtype_name(capacity.dtype)} (or None), "
+                        f"got {dtype}")
+    if device is not None:
+        try:
+            same = torch.device(device).type == capacity.device.type and (
+                torch.device(device).index in (None, capacity.device.index))
+        except (RuntimeError, TypeError, ValueError):
+            same = False
+        if not same:
+            raise ValueError(f"{op}: device must be the fusion object's device {capacity.device} (or None), "
+                             f"got {device!r}")
+    if not isinstance(inplace_residual, bool):
+        raise TypeError(f"{op}: inplace_residual must be a bool, got {type(inplace_residual).__name__}")
+    return eps
+
+
+def check_functional_input(op: str, x, name: str = "x") -> None:
+    """What a functional call needs of ``x`` to pick its cached fusion object, checked here so that a bad ``x``
+    is blamed on ``op: x`` and not on the object's constructor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: {name} must be 2-D (tokens, hidden), got {x.dim()}-D shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: {name} must have dtype float32, bfloat16 or float16, got {dtype_name(x.dtype)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{op}: {name} must have a hidden size > 0, got shape {tuple(x.shape)}")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{op}: {name} must be on a cpu or cuda device, got {x.device}")

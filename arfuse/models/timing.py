@@ -1,5 +1,5 @@
-"""Time to first token (TTFT) and time per output token (TPOT) of a sharded model, measured as PERFORMANCE.md's
-end-to-end anchor was.
+"""Time to first token (TTFT) and time per output token (TPOT) of a sharded model, measured the way the
+project's end-to-end targets are stated.
 
 - TTFT: eager prefill of P tokens at batch 1, median of ``prefill_repeats`` runs after ``prefill_warmup``,
   each started together on all ranks (barrier), wall clock to the end of the GPU work of the slowest rank.

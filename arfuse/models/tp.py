@@ -207,7 +207,7 @@ class NormSwitch:
                                                  device=weight.device, backend=path, strict=self.config.strict)
             modules = []
             for norm in self.plain:
-                fused = arfuse.FusedAddRMSNorm(weight.shape[0], norm.eps, self.fusion)
+                fused = arfuse.FusedAddRMSNorm(weight.shape[0], norm.eps, fusion=self.fusion)
                 fused.weight = norm.weight
                 modules.append(fused)
         for (parent, attr), module in zip(self.sites, modules):

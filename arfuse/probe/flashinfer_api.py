@@ -256,16 +256,25 @@ def _lookup(comm, name: str):
     return None, None
 
 
+DISTRIBUTIONS = ("flashinfer-python", "flashinfer")  # the package's names on PyPI, newest first
+
+
+def installed_version() -> Optional[str]:
+    """The version the installed distribution's metadata records, or None if none is installed. Imports nothing,
+    so it answers even when ``import flashinfer`` fails (e.g. a missing native dependency)."""
+    from importlib import metadata
+
+    for name in DISTRIBUTIONS:
+        try:
+            return metadata.version(name)
+        except Exception:  # boundary: absent (PackageNotFoundError) or broken distribution metadata
+            continue
+    return None
+
+
 def _version(fi) -> Optional[str]:
     version, _ = _get(fi, "__version__")
-    if isinstance(version, str):
-        return version
-    try:
-        from importlib import metadata
-
-        return metadata.version("flashinfer-python")
-    except Exception:  # boundary: broken or absent distribution metadata
-        return None
+    return version if isinstance(version, str) else installed_version()
 
 
 def _patterns(comm) -> Tuple[Dict[str, int], Optional[str]]:
@@ -333,7 +342,7 @@ def _first(notes: list) -> str:
 def _probe_now() -> FlashInferProbe:
     fi, err = _import("flashinfer")
     if fi is None:
-        return FlashInferProbe(False, err)
+        return FlashInferProbe(False, err, version=installed_version())
     version = _version(fi)
     module_file, _ = _get(fi, "__file__")
     module_file = module_file if isinstance(module_file, str) else None

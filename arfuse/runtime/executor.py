@@ -120,6 +120,11 @@ class Executor:
                 self._prepare(name)
         self.plans: Dict[int, List[Optional[Plan]]] = {}  # by spec code
 
+    def never_runs(self) -> Optional[str]:
+        """Why no call of any kind would run the requested path (every plan a fallback), or None."""
+        plans = [plan for spec in catalogue() for _, _, plan in self._segments(spec, True)]
+        return plans[0].reason if plans and all(p.fallback for p in plans) else None
+
     def plan_table(self, spec: FusionSpec) -> List[Optional[Plan]]:
         """The plans of ``spec`` indexed by token count (built on first use)."""
         table = self.plans.get(spec.code)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from arfuse.cli import e2e
+from arfuse.cli.args import UsageError
 from arfuse.launch import run_ranks
 from arfuse.models import generate, llama, timing, tp
 
@@ -178,7 +179,7 @@ def test_compare_allows_only_near_ties():
     assert not generate.compare(ref, ref * float("nan"), torch.bfloat16)["ok"]
 
 
-def test_e2e_cli_tiny_tp2(tmp_path, capsys):
+def test_e2e_cli_tiny_tp2(tmp_path, capfd):
     parser = argparse.ArgumentParser()
     e2e.add_arguments(parser)
     path = tmp_path / "e2e.json"
@@ -186,7 +187,12 @@ def test_e2e_cli_tiny_tp2(tmp_path, capsys):
                               "--prompt-lens", "16,32", "--batches", "1,4", "--kv-len", "32",
                               "--prefill-repeats", "2", "--decode-replays", "3", "--json", str(path)])
     assert e2e.run(args) == 0
-    assert "ttft spread over the repeats" in capsys.readouterr().out
+    out, err = capfd.readouterr()
+    assert "ttft spread over the repeats" in out
+    # progress on stderr (never stdout): what is starting, then rank 0 naming each path and point as it goes
+    assert "arfuse e2e: starting 2 cpu ranks: tiny, paths auto, unfused" in err and "rank 0 of 2" not in out
+    for step in ("unfused: agreement check", "unfused: TTFT P=32", "auto: TPOT B=4"):
+        assert f"rank 0 of 2: {step}" in err, (step, err[-2000:])
     record = json.loads(path.read_text())
     assert record["reference"] == "unfused" and record["tp"] == 2 and record["dtype"] == "float32"
     assert set(record["results"]) == {"auto", "unfused"}
@@ -214,7 +220,7 @@ def test_graph_prefill_needs_cuda_and_prefill_steps_have_no_position():
     parser = argparse.ArgumentParser()
     e2e.add_arguments(parser)
     args = parser.parse_args(["--preset", "tiny", "--tp", "2", "--device", "cpu", "--graph-prefill"])
-    with pytest.raises(SystemExit, match="--graph-prefill needs CUDA"):
+    with pytest.raises(UsageError, match="--graph-prefill needs CUDA"):
         e2e.run(args)
     _, model, prompt, ref_logits, _ = _tp1_reference()
     model.setup_caches(*prompt.shape)
@@ -250,8 +256,9 @@ def test_e2e_cli_rank_shapes_with_profile(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--tp", "2", "--rank-shapes-of", "2"], "--rank-shapes-of runs one rank's shapes on one device: it needs --tp 1"),
-    (["--rank-shapes-of", "3"], "rank_shapes: model n_heads=8 is not divisible by tp=3"),
-    (["--rank-shapes-of", "0"], "rank_shapes: tp must be a positive int, got 0"),
+    (["--rank-shapes-of", "3"], "--rank-shapes-of 3: the tiny model cannot be split 3 ways: model n_heads=8 is not "
+                                "divisible by tp=3"),
+    (["--tp", "3"], "--tp 3: the tiny model cannot be split 3 ways"),
     (["--tp", "1", "--decode-attention", "triton"], "--decode-attention triton needs CUDA"),
 ])
 def test_e2e_cli_rejects_before_spawning(argv, message, monkeypatch):
@@ -259,6 +266,13 @@ def test_e2e_cli_rejects_before_spawning(argv, message, monkeypatch):
     parser = argparse.ArgumentParser()
     e2e.add_arguments(parser)
     args = parser.parse_args(["--preset", "tiny", "--device", "cpu"] + argv)
-    with pytest.raises(SystemExit, match=re.escape(message)):
+    with pytest.raises(UsageError, match=re.escape(message)):
         e2e.run(args)
 
+
+def test_e2e_defaults_to_a_model_that_finishes_on_this_machine():
+    parser = argparse.ArgumentParser()
+    e2e.add_arguments(parser)
+    spec, tp = e2e._spec(parser.parse_args(["--device", "cpu"]))
+    assert (spec.preset, tp, spec.dtype) == ("tiny", 2, "float32")
+    assert e2e.DEFAULT_PRESET == {"cpu": "tiny", "cuda": "llama3-8b"}

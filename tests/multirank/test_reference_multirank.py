@@ -155,10 +155,13 @@ def test_auto_prefers_capable_backend_without_counting_a_fallback(on_groups):
 
 # -- the demo ------------------------------------------------------------------------------------------------------
 
-def test_demo_runs_and_every_check_passes(capsys):
+def test_demo_runs_and_every_check_passes(capfd):
     rc = cli_main(["demo", "--ranks", "2", "--hidden", "128", "--tokens", "1,5,33", "--iters", "2"])
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()
     assert rc == 0, out
+    # progress on stderr before the ranks start and while rank 0 checks each pattern and size
+    assert err.startswith("arfuse demo: starting 2 cpu ranks (gloo)"), err[:200]
+    assert "rank 0 of 2: residual_rmsnorm_fp8, 33 tokens" in err and "rank 0 of 2" not in out
     assert "all 12 checks passed" in out
     for pattern in demo.PATTERNS:
         assert pattern in out

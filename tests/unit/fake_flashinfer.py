@@ -221,6 +221,15 @@ def write_broken(root, kind: str) -> Path:
     return out
 
 
+def write_dist_info(directory, version: str, name: str = "flashinfer-python") -> Path:
+    """Installed-package metadata for ``name`` ``version`` in ``directory`` (what pip leaves next to the package),
+    so ``importlib.metadata`` finds the distribution whether or not its import works; returns ``directory``."""
+    info = Path(directory) / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return Path(directory)
+
+
 def _purge() -> None:
     for name in [m for m in sys.modules if m == "flashinfer" or m.startswith("flashinfer.")]:
         del sys.modules[name]

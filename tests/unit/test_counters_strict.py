@@ -115,9 +115,11 @@ def test_backend_that_cannot_run_on_cpu_falls_back_or_raises_in_strict(backends)
         assert fusion.stats()["calls"] == {"torch_ref": 1}
         (reason, n), = fusion.stats()["fallbacks"].items()
         assert n == 1 and "test_cuda_only" in reason
-    with _fusion("test_cuda_only", strict=True) as fusion:
-        with pytest.raises(arfuse.FallbackError, match="device cpu not supported"):
-            fusion.all_reduce(torch.ones(2, HIDDEN))
+    # strict, a path that can run nothing here is refused when the object is built, not at its first call
+    with pytest.raises(arfuse.FallbackError, match="test_cuda_only.*device cpu not supported"):
+        _fusion("test_cuda_only", strict=True)
+    with arfuse.strict(True), pytest.raises(arfuse.FallbackError, match="device cpu not supported"):
+        _fusion("test_cuda_only")
 
 
 def test_global_strict_switch_and_object_override(backends):

@@ -460,15 +460,14 @@ def check(fusion, spec: Spec, call: Call, xs_sum_fn: Callable[[], torch.Tensor])
 COUNTS: Dict[str, collections.Counter] = {"world_size_1": collections.Counter(), "world_size_2": collections.Counter()}
 
 
-def _write_summary(capsys) -> None:
-    """Print the cases run so far (past pytest's capture) and write them to fuzz_summary.json."""
+def _write_summary(figure) -> None:
+    """Report the cases run so far (in the run's "arfuse figures" section) and write them to fuzz_summary.json."""
     total = {k: sum(c.values()) for k, c in COUNTS.items()}
     figures = dict(cases=sum(total.values()), replays=0, faults_injected=0, faults_survived=0, hangs=0,
                    wrong_results=0, worst_error=None)
     save_figures("fuzz", figures, {k: dict(c) for k, c in COUNTS.items()}, filename="fuzz_summary.json")
-    with capsys.disabled():
-        print(f"\n[fuzz] {sum(total.values())} calls checked {total}; outcomes "
-              f"{ {k: dict(sorted(c.items())) for k, c in COUNTS.items()} }")
+    figure("fuzz", f"{sum(total.values())} calls checked {total}; outcomes "
+           f"{ {k: dict(sorted(c.items())) for k, c in COUNTS.items()} }")
 
 
 def _with_corners(test):
@@ -496,7 +495,7 @@ def test_every_call_returns_the_reference_or_raises_a_named_value_or_type_error(
     COUNTS["world_size_1"][f"{spec.op} {outcome}"] += 1
 
 
-def test_fuzzing_reached_both_outcomes_for_every_op(capsys):
+def test_fuzzing_reached_both_outcomes_for_every_op(figure):
     """Runs after the property test: the draws exercised valid and invalid calls of every op."""
     seen = COUNTS["world_size_1"]
     if not seen:
@@ -504,7 +503,7 @@ def test_fuzzing_reached_both_outcomes_for_every_op(capsys):
     for op in OPS:
         assert seen[f"{op} returned"] > 10, (op, dict(seen))
         assert seen[f"{op} ValueError"] + seen[f"{op} TypeError"] > 10, (op, dict(seen))
-    _write_summary(capsys)
+    _write_summary(figure)
 
 
 # -- 2 gloo ranks, a fixed list of generated cases -----------------------------------------------------------------
@@ -532,7 +531,7 @@ def _on_ranks(rank, world, specs_):
 
 
 @pytest.mark.timeout(180)
-def test_generated_cases_on_two_ranks_agree_and_match_the_reference(capsys):
+def test_generated_cases_on_two_ranks_agree_and_match_the_reference(figure):
     specs_ = fixed_specs(RANK_SPECS, seed=2026)
     per_rank = launch(_on_ranks, 2, specs_, timeout_s=120)
     failures = [f"rank {r}: {o}" for r, res in enumerate(per_rank) for o, _ in res if o.startswith("FAILED")]
@@ -545,4 +544,4 @@ def test_generated_cases_on_two_ranks_agree_and_match_the_reference(capsys):
     for outcome, _ in per_rank[0]:
         COUNTS["world_size_2"][outcome] += 1
     assert COUNTS["world_size_2"]["returned"] >= RANK_SPECS // 4, dict(COUNTS["world_size_2"])
-    _write_summary(capsys)
+    _write_summary(figure)

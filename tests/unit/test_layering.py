@@ -30,9 +30,9 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("arfuse.verify", "arfuse.launch",       # float64 oracle and the rank launcher, for tools and tests;
      "arfuse.testing"),                      # fault injection and figures for the reliability tests
     ("arfuse.bench", "arfuse.models"),       # benchmark/tuning runner; the demo TP model
-    ("arfuse.cli",),                         # the command line, on top of everything
+    ("arfuse.cli", "arfuse.__main__"),       # the command line (also as python -m arfuse), on top of everything
 )
-NOT_PART_OF_THE_PACKAGE = {"arfuse.conftest"}  # pytest's doctest wiring
+NOT_PART_OF_THE_PACKAGE: set = set()  # pytest's doctest wiring is the repository's conftest.py, not shipped
 
 
 def layer_of(module: str) -> Optional[int]:

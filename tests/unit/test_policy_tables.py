@@ -218,7 +218,7 @@ def test_cpu_group_on_two_hosts_uses_the_reference():
 
 
 # -- per-call decision cost ----------------------------------------------------------------------------------------
-def test_per_call_decision_cost(capsys):
+def test_per_call_decision_cost(figure):
     backends = registered()
     backends["tiny"] = Limited("tiny", {"a": (1, 16), "b": (1, 512)}, priority=1)
     cap = capacity(8192)
@@ -241,6 +241,5 @@ def test_per_call_decision_cost(capsys):
     for n in sizes[:500]:
         direct = policy.select(problem(cap, CUDA, n), CUDA, backends, "auto", entry.choices(n, bpt), "tuned")
         assert (plans[pattern][n].backend, plans[pattern][n].variant) == (direct.backend, direct.variant)
-    with capsys.disabled():
-        print(f"\n[benchmark] selection: plans for 4 patterns x {cap.max_tokens} tokens built in {build_ms:.1f} ms; "
-              f"per call {lookup_ns:.0f} ns (precomputed list index) vs {select_us:.1f} µs (select() per call)")
+    figure("selection", f"plans for 4 patterns x {cap.max_tokens} tokens built in {build_ms:.1f} ms; per call "
+           f"{lookup_ns:.0f} ns (precomputed list index) vs {select_us:.1f} µs (select() per call)")

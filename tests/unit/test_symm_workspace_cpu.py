@@ -138,6 +138,7 @@ def _check_launch(recorder):
     return grid, dict(zip(names, args)), kwargs
 
 
+@pytest.mark.triton  # the launchers' modules define @triton.jit kernels at import
 @pytest.mark.parametrize("tokens", [1, 4, 17, TOKENS])
 @pytest.mark.parametrize("variant", ["lamport", "one_shot", "two_shot", "lamport_two_shot"])
 def test_every_launcher_passes_each_kernel_argument_once(group, fake_cuda, monkeypatch, variant, tokens):
@@ -159,7 +160,7 @@ def test_every_launcher_passes_each_kernel_argument_once(group, fake_cuda, monke
         assert grid[0] >= tokens and HIDDEN // kwargs["SPLIT"] >= 1 and grid[0] <= max(tokens, ws.args.sms)
 
 
-
+@pytest.mark.triton
 def test_nccl_path_norm_launcher_passes_each_kernel_argument_once(monkeypatch):
     from arfuse.core.types import Pattern
     from arfuse.kernels import add_rmsnorm as module
