@@ -72,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="PATH", help="write latency vs tokens as PNG")
     p.add_argument("--from-json", default=None, metavar="PATH",
                    help="measure nothing: print the tables of a saved --json result (and --plot it)")
+    p.add_argument("--epilogue", action="store_true",
+                   help="one GPU: the nccl path's epilogue (and MoE prologue) kernels per fusion kind vs torch.compile, "
+                        "%% of HBM bandwidth, plus a launch-config sweep (tokens default 1..16384; honours --hidden, "
+                        "--tokens, --dtype, --json, --warmup, --replays)")
 
 
 def resolve_device(args: argparse.Namespace) -> str:
@@ -159,6 +163,12 @@ def run(args: argparse.Namespace) -> int:
     from arfuse.bench import report
     from arfuse.select.table import default_tune_path
 
+    if getattr(args, "epilogue", False):
+        from arfuse.bench.epilogue import command
+
+        tokens = None if tuple(args.tokens) == DEFAULT_TOKENS else args.tokens
+        return command(args.hidden, tokens, args.dtype[0], args.json, args.warmup, args.replays,
+                       progress=not args.no_progress)
     if args.from_json:
         try:
             doc = json.loads(Path(args.from_json).read_text())
