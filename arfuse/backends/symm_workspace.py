@@ -110,7 +110,8 @@ class SymmWorkspace(Workspace):
         self.args = SymmArgs(
             peer_ptrs=_padded(self.handle.buffer_ptrs), pad_ptrs=_padded(self.handle.signal_pad_ptrs),
             err_ptr=self.err.data_ptr(), guard_ptr=self.index_guard.ptr, lamport_state=self.state[0:2],
-            one_shot_state=self.state[2:4], lts_state=self.state[4:6], barrier_gen=self.state[6:], rank=rank, world_size=world_size,
+            one_shot_state=self.state[2:4], lts_state=self.state[4:6], barrier_gen=self.state[6:], rank=rank,
+            world_size=world_size,
             timeout_ns=int(capacity.timeout_s * 1e9), max_grid=max_grid, sms=_sm_count(dev),
             one_shot_off=offsets["one_shot"], one_shot_half=lay.one_shot_half, zero_copy_off=offsets["zero_copy"],
             two_shot_off=offsets["two_shot"], two_shot_slot=lay.two_shot_slot, gather_off=offsets["gather"],

@@ -73,9 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-json", default=None, metavar="PATH",
                    help="measure nothing: print the tables of a saved --json result (and --plot it)")
     p.add_argument("--epilogue", action="store_true",
-                   help="one GPU: the nccl path's epilogue (and MoE prologue) kernels per fusion kind vs torch.compile, "
-                        "%% of HBM bandwidth, plus a launch-config sweep (tokens default 1..16384; honours --hidden, "
-                        "--tokens, --dtype, --json, --warmup, --replays)")
+                   help="one GPU: the nccl path's epilogue (and MoE prologue) kernels per fusion kind vs "
+                        "torch.compile, %% of HBM bandwidth, plus a launch-config sweep (tokens default 1..16384; "
+                        "honours --hidden, --tokens, --dtype, --json, --warmup, --replays)")
 
 
 def resolve_device(args: argparse.Namespace) -> str:

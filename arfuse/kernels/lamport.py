@@ -1,9 +1,10 @@
 """Barrier-free one-shot allreduce + epilogue (Lamport style) for the smallest sizes.
 
-Equivalent torch::
+Equivalent torch (``x``: this rank's input, or the MoE finalize of its expert rows: ``_prologue``)::
 
+    x = prologue(call)
     dist.all_reduce(x)                  # summed in fp32, the same fixed order on every rank
-    residual_out, out = epilogue(x)
+    epilogue(spec, x, call)             # every FusionSpec: see _epilogue
 
 Every rank pushes its rows into slot ``RANK`` of every peer's buffer (a row's push split into ``SPLIT`` chunks
 spread over the grid, so small calls use many SMs' store bandwidth); readers poll all peers' slots of a row at

@@ -1,9 +1,10 @@
 """Barrier-free two-shot allreduce + epilogue (Lamport reduce-scatter and all-gather) for mid and large sizes.
 
-Equivalent torch::
+Equivalent torch (``x``: this rank's input, or the MoE finalize of its expert rows: ``_prologue``)::
 
+    x = prologue(call)
     dist.all_reduce(x)                  # reduce-scatter by token chunks, then all-gather of the sums
-    residual_out, out = epilogue(x)
+    epilogue(spec, x, call)             # every FusionSpec: see _epilogue
 
 Tokens are split into ``WS`` contiguous chunks; rank ``c`` owns chunk ``c``; row ``j`` of every chunk belongs to
 block ``j % nprog`` on every rank. All remote accesses are posted writes into sentinel-filled buffers, and all

@@ -1,9 +1,10 @@
 """One-shot allreduce + epilogue over symmetric memory: every rank reads every peer's rows.
 
-Equivalent torch::
+Equivalent torch (``x``: this rank's input, or the MoE finalize of its expert rows: ``_prologue``)::
 
+    x = prologue(call)
     dist.all_reduce(x)                  # summed in fp32, peers in rank order 0..WS-1
-    residual_out, out = epilogue(x)     # see _epilogue
+    epilogue(spec, x, call)             # every FusionSpec: see _epilogue
 
 Each block copies its rows of ``x`` into this rank's symmetric buffer, meets the same block id on every peer
 (one barrier), then sums the peers' copies of those rows in a fixed rank order, so every rank's result is bitwise

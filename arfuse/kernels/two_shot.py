@@ -1,9 +1,10 @@
 """Two-shot allreduce + epilogue over symmetric memory, token-partitioned and push-based, in one kernel.
 
-Equivalent torch::
+Equivalent torch (``x``: this rank's input, or the MoE finalize of its expert rows: ``_prologue``)::
 
+    x = prologue(call)
     dist.all_reduce(x)                  # reduce-scatter by token chunks, then all-gather of the sums
-    residual_out, out = epilogue(x)
+    epilogue(spec, x, call)             # every FusionSpec: see _epilogue
 
 Tokens are split into ``WS`` contiguous chunks; rank ``c`` owns chunk ``c``. Within every chunk, row ``j`` belongs
 to block ``j % nprog`` on every rank, so block-level barriers suffice. Every remote access is a write (NVLink
