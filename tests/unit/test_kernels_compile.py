@@ -135,6 +135,24 @@ def test_nccl_path_epilogue_compiles_for_sm90(spec, hidden, rows, num_warps):
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx  # saturating round-to-nearest FP8, as the torch reference clamps
 
 
+def test_unused_arguments_compile_as_none():
+    # the launchers pass None for the outputs and inputs a spec does not have (Triton makes them constexprs), and
+    # the kernels bundle them into tuples: compile both kinds of kernel that way
+    none = {"res_ptr", "res_out_ptr", "norm_ptr", "scale_ptr", "scale_out_ptr"}
+    sig = {"sum_ptr": "*bf16", **_epilogue_io("bf16", RMSNORM), "n_rows": "i32"}
+    sig.update({n: "constexpr" for n in none})
+    src = ASTSource(fn=rmsnorm_epilogue_kernel, signature=sig, attrs={},
+                    constexprs={**dict.fromkeys(none), "H": 4096, "BLOCK_H": 4096, "ROWS": 2, "EPI": RMSNORM.code})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    spec = FusionSpec(**PER_TOKEN)
+    none = {"idx_ptr", "esc_ptr", "shared_ptr", "norm_ptr", "scale_ptr"}
+    sig = {**_signature("lamport", "bf16", spec), **{n: "constexpr" for n in none}}
+    constants = {**dict.fromkeys(none), "RANK": 1, "WS": 2, "WS_P2": 2, "H": 4096, "BLOCK_H": 4096, "SPLIT": 2,
+                 "EPI": spec.code, "BITS": 16}
+    src = ASTSource(fn=lamport_kernel, signature=sig, constexprs=constants, attrs={})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_moe_finalize_kernel_compiles_for_sm90(shared):
     spec = FusionSpec(prologue=Prologue.MOE_FINALIZE, shared_expert=shared)
