@@ -2,7 +2,7 @@
 # Everything the GPU machine runs, by stage, in one device call:
 #   bash bench/gpu_session.sh STAGE...      (carry .gpu-deps, built by ../shared/tools/gpu-deps.sh, for FlashInfer)
 # Stages: env link kernels fp8 flashinfer models reliability timing lamport_sweep benchtest bench e2e (4 GPUs);
-# demo e2e_rank (one GPU is enough); each bounded by its own timeout.
+# demo e2e_rank patterns epilogue (one GPU is enough); each bounded by its own timeout.
 # Results land in $OUT/r and are packed into $OUT/results.tgz after every stage (the device returns at most 8
 # files, so unpack that one). NVLink multicast stays off: the guards below are exported before anything runs.
 set -u
@@ -54,6 +54,12 @@ for stage in "$@"; do
              --decode-attention "$attn" --backends "${E2E_RANK_PATHS:-unfused}" --prompt-lens "${E2E_RANK_P:-128,512,2048}" \
              --batches 1,8,32,64 --kv-len 1024 --graph-prefill --profile --json "$R/e2e_rank_tp4_$attn.json" \
              > "$R/e2e_rank_tp4_$attn.txt" 2>&1; tail -c 2500 "$R/e2e_rank_tp4_$attn.txt"; done ;;
+    patterns) python3 -m pytest -p no:cacheprovider tests/gpu --co -q > "$R/pytest_collect_gpu.log" 2>&1  # all import
+              tail -1 "$R/pytest_collect_gpu.log"
+              ARFUSE_ALLOW_UNVERIFIED=1 gpu_tests patterns tests/gpu/test_patterns_gpu.py "${T_PATTERNS:-270}" ;;
+    epilogue) timeout "${T_EPILOGUE:-270}" python3 -m arfuse.cli.main bench --epilogue --no-progress --warmup 2 \
+                --replays 10 ${EPILOGUE_HIDDEN:+--hidden "$EPILOGUE_HIDDEN"} --json "$R/epilogue_h200.json" \
+                > "$R/epilogue_h200.txt" 2>&1; tail -c 4000 "$R/epilogue_h200.txt" ;;
     *) echo "unknown stage $stage" ;;
   esac
   (cd "$OUT" && tar -czf results.tgz r)

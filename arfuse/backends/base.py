@@ -85,7 +85,7 @@ class IndexGuard:
     others would wait in their collective), so the record is reported by :meth:`message` to ``check_health()``."""
 
     def __init__(self, device: torch.device):
-        self.host = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+        self.host = torch.zeros(4, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
         self.flag = torch.zeros(1, dtype=torch.int32, device=device)
         self._view = self.host.numpy()
         self.ptr = self.host.data_ptr()

@@ -1,7 +1,9 @@
-"""``nccl``: NCCL all_reduce, then one fused Triton add + RMSNorm (+FP8) kernel.
+"""``nccl``: NCCL all_reduce, then one fused Triton epilogue kernel, for every spec.
 
 The best unfused path, and the only GPU path for groups that span hosts (or lack P2P): what multi-node users
-already trust, with the epilogue in one kernel instead of three.
+already trust, with the epilogue in one kernel instead of several. The MoE finalize prologue runs as one kernel
+before the all_reduce, writing this rank's dtype-rounded rows into the buffer NCCL reduces; an index outside
+``[0, P)`` adds nothing and is recorded in the workspace's :class:`~arfuse.backends.base.IndexGuard`.
 """
 from __future__ import annotations
 
@@ -10,17 +12,21 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from arfuse.backends.base import Backend, Support, Workspace, register
-from arfuse.core.spec import FusionSpec
-from arfuse.core.types import Capacity, FusedCall, GroupCaps
+from arfuse.backends.base import ALL_FEATURES, Backend, IndexGuard, Support, Workspace, register
+from arfuse.core.spec import CLASSIC_FEATURES, FusionSpec
+from arfuse.core.types import Capacity, FusedCall, GroupCaps, Problem
 
 NAME = "nccl"
+# The features checked on a GPU against the float64 reference (tests/gpu/test_patterns_gpu.py, one H200, world
+# size 1). The kernels implement ALL_FEATURES; once that test log passes, this becomes ALL_FEATURES.
+VERIFIED_FEATURES = CLASSIC_FEATURES
 
 
 class NcclWorkspace(Workspace):
-    def __init__(self, group, world_size: int, scratch: torch.Tensor):
+    def __init__(self, group, world_size: int, scratch: torch.Tensor, index_guard: Optional[IndexGuard] = None):
         super().__init__()
         self.group, self.world_size, self.scratch = group, world_size, scratch
+        self.index_guard = index_guard
 
     def _release(self) -> None:
         self.scratch = None
@@ -30,7 +36,8 @@ class NcclNormBackend(Backend):
     name = NAME
     variants = ("default",)
     support = Support(devices=frozenset({"cuda"}),
-                      dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}), max_hidden=65536)
+                      dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}), max_hidden=65536,
+                      features=ALL_FEATURES, verified=VERIFIED_FEATURES)
     priority = 500
     multi_host = True
 
@@ -41,24 +48,32 @@ class NcclNormBackend(Backend):
             return f"Triton not installed ({caps.note('triton')})"
         return None
 
+    def check_variant(self, problem: Problem, caps: GroupCaps, variant: str) -> Optional[str]:
+        from arfuse.kernels.launch_config import kernel_group_size_reason
+
+        return kernel_group_size_reason(problem.spec)
+
     def prepare(self, capacity: Capacity, caps: GroupCaps, group) -> NcclWorkspace:
         scratch = torch.empty(capacity.max_tokens, capacity.hidden_size, dtype=capacity.dtype,
                               device=capacity.device)
-        return NcclWorkspace(group, caps.world_size, scratch)
+        return NcclWorkspace(group, caps.world_size, scratch, IndexGuard(capacity.device))
 
     def run(self, ws: NcclWorkspace, variant: str, spec: FusionSpec, call: FusedCall) -> None:
-        x, out = call.x, call.out
-        summed = out if out.dtype == x.dtype else ws.scratch[:call.num_tokens]
-        summed.copy_(x)
+        from arfuse.kernels.nccl_epilogue import moe_finalize, rmsnorm_epilogue
+
+        x, out, n = call.x, call.out, call.num_tokens
+        if spec.moe:
+            summed = out if out.dtype == x.dtype else ws.scratch[:n]
+            moe_finalize(call, spec, ws.index_guard.ptr, summed)
+        elif ws.world_size == 1 and spec.norm:
+            summed = x  # nothing to reduce: the epilogue reads the input where it is
+        else:
+            summed = out if out.dtype == x.dtype else ws.scratch[:n]
+            summed.copy_(x)
         if ws.world_size > 1:
             dist.all_reduce(summed, group=ws.group)
-        if not spec.norm:
-            return
-        from arfuse.kernels.add_rmsnorm import add_rmsnorm
-        from arfuse.kernels.launch_config import pattern_code
-
-        add_rmsnorm(summed, call.residual, call.weight, call.eps, call.scale, out, call.residual_out,
-                    pattern_code(spec))
+        if spec.norm:
+            rmsnorm_epilogue(summed, call, spec)
 
 
 register(NcclNormBackend())

@@ -5,7 +5,7 @@ Layout (elements of the workspace dtype; every offset a multiple of 64 so kernel
   one-shot input, two halves | one-shot zero-copy input | two-shot: world_size slots of one token chunk
   (the peers' rows of this rank's chunk) | two-shot gather buffer (every chunk's sums) || sentinel-filled, for the
   barrier-free kernels: Lamport one-shot, 2 buffers x world_size slots | Lamport two-shot reduce slots, 2 buffers
-  | Lamport two-shot gather, 2 buffers.
+  | Lamport two-shot gather, 2 buffers. Host-mapped: the timeout record and the MoE index guard.
 Multicast is never used: only the peers' own pointers (peer-to-peer NVLink).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Dict, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from arfuse.backends.base import Workspace
+from arfuse.backends.base import IndexGuard, Workspace
 from arfuse.core.errors import BackendError, PeerTimeoutError
 from arfuse.core.types import Capacity
 from arfuse.kernels.launch_config import OP_NAMES, SymmArgs
@@ -98,6 +98,7 @@ class SymmWorkspace(Workspace):
             self.buffer = symm_mem.empty(lay.total, dtype=capacity.dtype, device=dev)
             self.state = torch.zeros(6 + max_grid, dtype=torch.int32, device=dev)
             self.err = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+            self.index_guard = IndexGuard(dev)
         except RuntimeError as e:  # e.g. out of memory on one rank: its peers must not wait for it in the rendezvous
             failed = f"{type(e).__name__}: {e}"
         ok, reason = vote.agree(failed is None, failed, group)
@@ -108,8 +109,9 @@ class SymmWorkspace(Workspace):
         self._err_view = self.err.numpy()
         self.args = SymmArgs(
             peer_ptrs=_padded(self.handle.buffer_ptrs), pad_ptrs=_padded(self.handle.signal_pad_ptrs),
-            err_ptr=self.err.data_ptr(), lamport_state=self.state[0:2], one_shot_state=self.state[2:4],
-            lts_state=self.state[4:6], barrier_gen=self.state[6:], rank=rank, world_size=world_size,
+            err_ptr=self.err.data_ptr(), guard_ptr=self.index_guard.ptr, lamport_state=self.state[0:2],
+            one_shot_state=self.state[2:4], lts_state=self.state[4:6], barrier_gen=self.state[6:], rank=rank,
+            world_size=world_size,
             timeout_ns=int(capacity.timeout_s * 1e9), max_grid=max_grid, sms=_sm_count(dev),
             one_shot_off=offsets["one_shot"], one_shot_half=lay.one_shot_half, zero_copy_off=offsets["zero_copy"],
             two_shot_off=offsets["two_shot"], two_shot_slot=lay.two_shot_slot, gather_off=offsets["gather"],

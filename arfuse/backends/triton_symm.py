@@ -9,6 +9,11 @@
 Needs only torch + Triton on CUDA, one host with working P2P among all ranks (checked for real at prepare).
 All waits on peers are bounded by ``Capacity.timeout_s``; a timeout is recorded on the device and raised as
 :class:`PeerTimeoutError` by the next call or ``check_health()``.
+
+Every variant runs every spec: the same epilogue (``kernels/_epilogue``), and the MoE finalize prologue fused into
+the read of this rank's rows (the push or copy-in; each row is built once), an index outside ``[0, P)`` recorded
+in the workspace's IndexGuard. Only the classic features are verified on GPUs so far (the rest: the multi-GPU
+issue); the others need ``ARFUSE_ALLOW_UNVERIFIED=1``.
 """
 from __future__ import annotations
 
@@ -16,9 +21,9 @@ from typing import Optional
 
 import torch
 
-from arfuse.backends.base import Backend, Support, register
+from arfuse.backends.base import ALL_FEATURES, Backend, Support, register
 from arfuse.backends.symm_workspace import SymmWorkspace, tokens_within
-from arfuse.core.spec import FusionSpec, Quant
+from arfuse.core.spec import CLASSIC_FEATURES, FusionSpec, Quant
 from arfuse.core.types import Capacity, FusedCall, GroupCaps, Problem
 
 NAME = "triton_symm"
@@ -34,7 +39,8 @@ class TritonSymmBackend(Backend):
     variants = ("lamport", "lamport_two_shot", "two_shot", "one_shot")
     support = Support(devices=frozenset({"cuda"}),
                       dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}),
-                      world_sizes=frozenset(range(2, 9)), hidden_multiple=8, max_hidden=16384)
+                      world_sizes=frozenset(range(2, 9)), hidden_multiple=8, max_hidden=16384,
+                      features=ALL_FEATURES, verified=CLASSIC_FEATURES)  # the others: the multi-GPU issue (16)
     priority = 10
 
     def check_group(self, caps: GroupCaps) -> Optional[str]:
@@ -51,11 +57,17 @@ class TritonSymmBackend(Backend):
         return None
 
     def check_variant(self, problem: Problem, caps: GroupCaps, variant: str) -> Optional[str]:
-        if variant == "lamport_two_shot" and problem.spec.quant is Quant.FP8_STATIC:
+        from arfuse.kernels.launch_config import kernel_group_size_reason
+
+        if variant == "lamport_two_shot" and problem.spec.quant is not Quant.NONE:
             # Measured 2026-11-28 (4x H200): right values, but 2 of 32 FP8 cases differed in a few bits between
             # ranks. Cause found in the compiled code (the owner's rows were reduced over another thread split);
-            # the fix is compiled and checked on CPU (test_kernels_compile.py) but not yet run on a GPU.
+            # the fix (taken by every quantization) is compiled and checked on CPU (test_kernels_compile.py) but
+            # not yet run on a GPU.
             return "lamport_two_shot: FP8 output not yet verified bitwise identical across ranks (bench/NOTES.md)"
+        reason = kernel_group_size_reason(problem.spec)
+        if reason:
+            return reason
         limit = {"lamport": LAMPORT_MAX_BYTES, "one_shot": ONE_SHOT_MAX_BYTES}.get(variant, TWO_SHOT_MAX_BYTES)
         if problem.nbytes > limit:
             return f"{variant} is limited to {limit} bytes per call, got {problem.nbytes}"
@@ -69,26 +81,22 @@ class TritonSymmBackend(Backend):
 
     def run(self, ws: SymmWorkspace, variant: str, spec: FusionSpec, call: FusedCall) -> None:
         ws.raise_if_failed()
-        from arfuse.kernels.launch_config import pattern_code
-
-        args = (ws.args, call.x, call.residual, call.weight, call.eps, call.scale, call.out, call.residual_out,
-                pattern_code(spec))
         if variant == "lamport":
             from arfuse.kernels.lamport import lamport
 
-            lamport(*args)
+            lamport(ws.args, call, spec)
         elif variant == "one_shot":
             from arfuse.kernels.one_shot import one_shot
 
-            one_shot(*args, copy_in=not ws.is_zero_copy(call.x))
+            one_shot(ws.args, call, spec, copy_in=spec.moe or not ws.is_zero_copy(call.x))
         elif variant == "two_shot":
             from arfuse.kernels.two_shot import two_shot
 
-            two_shot(*args)
+            two_shot(ws.args, call, spec)
         else:
             from arfuse.kernels.lamport_two_shot import lamport_two_shot
 
-            lamport_two_shot(*args)
+            lamport_two_shot(ws.args, call, spec)
 
 
 register(TritonSymmBackend())

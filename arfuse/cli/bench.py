@@ -62,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-json", default=None, metavar="PATH",
                    help="measure nothing: print the tables of a saved --json result (and --plot it) (default: "
                         "measure)")
+    p.add_argument("--epilogue", action="store_true",
+                   help="one GPU: the nccl path's epilogue (and MoE prologue) kernels per fusion kind vs "
+                        "torch.compile, %% of HBM bandwidth, plus a launch-config sweep (tokens default 1..16384; "
+                        "honours --hidden, --tokens, --dtype, --json, --warmup, --replays) (default: off)")
 
 
 def check_paths(flag: str, requested, peers: bool, auto: bool) -> None:
@@ -167,6 +171,16 @@ def run(args: argparse.Namespace) -> int:
     check_plot(args.plot)
     args_.check_writable("--json", args.json)
     args_.check_writable("--plot", args.plot)
+    if getattr(args, "epilogue", False):
+        import torch
+
+        from arfuse.bench.epilogue import command
+
+        if not torch.cuda.is_available():
+            raise UsageError("--epilogue: times GPU kernels and needs a CUDA device; none is visible here")
+        tokens = None if tuple(args.tokens) == DEFAULT_TOKENS else args.tokens
+        return command(args.hidden, tokens, args.dtype[0], args.json, args.warmup, args.replays,
+                       progress=not args.no_progress)
     if args.from_json:
         try:
             doc = json.loads(Path(args.from_json).read_text())

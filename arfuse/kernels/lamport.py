@@ -1,9 +1,10 @@
 """Barrier-free one-shot allreduce + epilogue (Lamport style) for the smallest sizes.
 
-Equivalent torch::
+Equivalent torch (``x``: this rank's input, or the MoE finalize of its expert rows: ``_prologue``)::
 
+    x = prologue(call)
     dist.all_reduce(x)                  # summed in fp32, the same fixed order on every rank
-    residual_out, out = epilogue(x)
+    epilogue(spec, x, call)             # every FusionSpec: see _epilogue
 
 Every rank pushes its rows into slot ``RANK`` of every peer's buffer (a row's push split into ``SPLIT`` chunks
 spread over the grid, so small calls use many SMs' store bandwidth); readers poll all peers' slots of a row at
@@ -17,15 +18,19 @@ import triton
 import triton.language as tl
 
 from arfuse.kernels._epilogue import finish_row, load_residual, load_weight
+from arfuse.kernels._prologue import input_row
 from arfuse.kernels._sync import (OP_LAMPORT, bump_epoch, first_missing_slot, globaltimer, load_epoch,
                                   no_negative_zero, peer_base, poll, record_error, sentinel_of)
+from arfuse.kernels.launch_config import RUNTIME_ARGS
 
 
-@triton.jit(do_not_specialize=["n_rows", "eps"])
-def lamport_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, x_ptr, res_ptr, w_ptr, out_ptr,
-                   res_out_ptr, scale_ptr, n_rows, eps, timeout_ns, region_off, slot_stride, buffer_stride,
-                   RANK: tl.constexpr, WS: tl.constexpr, WS_P2: tl.constexpr, H: tl.constexpr,
-                   BLOCK_H: tl.constexpr, SPLIT: tl.constexpr, PATTERN: tl.constexpr, BITS: tl.constexpr):
+@triton.jit(do_not_specialize=RUNTIME_ARGS)
+def lamport_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, x_ptr, idx_ptr, esc_ptr, shared_ptr,
+                   guard_ptr, n_expert_rows, top_k, res_ptr, w_ptr, out_ptr, res_out_ptr, norm_ptr, scale_ptr,
+                   scale_out_ptr, scale_row_stride, scale_col_stride, eps, weight_offset, n_rows, timeout_ns,
+                   region_off, slot_stride, buffer_stride, RANK: tl.constexpr, WS: tl.constexpr,
+                   WS_P2: tl.constexpr, H: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT: tl.constexpr,
+                   EPI: tl.constexpr, BITS: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_H)
@@ -36,13 +41,16 @@ def lamport_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, x_ptr, re
     epoch = load_epoch(state_ptr)
     base = region_off + (epoch % 2) * buffer_stride
     slot_off = base + RANK * slot_stride
+    pro = (idx_ptr, esc_ptr, shared_ptr, guard_ptr, n_expert_rows, top_k)
+    outs = (out_ptr, res_out_ptr, norm_ptr, scale_ptr, scale_out_ptr, scale_row_stride, scale_col_stride)
 
     chunk = tl.arange(0, BLOCK_H // SPLIT)
     for item in range(pid, n_rows * SPLIT, nprog):
         ccols = (item % SPLIT) * (BLOCK_H // SPLIT) + chunk
         cmask = ccols < H
-        offs = (item // SPLIT).to(tl.int64) * H + ccols
-        v = no_negative_zero(tl.load(x_ptr + offs, mask=cmask, other=0.0))
+        row = item // SPLIT
+        offs = row.to(tl.int64) * H + ccols
+        v = no_negative_zero(input_row(x_ptr, pro, row, row < n_rows, ccols, cmask, H, EPI))
         for p in tl.static_range(WS):
             tl.store(peer_base(p, P0, P1, P2, P3, P4, P5, P6, P7, dtype, slot_off) + offs, v, mask=cmask)
     bump_epoch(state_ptr, epoch)
@@ -51,11 +59,11 @@ def lamport_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, x_ptr, re
     slots = tl.arange(0, WS_P2)
     slot_rows = slots.to(tl.int64)[:, None] * slot_stride
     mask2 = (slots < WS)[:, None] & mask[None, :]
-    w = load_weight(w_ptr, cols, mask, PATTERN)
+    w = load_weight(w_ptr, cols, mask, weight_offset, EPI)
     start = globaltimer()
     for row in range(pid, n_rows, nprog):
         offs = row.to(tl.int64) * H + cols
-        res = load_residual(res_ptr, row, cols, mask, H, PATTERN)
+        res = load_residual(res_ptr, offs, mask, EPI)
         ptrs = own + slot_rows + offs[None, :]
         bits, ok = poll(ptrs, mask2, sentinel, start, timeout_ns)
         if ok == 0:
@@ -63,21 +71,22 @@ def lamport_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, x_ptr, re
         acc = tl.sum(bits.to(dtype, bitcast=True).to(tl.float32), axis=0)
         tl.store(ptrs, tl.full([WS_P2, BLOCK_H], sentinel, bits_ty), mask=mask2)
         if ok != 0:
-            finish_row(acc, res, w, row, cols, mask, out_ptr, res_out_ptr, scale_ptr, eps, H, PATTERN)
+            finish_row(acc, res, w, offs, mask, row, row < n_rows, outs, eps, H, EPI)
 
 
-def lamport(a, x, residual, weight, eps: float, scale, out, residual_out, pattern: int) -> None:
-    """Launch the barrier-free one-shot kernel for ``x`` (tokens, hidden) with workspace args ``a``.
-    Collective over the workspace's ranks; graph-safe."""
+def lamport(a, call, spec) -> None:
+    """Launch the barrier-free one-shot kernel for ``call`` (a ``FusedCall`` of ``spec``) with workspace args
+    ``a``. Collective over the workspace's ranks; graph-safe."""
     from arfuse.kernels import launch_config
-    from arfuse.kernels.launch_config import block_config, lamport_grid, lamport_push_split, next_power_of_2
+    from arfuse.kernels.launch_config import (block_config, epilogue_args, lamport_grid, lamport_push_split,
+                                              next_power_of_2, prologue_args)
 
-    n, hidden = x.shape
+    n, hidden = call.num_tokens, call.x.shape[1]
     block_h, num_warps = block_config(hidden)
     num_warps = launch_config.LAMPORT_NUM_WARPS or num_warps
     split = lamport_push_split(n, block_h, a.sms)
     lamport_kernel[(lamport_grid(n, split, a.sms),)](
-        *a.peer_ptrs, a.err_ptr, a.lamport_state, x, residual, weight, out, residual_out, scale,
-        n, eps, a.timeout_ns, a.lamport_off, a.lamport_slot, a.lamport_buffer,
+        *a.peer_ptrs, a.err_ptr, a.lamport_state, call.x, *prologue_args(call, a.guard_ptr),
+        *epilogue_args(call, spec), n, a.timeout_ns, a.lamport_off, a.lamport_slot, a.lamport_buffer,
         RANK=a.rank, WS=a.world_size, WS_P2=next_power_of_2(a.world_size), H=hidden, BLOCK_H=block_h,
-        SPLIT=split, PATTERN=pattern, BITS=8 * x.element_size(), num_warps=num_warps)
+        SPLIT=split, EPI=spec.code, BITS=8 * call.x.element_size(), num_warps=num_warps)

@@ -1,9 +1,10 @@
 """Barrier-free two-shot allreduce + epilogue (Lamport reduce-scatter and all-gather) for mid and large sizes.
 
-Equivalent torch::
+Equivalent torch (``x``: this rank's input, or the MoE finalize of its expert rows: ``_prologue``)::
 
+    x = prologue(call)
     dist.all_reduce(x)                  # reduce-scatter by token chunks, then all-gather of the sums
-    residual_out, out = epilogue(x)
+    epilogue(spec, x, call)             # every FusionSpec: see _epilogue
 
 Tokens are split into ``WS`` contiguous chunks; rank ``c`` owns chunk ``c``; row ``j`` of every chunk belongs to
 block ``j % nprog`` on every rank. All remote accesses are posted writes into sentinel-filled buffers, and all
@@ -24,8 +25,11 @@ import triton
 import triton.language as tl
 
 from arfuse.kernels._epilogue import finish_row, load_residual, load_weight
+from arfuse.kernels._prologue import input_row
+from arfuse.kernels._spec import QUANT_NONE, field
 from arfuse.kernels._sync import (OP_LAMPORT_TWO_SHOT, bump_epoch, first_missing_slot, globaltimer, load_epoch,
                                   no_negative_zero, peer_base, poll, record_error, sentinel_of)
+from arfuse.kernels.launch_config import RUNTIME_ARGS
 
 
 @triton.jit
@@ -45,11 +49,13 @@ def gathered_layout(summed, slot_bits, mask, sentinel, dtype: tl.constexpr, bits
     return bits.to(dtype, bitcast=True).to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["n_rows", "eps"])
-def lamport_two_shot_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, x_ptr, res_ptr, w_ptr, out_ptr,
-                            res_out_ptr, scale_ptr, n_rows, eps, timeout_ns, rs_off, rs_slot, rs_buffer,
-                            gather_off, gather_buffer, RANK: tl.constexpr, WS: tl.constexpr, WS_P2: tl.constexpr,
-                            H: tl.constexpr, BLOCK_H: tl.constexpr, PATTERN: tl.constexpr, BITS: tl.constexpr):
+@triton.jit(do_not_specialize=RUNTIME_ARGS)
+def lamport_two_shot_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, x_ptr, idx_ptr, esc_ptr, shared_ptr,
+                            guard_ptr, n_expert_rows, top_k, res_ptr, w_ptr, out_ptr, res_out_ptr, norm_ptr,
+                            scale_ptr, scale_out_ptr, scale_row_stride, scale_col_stride, eps, weight_offset,
+                            n_rows, timeout_ns, rs_off, rs_slot, rs_buffer, gather_off, gather_buffer,
+                            RANK: tl.constexpr, WS: tl.constexpr, WS_P2: tl.constexpr, H: tl.constexpr,
+                            BLOCK_H: tl.constexpr, EPI: tl.constexpr, BITS: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_H)
@@ -61,6 +67,8 @@ def lamport_two_shot_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, 
     epoch = load_epoch(state_ptr)
     rs_base = rs_off + (epoch % 2) * rs_buffer
     g_base = gather_off + (epoch % 2) * gather_buffer
+    pro = (idx_ptr, esc_ptr, shared_ptr, guard_ptr, n_expert_rows, top_k)
+    outs = (out_ptr, res_out_ptr, norm_ptr, scale_ptr, scale_out_ptr, scale_row_stride, scale_col_stride)
 
     for c in tl.static_range(WS):
         if c != RANK:
@@ -68,11 +76,11 @@ def lamport_two_shot_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, 
             for j in range(pid, chunk, nprog):
                 row = c * chunk + j
                 m = mask & (row < n_rows)
-                v = no_negative_zero(tl.load(x_ptr + row.to(tl.int64) * H + cols, mask=m, other=0.0))
+                v = no_negative_zero(input_row(x_ptr, pro, row, row < n_rows, cols, m, H, EPI))
                 tl.store(slot + j * H + cols, v, mask=m)
     bump_epoch(state_ptr, epoch)
 
-    w = load_weight(w_ptr, cols, mask, PATTERN)
+    w = load_weight(w_ptr, cols, mask, weight_offset, EPI)
     start = globaltimer()
     own_slots = peer_base(RANK, P0, P1, P2, P3, P4, P5, P6, P7, bits_ty, rs_base)
     slots = tl.arange(0, WS_P2)
@@ -82,8 +90,8 @@ def lamport_two_shot_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, 
         row = RANK * chunk + j
         if row < n_rows:
             offs = row.to(tl.int64) * H + cols
-            res = load_residual(res_ptr, row, cols, mask, H, PATTERN)
-            mine = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            res = load_residual(res_ptr, offs, mask, EPI)
+            mine = input_row(x_ptr, pro, row, row < n_rows, cols, mask, H, EPI).to(tl.float32)
             ptrs = own_slots + slot_rows + (j * H + cols)[None, :]
             bits, ok = poll(ptrs, mask2, sentinel, start, timeout_ns)
             if ok == 0:
@@ -96,14 +104,13 @@ def lamport_two_shot_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, 
                 if p != RANK:
                     peer = peer_base(p, P0, P1, P2, P3, P4, P5, P6, P7, dtype, g_base)
                     tl.store(peer + offs, summed, mask=mask)
-            if PATTERN == 3:
+            if field(EPI, "quant") != QUANT_NONE:
                 own_gather = peer_base(RANK, P0, P1, P2, P3, P4, P5, P6, P7, bits_ty, g_base)
                 acc = gathered_layout(summed, own_gather + offs, mask, sentinel, dtype, bits_ty)
                 if ok != 0:
-                    finish_row(acc, res, w, row, cols, mask, out_ptr, res_out_ptr, scale_ptr, eps, H, PATTERN)
+                    finish_row(acc, res, w, offs, mask, row, row < n_rows, outs, eps, H, EPI)
             elif ok != 0:
-                finish_row(summed.to(tl.float32), res, w, row, cols, mask, out_ptr, res_out_ptr, scale_ptr, eps, H,
-                           PATTERN)
+                finish_row(summed.to(tl.float32), res, w, offs, mask, row, row < n_rows, outs, eps, H, EPI)
 
     gathered = peer_base(RANK, P0, P1, P2, P3, P4, P5, P6, P7, bits_ty, g_base)
     for c in tl.static_range(WS):
@@ -112,26 +119,27 @@ def lamport_two_shot_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, 
                 row = c * chunk + j
                 if row < n_rows:
                     offs = row.to(tl.int64) * H + cols
-                    res = load_residual(res_ptr, row, cols, mask, H, PATTERN)
+                    res = load_residual(res_ptr, offs, mask, EPI)
                     bits, ok = poll(gathered + offs, mask, sentinel, start, timeout_ns)
                     if ok == 0:
                         record_error(err_ptr, c, OP_LAMPORT_TWO_SHOT, RANK)
                     tl.store(gathered + offs, tl.full([BLOCK_H], sentinel, bits_ty), mask=mask)
                     if ok != 0:
                         acc = bits.to(dtype, bitcast=True).to(tl.float32)
-                        finish_row(acc, res, w, row, cols, mask, out_ptr, res_out_ptr, scale_ptr, eps, H, PATTERN)
+                        finish_row(acc, res, w, offs, mask, row, row < n_rows, outs, eps, H, EPI)
 
 
-def lamport_two_shot(a, x, residual, weight, eps: float, scale, out, residual_out, pattern: int) -> None:
-    """Launch the barrier-free two-shot kernel for ``x`` (tokens, hidden) with workspace args ``a``.
-    Collective over the workspace's ranks; graph-safe."""
-    from arfuse.kernels.launch_config import MAX_GRID, block_config, grid_size, next_power_of_2
+def lamport_two_shot(a, call, spec) -> None:
+    """Launch the barrier-free two-shot kernel for ``call`` (a ``FusedCall`` of ``spec``) with workspace args
+    ``a``. Collective over the workspace's ranks; graph-safe."""
+    from arfuse.kernels.launch_config import (MAX_GRID, block_config, epilogue_args, grid_size, next_power_of_2,
+                                              prologue_args)
 
-    n, hidden = x.shape
+    n, hidden = call.num_tokens, call.x.shape[1]
     block_h, num_warps = block_config(hidden)
     chunk = -(-n // a.world_size)
     lamport_two_shot_kernel[(grid_size(chunk, MAX_GRID),)](
-        *a.peer_ptrs, a.err_ptr, a.lts_state, x, residual, weight, out, residual_out, scale,
-        n, eps, a.timeout_ns, a.lts_rs_off, a.two_shot_slot, a.lts_rs_buffer, a.lts_gather_off,
-        a.lts_gather_buffer, RANK=a.rank, WS=a.world_size, WS_P2=next_power_of_2(a.world_size), H=hidden,
-        BLOCK_H=block_h, PATTERN=pattern, BITS=8 * x.element_size(), num_warps=num_warps, enable_fp_fusion=False)
+        *a.peer_ptrs, a.err_ptr, a.lts_state, call.x, *prologue_args(call, a.guard_ptr), *epilogue_args(call, spec),
+        n, a.timeout_ns, a.lts_rs_off, a.two_shot_slot, a.lts_rs_buffer, a.lts_gather_off, a.lts_gather_buffer,
+        RANK=a.rank, WS=a.world_size, WS_P2=next_power_of_2(a.world_size), H=hidden, BLOCK_H=block_h,
+        EPI=spec.code, BITS=8 * call.x.element_size(), num_warps=num_warps, enable_fp_fusion=False)

@@ -1,7 +1,13 @@
-"""Launch shapes shared by the kernels (plain Python: importable without Triton)."""
+"""Launch shapes and argument lists shared by the kernels (plain Python: importable without Triton)."""
+from typing import Dict, NamedTuple, Optional, Tuple
+
+from arfuse.core.spec import Quant
 
 # Ids the kernels write into the error record (must match OP_* in _sync.py).
 OP_NAMES = {1: "lamport one-shot", 2: "one-shot", 3: "two-shot", 4: "lamport two-shot"}
+
+# Runtime ints and floats the symmetric-memory kernels never specialise on (token counts, strides, scalars).
+RUNTIME_ARGS = ["n_rows", "eps", "weight_offset", "n_expert_rows", "top_k", "scale_row_stride", "scale_col_stride"]
 
 # A CTA handles whole rows; rows beyond the grid are looped over (persistent grid).
 MAX_GRID = 528  # 4 CTAs per SM on a 132-SM H100/H200
@@ -56,12 +62,14 @@ def lamport_grid(rows: int, split: int, sms: int) -> int:
 
 class SymmArgs:
     """What the symmetric-memory launchers need from a workspace: the peers' buffer and signal-pad addresses
-    (8-tuples, unused entries 0), rank layout, region offsets (in elements of the workspace dtype), the
+    (8-tuples, unused entries 0), the host-mapped records a kernel writes (``err_ptr``: a peer timeout;
+    ``guard_ptr``: a MoE index out of range), rank layout, region offsets (in elements of the workspace dtype), the
     per-family call counters (int32 device tensors ``[epoch, arrivals]``) and the per-block barrier generations
     (int32, one per signal-pad block slot)."""
 
-    __slots__ = ("peer_ptrs", "pad_ptrs", "err_ptr", "lamport_state", "one_shot_state", "lts_state", "barrier_gen",
-                 "rank", "world_size", "timeout_ns", "max_grid", "sms", "one_shot_off", "one_shot_half", "zero_copy_off",
+    __slots__ = ("peer_ptrs", "pad_ptrs", "err_ptr", "guard_ptr", "lamport_state", "one_shot_state", "lts_state",
+                 "barrier_gen", "rank", "world_size", "timeout_ns", "max_grid", "sms", "one_shot_off", "one_shot_half",
+                 "zero_copy_off",
                  "two_shot_off", "two_shot_slot", "gather_off", "lamport_off", "lamport_slot", "lamport_buffer",
                  "lts_rs_off", "lts_rs_buffer", "lts_gather_off", "lts_gather_buffer")
 
@@ -73,10 +81,69 @@ class SymmArgs:
             setattr(self, k, val)
 
 
-def pattern_code(spec) -> int:
-    """The kernels' PATTERN constant for a classic spec: 0 allreduce, 1 RMSNorm, 2 residual + RMSNorm, 3 + FP8."""
-    if not spec.norm:
-        return 0
-    if not spec.residual:
-        return 1
-    return 3 if spec.quant else 2
+class EpilogueLaunch(NamedTuple):
+    """How the NCCL path's epilogue kernel is launched: a tile of ``rows`` rows of ``block_h`` columns per loop
+    step, ``num_warps`` warps, and at most ``max_ctas`` CTAs looping over the tiles (0: one CTA per tile)."""
+
+    block_h: int
+    rows: int
+    num_warps: int
+    max_ctas: int
+
+
+# Per hidden size, the NCCL-path epilogue's (rows, num_warps, max_ctas); sizes not listed take
+# default_epilogue_launch's. To be set from an ``arfuse bench --epilogue`` sweep on the target GPU.
+EPILOGUE_LAUNCH: Dict[int, Tuple[int, int, int]] = {}
+# Forces one launch for every call (benchmarks and sweeps only); None: EPILOGUE_LAUNCH / the default.
+EPILOGUE_OVERRIDE: Optional[Tuple[int, int, int]] = None
+
+
+def default_epilogue_launch(hidden: int) -> EpilogueLaunch:
+    block_h, num_warps = block_config(hidden)
+    return EpilogueLaunch(block_h, 1, num_warps, MAX_GRID)
+
+
+def epilogue_launch(hidden: int, tokens: int) -> EpilogueLaunch:
+    """The epilogue launch for ``tokens`` rows of ``hidden`` (see :class:`EpilogueLaunch`)."""
+    chosen = EPILOGUE_OVERRIDE or EPILOGUE_LAUNCH.get(hidden)
+    if chosen is None:
+        return default_epilogue_launch(hidden)
+    rows, num_warps, max_ctas = chosen
+    return EpilogueLaunch(next_power_of_2(hidden), rows, num_warps, max_ctas)
+
+
+def epilogue_grid(tokens: int, launch: EpilogueLaunch) -> int:
+    tiles = -(-max(tokens, 1) // launch.rows)
+    return max(1, min(tiles, launch.max_ctas) if launch.max_ctas else tiles)
+
+
+MIN_KERNEL_GROUP = 8
+
+
+def kernel_group_size_reason(spec) -> Optional[str]:
+    """Why arfuse's kernels cannot run ``spec``'s group size (they reshape a row into groups: powers of two
+    only), or None."""
+    g = spec.group_size
+    if g and (g & (g - 1) or g < MIN_KERNEL_GROUP):
+        return f"{spec.name}: group_size {g} is not a power of two >= {MIN_KERNEL_GROUP} (arfuse's kernels need one)"
+    return None
+
+
+def epilogue_args(call, spec) -> tuple:
+    """The epilogue arguments every kernel takes, in order: ``res_ptr, w_ptr, out_ptr, res_out_ptr, norm_ptr,
+    scale_ptr, scale_out_ptr, scale_row_stride, scale_col_stride, eps, weight_offset`` (unused ones None/0)."""
+    scale_out = call.scale_out if spec.dynamic_scale else None
+    row_stride, col_stride = scale_out.stride() if scale_out is not None else (0, 0)
+    return (call.residual if spec.residual else None, call.weight if spec.norm else None, call.out,
+            call.residual_out if spec.residual else None, call.norm_out if spec.also_norm else None,
+            call.scale if spec.quant is Quant.FP8_STATIC else None, scale_out, int(row_stride), int(col_stride), float(call.eps),
+            float(call.weight_offset) if spec.weight_offset else 0.0)
+
+
+def prologue_args(call, guard_ptr: int) -> tuple:
+    """The prologue arguments every kernel with a MoE prologue takes, in order: ``idx_ptr, esc_ptr, shared_ptr,
+    guard_ptr, n_expert_rows, top_k`` (None/0 for specs without it)."""
+    if call.expert_idx is None:
+        return None, None, None, 0, 0, 1
+    return (call.expert_idx, call.expert_scales, call.shared, int(guard_ptr), int(call.x.shape[0]),
+            int(call.expert_idx.shape[1]))

@@ -220,6 +220,10 @@ class Executor:
     def raise_if_failed(self) -> None:
         for ws in self.workspaces.values():
             ws.raise_if_failed()
+        for ws in self.workspaces.values():
+            problem = ws.input_error()
+            if problem:
+                raise ValueError(problem)
 
     def close(self) -> None:
         if self.closed:

@@ -12,8 +12,12 @@ import torch.distributed as dist
 from arfuse.backends import symm_workspace as sw
 from arfuse.backends.triton_symm import LAMPORT_MAX_BYTES, ONE_SHOT_MAX_BYTES, TWO_SHOT_MAX_BYTES
 from arfuse.core.errors import BackendError, PeerTimeoutError
+from arfuse.core.spec import (ALLREDUCE, RESIDUAL_RMSNORM, RESIDUAL_RMSNORM_FP8, FusionSpec, Prologue, Quant,
+                              ScaleLayout)
 from arfuse.core.types import Capacity
 from arfuse.kernels.launch_config import SymmArgs
+from arfuse.verify import Case
+from tests._calls import fused_call
 
 HIDDEN, TOKENS = 256, 32
 
@@ -138,37 +142,91 @@ def _check_launch(recorder):
     return grid, dict(zip(names, args)), kwargs
 
 
+LAUNCH_SPECS = [RESIDUAL_RMSNORM, ALLREDUCE, RESIDUAL_RMSNORM_FP8,
+                FusionSpec(weight_offset=True, also_norm=True, quant=Quant.FP8_PER_TOKEN, scale_layout=ScaleLayout.FP32),
+                FusionSpec(residual=False, quant=Quant.FP8_PER_TOKEN_GROUP, group_size=64,
+                           scale_layout=ScaleLayout.UE8M0),
+                FusionSpec(prologue=Prologue.MOE_FINALIZE, shared_expert=True, quant=Quant.FP8_PER_TOKEN_GROUP,
+                           group_size=128, scale_layout=ScaleLayout.FP32)]
+
+
+def _check_call_arguments(named, kwargs, call, spec, guard_ptr):
+    """The prologue and epilogue arguments a launcher passed are the call's own (and nothing else's)."""
+    assert named["x_ptr"] is call.x and kwargs["EPI"] == spec.code and named["n_rows"] == call.num_tokens
+    for name, want in (("res_ptr", call.residual), ("w_ptr", call.weight), ("out_ptr", call.out),
+                       ("res_out_ptr", call.residual_out), ("norm_ptr", call.norm_out),
+                       ("scale_ptr", call.scale), ("scale_out_ptr", call.scale_out)):
+        assert named[name] is want, name
+    assert named["eps"] == call.eps and named["weight_offset"] == (call.weight_offset if spec.weight_offset else 0)
+    strides = call.scale_out.stride() if call.scale_out is not None else (0, 0)
+    assert (named["scale_row_stride"], named["scale_col_stride"]) == strides
+    if spec.scale_layout is ScaleLayout.UE8M0:
+        assert strides == (1, -(-call.num_tokens // 4) * 4)  # column-major, token stride padded to 4
+    if "idx_ptr" not in named:
+        return
+    if spec.moe:
+        assert named["idx_ptr"] is call.expert_idx and named["esc_ptr"] is call.expert_scales
+        assert named["shared_ptr"] is call.shared and named["guard_ptr"] == guard_ptr != 0
+        assert (named["n_expert_rows"], named["top_k"]) == (call.x.shape[0], call.expert_idx.shape[1])
+    else:
+        assert named["idx_ptr"] is None and named["esc_ptr"] is None and named["shared_ptr"] is None
+
+
 @pytest.mark.triton  # the launchers' modules define @triton.jit kernels at import
+@pytest.mark.parametrize("spec", LAUNCH_SPECS, ids=str)
 @pytest.mark.parametrize("tokens", [1, 4, 17, TOKENS])
 @pytest.mark.parametrize("variant", ["lamport", "one_shot", "two_shot", "lamport_two_shot"])
-def test_every_launcher_passes_each_kernel_argument_once(group, fake_cuda, monkeypatch, variant, tokens):
+def test_every_launcher_passes_each_kernel_argument_once(group, fake_cuda, monkeypatch, variant, tokens, spec):
     import importlib
-
-    from arfuse.core.types import Pattern
 
     module = importlib.import_module(f"arfuse.kernels.{variant}")
     recorder = Recorder(getattr(module, f"{variant}_kernel"))
     monkeypatch.setattr(module, f"{variant}_kernel", recorder)
     ws = _workspace()
-    x = torch.randn(tokens, HIDDEN, dtype=torch.bfloat16)
+    assert ws.args.guard_ptr == ws.index_guard.ptr != 0
+    call, _ = fused_call(spec, Case(tokens, HIDDEN, torch.bfloat16, seed=tokens, weight_offset=1.0))
     extra = {"copy_in": True} if variant == "one_shot" else {}
-    getattr(module, variant)(ws.args, x, x.clone(), torch.ones(HIDDEN, dtype=torch.bfloat16), 1e-6, None,
-                             torch.empty_like(x), torch.empty_like(x), int(Pattern.RESIDUAL_RMSNORM), **extra)
+    getattr(module, variant)(ws.args, call, spec, **extra)
     grid, named, kwargs = _check_launch(recorder)
-    assert named["x_ptr"] is x and kwargs["RANK"] == 0 and kwargs["H"] == HIDDEN
+    _check_call_arguments(named, kwargs, call, spec, ws.args.guard_ptr)
+    assert kwargs["RANK"] == 0 and kwargs["H"] == HIDDEN
     if variant == "lamport":
         assert grid[0] >= tokens and HIDDEN // kwargs["SPLIT"] >= 1 and grid[0] <= max(tokens, ws.args.sms)
 
 
 @pytest.mark.triton
-def test_nccl_path_norm_launcher_passes_each_kernel_argument_once(monkeypatch):
-    from arfuse.core.types import Pattern
-    from arfuse.kernels import add_rmsnorm as module
+def test_one_shot_launcher_refuses_zero_copy_moe(group, fake_cuda):
+    from arfuse.kernels.one_shot import one_shot
 
-    recorder = Recorder(module.add_rmsnorm_kernel)
-    monkeypatch.setattr(module, "add_rmsnorm_kernel", recorder)
-    x = torch.randn(5, HIDDEN)
-    module.add_rmsnorm(x, x.clone(), torch.ones(HIDDEN), 1e-6, None, torch.empty_like(x), torch.empty_like(x),
-                       int(Pattern.RESIDUAL_RMSNORM))
+    spec = FusionSpec(prologue=Prologue.MOE_FINALIZE)
+    call, _ = fused_call(spec, Case(4, HIDDEN, torch.bfloat16, seed=0))
+    with pytest.raises(ValueError, match="copy_in must be True"):
+        one_shot(_workspace().args, call, spec, copy_in=False)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("spec", LAUNCH_SPECS[:1] + LAUNCH_SPECS[2:], ids=str)
+@pytest.mark.parametrize("override", [None, (4, 8, 0), (2, 4, 16)])
+def test_nccl_path_launchers_pass_each_kernel_argument_once(monkeypatch, spec, override):
+    from arfuse.kernels import launch_config
+    from arfuse.kernels import nccl_epilogue as module
+
+    monkeypatch.setattr(launch_config, "EPILOGUE_OVERRIDE", override)
+    call, _ = fused_call(spec, Case(5, HIDDEN, torch.bfloat16, seed=1, weight_offset=1.0))
+    summed = torch.randn(5, HIDDEN, dtype=torch.bfloat16)
+    if spec.moe:
+        recorder = Recorder(module.moe_finalize_kernel)
+        monkeypatch.setattr(module, "moe_finalize_kernel", recorder)
+        module.moe_finalize(call, spec, 0x1234, summed)
+        grid, named, kwargs = _check_launch(recorder)
+        assert named["out_ptr"] is summed and named["guard_ptr"] == 0x1234 and grid == (5,)
+        assert named["idx_ptr"] is call.expert_idx and named["shared_ptr"] is call.shared
+    recorder = Recorder(module.rmsnorm_epilogue_kernel)
+    monkeypatch.setattr(module, "rmsnorm_epilogue_kernel", recorder)
+    module.rmsnorm_epilogue(summed, call, spec)
     grid, named, kwargs = _check_launch(recorder)
-    assert named["sum_ptr"] is x and grid == (5,) and kwargs["H"] == HIDDEN
+    assert named["sum_ptr"] is summed and kwargs["H"] == HIDDEN and kwargs["BLOCK_H"] >= HIDDEN
+    _check_call_arguments(dict(named, x_ptr=call.x), kwargs, call, spec, 0)
+    rows, warps, ctas = override or (1, kwargs["num_warps"], launch_config.MAX_GRID)
+    assert kwargs["ROWS"] == rows and kwargs["num_warps"] == warps
+    assert grid == (min(-(-5 // rows), ctas) if ctas else -(-5 // rows),)

@@ -6,6 +6,7 @@ import torch
 from arfuse.backends import base
 from arfuse.backends.symm_workspace import layout, tokens_within
 from arfuse.backends.triton_symm import LAMPORT_MAX_BYTES, ONE_SHOT_MAX_BYTES, TWO_SHOT_MAX_BYTES
+from arfuse.core.spec import FusionSpec, Prologue, Quant, ScaleLayout
 from arfuse.core.types import Capacity, GroupCaps, Pattern, Problem
 from arfuse.kernels import launch_config
 from arfuse.kernels.launch_config import SymmArgs, block_config, grid_size, lamport_grid, lamport_push_split
@@ -109,3 +110,49 @@ def test_lamport_push_split_spreads_one_token_and_override_wins(monkeypatch):
     assert lamport_push_split(128, 8192, sms=132) == 2  # rounded down to a power of 2
     monkeypatch.setattr(launch_config, "LAMPORT_PUSH_SPLIT", 1)
     assert lamport_push_split(1, 8192, sms=132) == 1
+
+
+NCCL = base.get("nccl")
+NEW_SPECS = [FusionSpec(weight_offset=True), FusionSpec(quant=Quant.FP8_PER_TOKEN, scale_layout=ScaleLayout.FP32),
+             FusionSpec(quant=Quant.FP8_PER_TOKEN_GROUP, group_size=128, scale_layout=ScaleLayout.UE8M0),
+             FusionSpec(prologue=Prologue.MOE_FINALIZE, shared_expert=True)]
+
+
+@pytest.mark.parametrize("spec", NEW_SPECS, ids=str)
+def test_new_features_are_implemented_but_refused_until_verified(spec, monkeypatch):
+    monkeypatch.delenv(base.ALLOW_UNVERIFIED_ENV, raising=False)
+    nccl_caps = GroupCaps(**{**GOOD.__dict__, "world_size": 1})
+    for backend, caps, variant in ((SYMM, GOOD, "two_shot"), (NCCL, nccl_caps, "default")):
+        p = Problem(spec, 64, 4096, torch.bfloat16, "cuda", caps.world_size)
+        assert "not yet verified on GPUs" in backend.check(p, caps, variant)
+        monkeypatch.setenv(base.ALLOW_UNVERIFIED_ENV, "1")
+        assert backend.check(p, caps, variant) is None, backend.name
+        monkeypatch.delenv(base.ALLOW_UNVERIFIED_ENV)
+
+
+@pytest.mark.parametrize("group_size,ok", [(128, True), (64, True), (8, True), (96, False), (4, False)])
+def test_kernels_refuse_group_sizes_they_cannot_reshape(group_size, ok, monkeypatch):
+    monkeypatch.setenv(base.ALLOW_UNVERIFIED_ENV, "1")
+    spec = FusionSpec(quant=Quant.FP8_PER_TOKEN_GROUP, group_size=group_size, scale_layout=ScaleLayout.FP32)
+    p = Problem(spec, 16, 3072, torch.bfloat16, "cuda", 4)
+    for backend, variant in ((SYMM, "lamport"), (NCCL, "default")):
+        reason = backend.check(p, GOOD, variant)
+        assert (reason is None) if ok else ("not a power of two" in reason), (backend.name, reason)
+
+
+def test_lamport_two_shot_refuses_every_quantization(monkeypatch):
+    monkeypatch.setenv(base.ALLOW_UNVERIFIED_ENV, "1")
+    for spec in NEW_SPECS[1:3]:
+        assert "FP8" in SYMM.check(Problem(spec, 256, 8192, torch.bfloat16, "cuda", 4), GOOD, "lamport_two_shot")
+    assert SYMM.check(Problem(NEW_SPECS[3], 256, 8192, torch.bfloat16, "cuda", 4), GOOD, "lamport_two_shot") is None
+
+
+def test_epilogue_launch_defaults_table_and_override(monkeypatch):
+    assert launch_config.epilogue_launch(5120, 64) == launch_config.EpilogueLaunch(8192, 1, 16, launch_config.MAX_GRID)
+    monkeypatch.setitem(launch_config.EPILOGUE_LAUNCH, 5120, (4, 8, 0))
+    assert launch_config.epilogue_launch(5120, 64) == launch_config.EpilogueLaunch(8192, 4, 8, 0)
+    assert launch_config.epilogue_grid(10, launch_config.epilogue_launch(5120, 10)) == 3  # one CTA per 4-row tile
+    monkeypatch.setattr(launch_config, "EPILOGUE_OVERRIDE", (2, 4, 16))
+    launch = launch_config.epilogue_launch(4096, 1000)
+    assert launch.rows == 2 and launch_config.epilogue_grid(1000, launch) == 16
+    assert launch_config.epilogue_grid(1, launch) == 1

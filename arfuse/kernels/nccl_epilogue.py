@@ -1,0 +1,82 @@
+"""The NCCL path's kernels, around ``dist.all_reduce``: the MoE finalize prologue before it (writing this rank's
+dtype-rounded input rows into the buffer NCCL reduces) and the epilogue after it, for every spec.
+
+Equivalent torch::
+
+    buffer = moe_finalize(expert_out, idx, scales, shared).to(dtype)      # moe_finalize_kernel (MoE specs)
+    dist.all_reduce(buffer)                                               # NCCL (skipped at world size 1)
+    arfuse.core.math.epilogue(spec, buffer, call)                         # rmsnorm_epilogue_kernel
+
+One epilogue kernel instead of several, so "NCCL all_reduce + this" is the best unfused path (and the multi-node
+path). The epilogue takes ROWS rows per tile (2-D tiles for more bytes in flight per CTA) and loops over tiles
+(persistent grid); ``launch_config.epilogue_launch`` picks both.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from arfuse.kernels._epilogue import finish_row, load_residual, load_weight
+from arfuse.kernels._prologue import moe_finalize_row
+from arfuse.kernels.launch_config import (EpilogueLaunch, block_config, epilogue_args, epilogue_grid,
+                                          epilogue_launch, grid_size, prologue_args)
+
+_RUNTIME = ["scale_row_stride", "scale_col_stride", "eps", "weight_offset", "n_rows"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME)
+def rmsnorm_epilogue_kernel(sum_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, norm_ptr, scale_ptr, scale_out_ptr,
+                            scale_row_stride, scale_col_stride, eps, weight_offset, n_rows, H: tl.constexpr,
+                            BLOCK_H: tl.constexpr, ROWS: tl.constexpr, EPI: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    outs = (out_ptr, res_out_ptr, norm_ptr, scale_ptr, scale_out_ptr, scale_row_stride, scale_col_stride)
+    w = load_weight(w_ptr, cols, cmask, weight_offset, EPI)
+    if ROWS == 1:
+        for row in range(pid, n_rows, nprog):
+            offs = tl.cast(row, tl.int64) * H + cols
+            acc = tl.load(sum_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
+            res = load_residual(res_ptr, offs, cmask, EPI)
+            finish_row(acc, res, w, offs, cmask, row, row < n_rows, outs, eps, H, EPI)
+    else:
+        for tile in range(pid, tl.cdiv(n_rows, ROWS), nprog):
+            rows = tile * ROWS + tl.arange(0, ROWS)
+            row_ok = rows < n_rows
+            offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
+            mask = row_ok[:, None] & cmask[None, :]
+            acc = tl.load(sum_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            res = load_residual(res_ptr, offs, mask, EPI)
+            finish_row(acc, res, w, offs, mask, rows, row_ok, outs, eps, H, EPI)
+
+
+@triton.jit(do_not_specialize=["n_expert_rows", "top_k", "n_rows"])
+def moe_finalize_kernel(x_ptr, idx_ptr, esc_ptr, shared_ptr, guard_ptr, n_expert_rows, top_k, out_ptr, n_rows,
+                        H: tl.constexpr, BLOCK_H: tl.constexpr, EPI: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    pro = (idx_ptr, esc_ptr, shared_ptr, guard_ptr, n_expert_rows, top_k)
+    for row in range(pid, n_rows, nprog):
+        v = moe_finalize_row(x_ptr, pro, row, row < n_rows, cols, mask, H, EPI)
+        tl.store(out_ptr + tl.cast(row, tl.int64) * H + cols, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def moe_finalize(call, spec, guard_ptr: int, out: torch.Tensor) -> None:
+    """Write this rank's MoE finalize rows (``call.num_tokens`` x hidden, input dtype) into ``out``; an index
+    outside ``[0, P)`` adds nothing and is recorded at ``guard_ptr``. Graph-safe."""
+    n, hidden = call.num_tokens, call.x.shape[1]
+    block_h, num_warps = block_config(hidden)
+    moe_finalize_kernel[(grid_size(n),)](call.x, *prologue_args(call, guard_ptr), out, n, H=hidden,
+                                         BLOCK_H=block_h, EPI=spec.code, num_warps=num_warps)
+
+
+def rmsnorm_epilogue(summed: torch.Tensor, call, spec, launch: EpilogueLaunch = None) -> None:
+    """Launch the epilogue of ``spec`` over ``summed`` (tokens, hidden, the allreduced sum) into ``call``'s
+    outputs. ``launch`` overrides ``epilogue_launch``'s choice (benchmarks). Graph-safe (no allocation, no sync)."""
+    n, hidden = summed.shape
+    launch = launch or epilogue_launch(hidden, n)
+    rmsnorm_epilogue_kernel[(epilogue_grid(n, launch),)](
+        summed, *epilogue_args(call, spec), n, H=hidden, BLOCK_H=launch.block_h, ROWS=launch.rows, EPI=spec.code,
+        num_warps=launch.num_warps)
