@@ -29,6 +29,7 @@ EXPECTED = {
     "0.6.12": ("both", (T, T, T, T, T), "unified", "unified"),
     "0.7.1": ("both", (T, T, T, T, T), "unified", "unified"),
     "0.7.2.post1": ("both", (T, T, T, T, T), "unified", "unified"),
+    "0.7.4": ("both", (T, T, T, T, T), "unified", "unified"),
 }
 FLAGS = ("group", "comm_backend", "trigger_completion_at_end", "block_quant_group_size", "weight_bias")
 
