@@ -41,9 +41,9 @@ MEMBERS: Dict[Tuple[bool, Quant, ScaleLayout, bool], str] = {
 }
 ALLREDUCE_MEMBER = "kAllReduce"
 
-_NO_MOE_QUANT = ("FlashInfer's MoE finalize writes no FP8 on a trtllm workspace (its FP8 pattern "
-                 f"{MOE_FP8_PATTERN} runs only on the mnnvl-cutedsl backend, which arfuse never creates: it needs "
-                 "NVLink multicast)")
+_NO_MOE_QUANT = ("FlashInfer's MoE finalize writes no FP8 on a trtllm workspace in any release (its FP8 pattern "
+                 f"{MOE_FP8_PATTERN}, 0.7.2+, runs only on the mnnvl-cutedsl backend, which arfuse never creates: "
+                 "it needs NVLink multicast)")
 # kinds FlashInfer never runs on a trtllm workspace, in any release: the reason (doctor and fallback logs show it)
 NEVER: Dict[Tuple[bool, Quant, ScaleLayout, bool], str] = {
     (False, Quant.FP8_PER_TOKEN_GROUP, ScaleLayout.FP32, False): "FlashInfer writes per-token-group FP8 scales only "
