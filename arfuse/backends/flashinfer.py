@@ -67,7 +67,6 @@ MAX_BYTES = {
     (10, 2): 64 << 20, (10, 4): 64 << 20, (10, 8): 32 << 20, (10, 16): 16 << 20,
 }
 
-
 # The features of FusionSpec this backend has run on GPUs against the float64 reference: the classic four
 # patterns' (4x H200, 2026-11-28). Issue 16's multi-GPU run of tests/gpu/test_flashinfer_gpu.py checks the others
 # (weight offset, dynamic and per-token-group FP8, also-norm, MoE finalize); when it passes, set this to FEATURES.

@@ -153,6 +153,8 @@ def dtype_reason(spec: FusionSpec, dtype: torch.dtype, hidden: int) -> Optional[
         if allowed is not None and dtype not in allowed:
             return why
     if spec.quant is Quant.FP8_PER_TOKEN_GROUP:
+        if hidden % spec.group_size:
+            return f"group size {spec.group_size} does not divide hidden size {hidden}"
         itemsize = torch.empty((), dtype=dtype).element_size()
         threads = group_block_threads(hidden, itemsize, spec.group_size)
         if threads > MAX_BLOCK_THREADS:

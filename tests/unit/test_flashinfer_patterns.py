@@ -321,6 +321,7 @@ def test_group_fp8_cta_limit():
     assert why(16384, 8192) is None and why(12288, 6144) is None and why(4096, 4096) is None
     assert "2048 threads" in why(16384, 16384) and "1536 threads" in why(12288, 4096)
     assert "2048 threads" in why(8192, 8192, torch.float32) and why(8192, 4096, torch.float32) is None
+    assert "does not divide" in why(4100, 128)  # FlashInfer raises for it; arfuse's validation refuses it too
 
 
 def test_moe_preconditions(tmp_path, monkeypatch):
