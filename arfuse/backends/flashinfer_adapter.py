@@ -11,7 +11,10 @@ Rules (why each matters):
 - ``trigger_completion_at_end=True``: an early completion signal from the one-shot Lamport kernel lets a following
   PDL kernel read data still in flight; ``launch_with_pdl=False``: arfuse cannot know that the kernel after it
   waits on ``griddepcontrol``, and PDL only pays off when it does;
-- workspaces are created with ``backend="trtllm"`` only ("auto"/"mnnvl" may use NVLink multicast);
+- workspaces are created with ``backend="trtllm"`` only ("auto"/"mnnvl" may use NVLink multicast), and MoE
+  finalize runs FlashInfer's ``trtllm`` implementation (``moe_finalize_backend``/``backend="trtllm"``);
+- optional values a spec does not use (group size, MoE tensors) are left out rather than passed as None, so a
+  release that validates them never sees them;
 - legacy workspace returns are normalised: a flat pointer list (0.2.8's annotation), ``(ipc_handles,
   workspace_tensor)`` (0.2.11) and ``(..., metadata)`` (0.5.0+ with ``create_metadata``; passed back as
   ``metadata=``).
@@ -107,6 +110,8 @@ class Handle:
     metadata: Optional[dict] = None
     destroy_info: Optional[FunctionInfo] = None
     destroyed: bool = field(default=False)
+    moe: Optional[FunctionInfo] = None  # legacy: the MoE finalize function (the unified API uses ``fusion``)
+    moe_fn: Optional[Callable] = None
 
     @property
     def elements(self) -> int:
@@ -160,6 +165,8 @@ def create(probe: FlashInferProbe, path: str, *, rank: int, world: int, max_toke
             raise RuntimeError(f"{create_name} returned a {backend!r} workspace, arfuse asked for {TRTLLM!r}")
     else:
         handle.ipc_handles, handle.workspace_tensor, handle.metadata = normalize_legacy(result, device)
+        handle.moe = probe.functions.get(fi_api.LEGACY_MOE)
+        handle.moe_fn = resolve(fi_api.LEGACY_MOE) if handle.moe is not None else None
     return handle
 
 
@@ -199,13 +206,20 @@ def fusion_call(handle: Handle, *, pattern_code: int, oneshot: Optional[bool], x
                 allreduce_out: Optional[torch.Tensor], residual_in: Optional[torch.Tensor],
                 residual_out: Optional[torch.Tensor], norm_out: Optional[torch.Tensor],
                 quant_out: Optional[torch.Tensor], gamma: Optional[torch.Tensor], eps: float,
-                scale: Optional[torch.Tensor]) -> Tuple[Callable, tuple, Dict[str, Any]]:
-    """``(fn, args, kwargs)`` for one fused call on ``handle``'s generation. Graph-safe (no allocation)."""
+                scale: Optional[torch.Tensor], scale_out: Optional[torch.Tensor] = None,
+                group_size: Optional[int] = None, weight_bias: float = 0.0) -> Tuple[Callable, tuple, Dict[str, Any]]:
+    """``(fn, args, kwargs)`` for one fused call on ``handle``'s generation. Graph-safe (no allocation).
+
+    ``scale_out``: dynamic scales (per-token fp32 (tokens, 1), or packed UE8M0 int32 in FlashInfer's exact
+    strides); ``group_size``: ``block_quant_group_size``, passed only when given; ``weight_bias``: the norm's
+    weight offset."""
     fp32_acc = x.dtype != torch.float32  # FlashInfer's fp32 kernels refuse fp32_acc
     common = {"launch_with_pdl": False, "trigger_completion_at_end": True, "fp32_acc": fp32_acc,
               "use_oneshot": oneshot, "residual_in": residual_in, "residual_out": residual_out,
-              "norm_out": norm_out, "quant_out": quant_out, "scale_out": None, "rms_gamma": gamma,
-              "rms_eps": eps, "scale_factor": scale, "layout_code": None, "weight_bias": 0.0}
+              "norm_out": norm_out, "quant_out": quant_out, "scale_out": scale_out, "rms_gamma": gamma,
+              "rms_eps": eps, "scale_factor": scale, "layout_code": None, "weight_bias": float(weight_bias)}
+    if group_size is not None:
+        common["block_quant_group_size"] = int(group_size)
     if handle.path == fi_api.UNIFIED:
         values = dict(common, input=x, workspace=handle.workspace, pattern=pattern_code, output=allreduce_out)
     else:
@@ -216,3 +230,29 @@ def fusion_call(handle: Handle, *, pattern_code: int, oneshot: Optional[bool], x
             values["metadata"] = handle.metadata
     args, kwargs = build_call(handle.fusion, values)
     return handle.fusion_fn, args, kwargs
+
+
+def moe_finalize_call(handle: Handle, *, pattern_code: Optional[int], expert_out: torch.Tensor,
+                      permuted_idx: torch.Tensor, expert_scales: torch.Tensor, shared: Optional[torch.Tensor],
+                      residual_in: torch.Tensor, residual_out: torch.Tensor, norm_out: torch.Tensor,
+                      gamma: torch.Tensor, eps: float, weight_bias: float = 0.0) -> Tuple[Callable, tuple, Dict]:
+    """``(fn, args, kwargs)`` for MoE finalize + allreduce + residual + RMSNorm: ``allreduce_fusion`` with
+    ``pattern_code`` (kMoEFinalizeARResidualRMSNorm) on the unified API, ``trtllm_moe_finalize_allreduce_fusion``
+    on the legacy one. ``permuted_idx`` (tokens, top_k) int32 row-major is FlashInfer's
+    ``expanded_idx_to_permuted_idx`` as it is (its entry ``t * top_k + k``); ``expert_scales`` must already have the
+    input dtype (FlashInfer reads them as such). One-shot only (FlashInfer takes no ``use_oneshot`` for it)."""
+    common = {"residual_in": residual_in, "residual_out": residual_out, "norm_out": norm_out, "rms_gamma": gamma,
+              "expanded_idx_to_permuted_idx": permuted_idx, "expert_scale_factor": expert_scales,
+              "shared_expert_output": shared, "weight_bias": float(weight_bias), "launch_with_pdl": False}
+    if handle.path == fi_api.UNIFIED:
+        values = dict(common, input=expert_out, workspace=handle.workspace, pattern=pattern_code, rms_eps=eps,
+                      trigger_completion_at_end=True, moe_finalize_backend=TRTLLM)
+        args, kwargs = build_call(handle.fusion, values)
+        return handle.fusion_fn, args, kwargs
+    if handle.moe is None:
+        raise LookupError(f"flashinfer.comm.{fi_api.LEGACY_MOE} not found")
+    values = dict(common, allreduce_in=expert_out, norm_weight=gamma, quant_out=None, scale_out=None,
+                  workspace_ptrs=handle.workspace_tensor, world_rank=handle.rank, world_size=handle.world, eps=eps,
+                  routed_scaling_factor=None, backend=TRTLLM)
+    args, kwargs = build_call(handle.moe, values)
+    return handle.moe_fn, args, kwargs

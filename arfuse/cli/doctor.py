@@ -66,6 +66,26 @@ def _backend_entry(backend, problem, caps, no_gpu: Optional[str]) -> Dict[str, A
             "variants": {v: r or "ok" for v, r in reasons.items()}}
 
 
+def flashinfer_fusions(fi) -> Dict[str, str]:
+    """One row per kind of fused call beyond the classic four: the FlashInfer pattern (and API path) the installed
+    release runs it with, or why it cannot (nothing when FlashInfer is unusable: its reason is shown already);
+    verification on GPUs is reported per backend, not here."""
+    if not fi.available:
+        return {}
+    from arfuse.backends import flashinfer_patterns
+    from arfuse.core.spec import FusionSpec, Prologue, Quant, ScaleLayout
+
+    group = dict(quant=Quant.FP8_PER_TOKEN_GROUP, group_size=128)
+    kinds = [dict(weight_offset=True), dict(quant=Quant.FP8_STATIC, also_norm=True),
+             dict(quant=Quant.FP8_PER_TOKEN, scale_layout=ScaleLayout.FP32),
+             dict(quant=Quant.FP8_PER_TOKEN, scale_layout=ScaleLayout.FP32, also_norm=True),
+             dict(group, scale_layout=ScaleLayout.UE8M0), dict(group, scale_layout=ScaleLayout.UE8M0, also_norm=True),
+             dict(group, scale_layout=ScaleLayout.FP32), dict(prologue=Prologue.MOE_FINALIZE),
+             dict(prologue=Prologue.MOE_FINALIZE, shared_expert=True, weight_offset=True),
+             dict(prologue=Prologue.MOE_FINALIZE, quant=Quant.FP8_STATIC)]
+    return dict(flashinfer_patterns.availability(fi, [FusionSpec(**k) for k in kinds]))
+
+
 def collect(args) -> Dict[str, Any]:
     """The report as a plain dict. Collective under torchrun."""
     import torch
@@ -87,7 +107,7 @@ def collect(args) -> Dict[str, Any]:
     backends.setdefault("flashinfer", {"available": False, "reason": "backend not registered"})
     backends["flashinfer"].update(fi.as_dict(), available=backends["flashinfer"]["available"],
                                   reason=backends["flashinfer"]["reason"], installed=fi.available,
-                                  probe_reason=fi.reason)
+                                  probe_reason=fi.reason, fusions=flashinfer_fusions(fi))
     from arfuse.select.policy import group_restriction
 
     report = {
@@ -141,6 +161,7 @@ def flashinfer_rows(fi: Dict[str, Any]) -> List[Tuple[str, str]]:
                  ("arfuse drives", ", ".join(f"{k}: {v or 'none'}" for k, v in fi.get("paths", {}).items()) or "-"),
                  ("supports", ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in fi["supports"].items()))]
     rows += [("note", note) for note in fi.get("notes", [])]
+    rows += list(fi.get("fusions", {}).items())
     return rows
 
 

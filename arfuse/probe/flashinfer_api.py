@@ -26,11 +26,12 @@ UNIFIED_FUSION = "allreduce_fusion"
 LEGACY_CREATE = "trtllm_create_ipc_workspace_for_all_reduce_fusion"
 LEGACY_FUSION = "trtllm_allreduce_fusion"
 LEGACY_DESTROY = "trtllm_destroy_ipc_workspace_for_all_reduce_fusion"
+LEGACY_MOE = "trtllm_moe_finalize_allreduce_fusion"  # MoE finalize on legacy workspaces (no pattern code)
 PATTERN_CLASS = "AllReduceFusionPattern"
 FUNCTIONS = {UNIFIED: (UNIFIED_CREATE, UNIFIED_FUSION), LEGACY: (LEGACY_CREATE, LEGACY_FUSION)}
 _SUBMODULES = ("flashinfer.comm.allreduce", "flashinfer.comm.trtllm_ar")
 
-# The parameters every recorded generation (0.2.8 .. 0.7.2.post1) accepts, by name. A callable whose signature
+# The parameters every recorded generation (0.2.8 .. 0.7.4) accepts, by name. A callable whose signature
 # cannot be read is driven with these only, and by keyword only (positions moved between 0.2.8 and 0.2.9).
 CONSERVATIVE: Dict[str, Tuple[str, ...]] = {
     LEGACY_CREATE: ("tp_rank", "tp_size", "max_token_num", "hidden_dim", "use_fp32_lamport", "group"),
@@ -44,6 +45,9 @@ CONSERVATIVE: Dict[str, Tuple[str, ...]] = {
                      "quant_out", "scale_out", "residual_in", "rms_gamma", "rms_eps", "scale_factor",
                      "layout_code", "use_oneshot", "fp32_acc"),
     LEGACY_DESTROY: ("workspace", "group"),
+    LEGACY_MOE: ("allreduce_in", "residual_in", "norm_weight", "expanded_idx_to_permuted_idx", "norm_out",
+                 "residual_out", "workspace_ptrs", "launch_with_pdl", "world_rank", "world_size", "eps",
+                 "shared_expert_output", "expert_scale_factor"),
 }
 # The per-kwarg flags doctor reports (for the API arfuse prefers), plus what the backend needs to know.
 SUPPORT_FLAGS = ("group", "comm_backend", "trigger_completion_at_end", "block_quant_group_size", "weight_bias",
@@ -350,7 +354,7 @@ def _probe_now() -> FlashInferProbe:
     if comm is None:
         return FlashInferProbe(False, err, version=version, module_file=module_file)
     functions, notes = {}, []
-    for name in (UNIFIED_CREATE, UNIFIED_FUSION, LEGACY_CREATE, LEGACY_FUSION, LEGACY_DESTROY):
+    for name in (UNIFIED_CREATE, UNIFIED_FUSION, LEGACY_CREATE, LEGACY_FUSION, LEGACY_DESTROY, LEGACY_MOE):
         fn, err = _lookup(comm, name)
         if err:
             notes.append(err)

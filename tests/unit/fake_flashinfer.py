@@ -22,7 +22,8 @@ _CANDIDATES = (os.environ.get("ARFUSE_FI_SIGNATURES", ""), _HERE / "data" / "fla
                _HERE.parents[2] / "shared" / "data" / "flashinfer_api_signatures.json")
 
 UNIFIED = ("create_allreduce_fusion_workspace", "allreduce_fusion")
-LEGACY = ("trtllm_create_ipc_workspace_for_all_reduce_fusion", "trtllm_allreduce_fusion")
+LEGACY = ("trtllm_create_ipc_workspace_for_all_reduce_fusion", "trtllm_allreduce_fusion",
+          "trtllm_moe_finalize_allreduce_fusion")
 NEWER_VERSION = "9.9.9"
 NEWER_EXTRA = ", future_option: bool = False, future_tensor: Optional[torch.Tensor] = None"
 
@@ -73,6 +74,8 @@ _BODIES = {
         _maybe_fail(a["rank"])
         return FakeWorkspace(a)""",
     "trtllm_allreduce_fusion": """
+        return None""",
+    "trtllm_moe_finalize_allreduce_fusion": """
         return None""",
     "allreduce_fusion": """
         a = dict(locals())

@@ -392,6 +392,11 @@ def test_import_and_doctor_never_fail(tmp_path):
     assert all(reports["recorded"]["backends"]["flashinfer"]["supports"][f] for f in
                ("group", "comm_backend", "trigger_completion_at_end", "block_quant_group_size", "weight_bias"))
     assert reports["legacy"]["backends"]["flashinfer"]["api"] == "legacy"
+    fusions = {label: reports[label]["backends"]["flashinfer"]["fusions"] for label in ("recorded", "legacy")}
+    assert fusions["recorded"]["residual_rmsnorm+fp8_per_token"] == "kARResidualRMSNormDynamicFP8Quant (unified)"
+    assert "no AllReduceFusionPattern.kARResidualRMSNormDynamicFP8Quant" in \
+        fusions["legacy"]["residual_rmsnorm+fp8_per_token"]
+    assert fusions["legacy"]["moe_finalize+residual_rmsnorm"] == "trtllm_moe_finalize_allreduce_fusion (legacy)"
     assert "RuntimeError" in reports["import"]["backends"]["flashinfer"]["probe_reason"]
     assert reports["attribute"]["backends"]["flashinfer"]["api"] is None
 

@@ -7,6 +7,8 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +31,7 @@ EXPECTED = {
     "0.6.12": ("both", (T, T, T, T, T), "unified", "unified"),
     "0.7.1": ("both", (T, T, T, T, T), "unified", "unified"),
     "0.7.2.post1": ("both", (T, T, T, T, T), "unified", "unified"),
+    "0.7.4": ("both", (T, T, T, T, T), "unified", "unified"),
 }
 FLAGS = ("group", "comm_backend", "trigger_completion_at_end", "block_quant_group_size", "weight_bias")
 
@@ -148,6 +151,8 @@ import inspect, json, torch
 import flashinfer.comm as comm
 from arfuse.backends import flashinfer_adapter as ad
 from arfuse.probe.flashinfer_api import FUNCTIONS, probe
+from arfuse.backends import flashinfer_patterns as fp
+from arfuse.core.spec import catalogue
 p = probe()
 bound = {}
 for path in [q for q in ("unified", "legacy") if all(n in p.functions for n in FUNCTIONS[q])]:
@@ -162,8 +167,21 @@ for path in [q for q in ("unified", "legacy") if all(n in p.functions for n in F
     fn, args, kwargs = ad.fusion_call(handle, pattern_code=1, oneshot=None, x=x, allreduce_out=x, residual_in=x,
                                       residual_out=x, norm_out=x, quant_out=None, gamma=x[0], eps=1e-6, scale=None)
     fused = inspect.signature(fn).bind(*args, **kwargs).arguments
+    scalars = lambda b: {k: v for k, v in b.items() if isinstance(v, (bool, int, float, str, type(None)))}
+    fn, args, kwargs = ad.fusion_call(handle, pattern_code=8, oneshot=None, x=x, allreduce_out=x, residual_in=x,
+                                      residual_out=x, norm_out=None, quant_out=x, gamma=x[0], eps=1e-6, scale=None,
+                                      scale_out=x, group_size=128, weight_bias=1.0)
+    group = scalars(inspect.signature(fn).bind(*args, **kwargs).arguments)
+    handle.moe = p.functions.get(fp.LEGACY_MOE)
+    handle.moe_fn = getattr(comm, fp.LEGACY_MOE, None)
+    fn, args, kwargs = ad.moe_finalize_call(handle, pattern_code=7, expert_out=x, permuted_idx=x, expert_scales=x,
+                                            shared=None, residual_in=x, residual_out=x, norm_out=x, gamma=x[0],
+                                            eps=1e-6, weight_bias=1.0)
+    moe = inspect.signature(fn).bind(*args, **kwargs).arguments
     bound[path] = {"create": {k: str(v) for k, v in created.items()},
-                   "trigger": fused.get("trigger_completion_at_end")}
+                   "trigger": fused.get("trigger_completion_at_end"), "group": group,
+                   "moe": dict(scalars(moe), tensors=sorted(k for k, v in moe.items() if v is x)),
+                   "routes": {s.name: fp.route(s, p, path)[1] or "ok" for s in catalogue()}}
 print(json.dumps({"probe": p.as_dict(), "bound": bound}))
 """
 
@@ -188,3 +206,15 @@ def test_real_flashinfer_package():
         assert b["trigger"] is True
         if path == "unified":
             assert b["create"]["backend"] == "trtllm"
+        if "block_quant_group_size" in p["functions"][fa.FUNCTIONS[path][1]]["params"]:
+            assert b["group"]["block_quant_group_size"] == 128 and b["group"]["weight_bias"] == 1.0
+        moe = b["moe"]
+        assert {"expanded_idx_to_permuted_idx", "expert_scale_factor", "residual_in", "norm_out"} <= set(moe["tensors"])
+        assert moe.get("moe_finalize_backend", moe.get("backend", "trtllm")) == "trtllm"
+    if p["version"] in ff.versions():  # the fake of this release maps every spec exactly as the real package
+        from arfuse.backends import flashinfer_patterns as fp
+        from arfuse.core.spec import catalogue
+
+        with ff.loaded(ff.write(Path(tempfile.mkdtemp()), p["version"])) as fake:
+            for path, b in report["bound"].items():
+                assert b["routes"] == {s.name: fp.route(s, fake, path)[1] or "ok" for s in catalogue()}, path
