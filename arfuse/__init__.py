@@ -6,6 +6,8 @@
 """
 from arfuse import backends as _backends  # noqa: F401  (registers the backends)
 from arfuse.api import AllReduceFusion, free_idle_workspaces
+from arfuse.autofuse import compile, compile_report
+from arfuse.core.counters import process_stats as stats
 from arfuse.core.counters import strict
 from arfuse.core.errors import ArfuseError, BackendError, FallbackError, PeerTimeoutError
 from arfuse.core.types import Pattern, Plan
@@ -24,8 +26,11 @@ __all__ = [
     "PeerTimeoutError",
     "Plan",
     "all_reduce",
+    "compile",
+    "compile_report",
     "free_idle_workspaces",
     "residual_rmsnorm",
     "rmsnorm",
+    "stats",
     "strict",
 ]
