@@ -31,6 +31,12 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _is_cpu_scalar(node) -> bool:
+    """A 0-d floating-point CPU tensor: how a graph compiled with ``dynamic=True`` takes a float attribute."""
+    v = val(node)
+    return v is not None and v.dim() == 0 and v.dtype.is_floating_point and v.device.type == "cpu"
+
+
 def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dim() == b.dim() and all(statically_known_true(p == q) for p, q in zip(a.shape, b.shape))
 
@@ -68,7 +74,10 @@ def _norm_reason(entry: Entry, kw, x: torch.Tensor) -> Optional[str]:
     if not _reduces_last_dim(kw["dims"], x.dim()):
         return f"the mean reduces dims {kw['dims']}, not the last one"
     eps = kw["eps"]
-    if not _is_number(eps) or not math.isfinite(eps) or eps <= 0 or not _positive_in_float32(eps):
+    if isinstance(eps, torch.fx.Node):
+        if not _is_cpu_scalar(eps):
+            return "eps is a tensor, not a constant or a 0-d CPU scalar"
+    elif not _is_number(eps) or not math.isfinite(eps) or eps <= 0 or not _positive_in_float32(eps):
         return f"eps {eps!r} is not a positive float32 constant"
     weight = val(kw["weight"])
     if weight is None:
@@ -95,7 +104,10 @@ def _residual_reason(entry: Entry, kw, x: torch.Tensor) -> Optional[str]:
         return f"residual of shape {tuple(residual.shape)} broadcasts against the sum's {tuple(x.shape)}"
     if entry.residual.scaled:
         m = kw["multiplier"]
-        if not _is_number(m) or not math.isfinite(m):
+        if isinstance(m, torch.fx.Node):
+            if not _is_cpu_scalar(m):
+                return "the allreduced branch is scaled by a tensor, not a constant or a 0-d CPU scalar"
+        elif not _is_number(m) or not math.isfinite(m):
             return f"the allreduced branch is scaled by {m!r}, not by a finite constant"
     return None
 
@@ -105,6 +117,9 @@ def _fp8_reason(entry: Entry, kw, x: torch.Tensor) -> Optional[str]:
         return None
     if kw["q_dtype"] != FP8_DTYPE:
         return f"quantizes to {kw['q_dtype']}, not {FP8_DTYPE}"
+    if entry.epilogue.clamp_in_fp32 and (kw["clamp_up_dtype"] != torch.float32
+                                         or kw["clamp_down_dtype"] != x.dtype):
+        return f"the clamp casts to {kw['clamp_up_dtype']} and back to {kw['clamp_down_dtype']}"
     if kw["qmin"] != -FP8_MAX or kw["qmax"] != FP8_MAX:
         return f"clamps to [{kw['qmin']}, {kw['qmax']}], not [-{FP8_MAX:g}, {FP8_MAX:g}]"
     scale = kw["scale"]

@@ -101,6 +101,11 @@ def _unfused(x2: Tensor, residual2: Optional[Tensor], weight: Optional[Tensor], 
     return out, residual_out
 
 
+def _eps(eps: float, eps_t: Optional[Tensor]) -> float:
+    # a graph that takes eps as an input (dynamic=True does that to float attributes) passes a 0-d CPU tensor
+    return eps if eps_t is None else float(eps_t)
+
+
 def _residual_call(op: str, x: Tensor, residual: Tensor, weight: Tensor, eps: float, scale: Optional[Tensor],
                    group_name: str, max_tokens: int) -> Tuple[Tensor, Tensor]:
     hidden = x.shape[-1]
@@ -119,34 +124,37 @@ def _residual_call(op: str, x: Tensor, residual: Tensor, weight: Tensor, eps: fl
 # -- the ops -----------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("arfuse::autofused_residual_rmsnorm", mutates_args=())
-def autofused_residual_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, group_name: str,
-                               max_tokens: int) -> Tuple[Tensor, Tensor]:
+def autofused_residual_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, eps_t: Optional[Tensor],
+                               group_name: str, max_tokens: int) -> Tuple[Tensor, Tensor]:
     """``(rmsnorm(allreduce(x) + residual) * weight, allreduce(x) + residual)`` over the group
-    ``group_name``; ``x`` of any shape ``(..., hidden)``."""
-    return _residual_call("residual_rmsnorm", x, residual, weight, eps, None, group_name, max_tokens)
+    ``group_name``; ``x`` of any shape ``(..., hidden)``. ``eps_t``, if given, holds eps (0-d, CPU)."""
+    return _residual_call("residual_rmsnorm", x, residual, weight, _eps(eps, eps_t), None, group_name, max_tokens)
 
 
 @autofused_residual_rmsnorm.register_fake
-def _(x, residual, weight, eps, group_name, max_tokens):
+def _(x, residual, weight, eps, eps_t, group_name, max_tokens):
     return torch.empty_like(x), torch.empty_like(x)
 
 
 @torch.library.custom_op("arfuse::autofused_residual_rmsnorm_fp8", mutates_args=())
 def autofused_residual_rmsnorm_fp8(x: Tensor, residual: Tensor, weight: Tensor, scale: Tensor, eps: float,
-                                   group_name: str, max_tokens: int) -> Tuple[Tensor, Tensor]:
+                                   eps_t: Optional[Tensor], group_name: str, max_tokens: int) -> Tuple[Tensor, Tensor]:
     """As ``autofused_residual_rmsnorm`` with the normed output quantized to FP8 e4m3 by the static
     per-tensor ``scale`` (a 1-element float32 tensor)."""
-    return _residual_call("residual_rmsnorm_fp8", x, residual, weight, eps, scale, group_name, max_tokens)
+    return _residual_call("residual_rmsnorm_fp8", x, residual, weight, _eps(eps, eps_t), scale, group_name,
+                          max_tokens)
 
 
 @autofused_residual_rmsnorm_fp8.register_fake
-def _(x, residual, weight, scale, eps, group_name, max_tokens):
+def _(x, residual, weight, scale, eps, eps_t, group_name, max_tokens):
     return torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device), torch.empty_like(x)
 
 
 @torch.library.custom_op("arfuse::autofused_rmsnorm", mutates_args=())
-def autofused_rmsnorm(x: Tensor, weight: Tensor, eps: float, group_name: str, max_tokens: int) -> Tensor:
+def autofused_rmsnorm(x: Tensor, weight: Tensor, eps: float, eps_t: Optional[Tensor], group_name: str,
+                      max_tokens: int) -> Tensor:
     """``rmsnorm(allreduce(x)) * weight`` over the group ``group_name``."""
+    eps = _eps(eps, eps_t)
     hidden = x.shape[-1]
     x2, weight = _flat(x, hidden), weight.contiguous()
     group, fusion = fusion_for(group_name, hidden, x.dtype, x.device, max_tokens)
@@ -159,7 +167,7 @@ def autofused_rmsnorm(x: Tensor, weight: Tensor, eps: float, group_name: str, ma
 
 
 @autofused_rmsnorm.register_fake
-def _(x, weight, eps, group_name, max_tokens):
+def _(x, weight, eps, eps_t, group_name, max_tokens):
     return torch.empty_like(x)
 
 

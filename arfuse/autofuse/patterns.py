@@ -72,8 +72,11 @@ class Residual:
 
 @dataclasses.dataclass(frozen=True)
 class Epilogue:
+    """A quantization of the norm's output. ``clamp_in_fp32``: the clamp of a bf16/fp16 quotient runs on an
+    fp32 upcast and is cast back before the FP8 cast (how Inductor decomposes it in some graphs)."""
+
     name: str
-    fp8: bool
+    clamp_in_fp32: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +103,7 @@ RESIDUALS = [
     Residual("residual+sum*m", add=True, sum_first=False, scaled=True),
     Residual("sum*m+residual", add=True, sum_first=True, scaled=True),
 ]
-EPILOGUES = [Epilogue("fp8_static", fp8=True), None]
+EPILOGUES = [Epilogue("fp8_static"), Epilogue("fp8_static_clamp_in_fp32", clamp_in_fp32=True), None]
 
 # (has residual, fp8 epilogue) -> the arfuse op
 OPS = {(True, False): "residual_rmsnorm", (True, True): "residual_rmsnorm_fp8", (False, False): "rmsnorm"}
@@ -118,8 +121,8 @@ def entries() -> List[Entry]:
         op = OPS.get((res.add, epi is not None))
         if op is None:
             continue
-        if not casts and not norm.default_weight:
-            continue  # without casts the weight position does not exist
+        if not casts and (not norm.default_weight or (epi is not None and epi.clamp_in_fp32)):
+            continue  # without casts neither the weight position nor an fp32 clamp exists
         name = "/".join(p for p in ("lowp" if casts else "fp32", norm.label(casts), res.name, epi and epi.name)
                         if p)
         out.append(Entry(name, op, casts, norm, res, epi, stage=0))
@@ -152,10 +155,14 @@ def _norm(h: PatternExpr, entry: Entry, out_users) -> PatternExpr:
     return CallFunction(CONVERT, _mul(normed, weight, norm.weight_first), KeywordArg("out_dtype"), _users=out_users)
 
 
-def _fp8(y: PatternExpr) -> PatternExpr:
-    div = CallFunction(aten.div.Tensor, y, KeywordArg("scale"))
-    clamped = CallFunction(aten.clamp_max.default, CallFunction(aten.clamp_min.default, div, KeywordArg("qmin")),
-                           KeywordArg("qmax"))
+def _fp8(y: PatternExpr, epilogue: Epilogue) -> PatternExpr:
+    quotient = CallFunction(aten.div.Tensor, y, KeywordArg("scale"))
+    if epilogue.clamp_in_fp32:
+        quotient = CallFunction(CONVERT, quotient, KeywordArg("clamp_up_dtype"))
+    clamped = CallFunction(aten.clamp_max.default,
+                           CallFunction(aten.clamp_min.default, quotient, KeywordArg("qmin")), KeywordArg("qmax"))
+    if epilogue.clamp_in_fp32:
+        clamped = CallFunction(CONVERT, clamped, KeywordArg("clamp_down_dtype"))
     return CallFunction(CONVERT, clamped, KeywordArg("q_dtype"), _users=MULTIPLE)
 
 
@@ -164,7 +171,8 @@ def build(entry: Entry) -> PatternExpr:
     if entry.norm is None:
         return _allreduced(MULTIPLE)
     res = entry.residual
-    finish: Callable[[PatternExpr], PatternExpr] = _fp8 if entry.epilogue is not None else (lambda y: y)
+    epi = entry.epilogue
+    finish: Callable[[PatternExpr], PatternExpr] = (lambda y: _fp8(y, epi)) if epi is not None else (lambda y: y)
     out_users = 1 if entry.epilogue is not None else MULTIPLE
     if not res.add:
         # the sum feeds only the norm: its upcast in bf16, or the norm's pow and mul in fp32

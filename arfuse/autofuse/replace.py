@@ -19,44 +19,65 @@ class Replacement:
     note: Callable[[Mapping[str, Any]], str] = lambda kw: ""
 
 
+class _Inputs:
+    """The replacement's inputs: matched nodes go in as traced arguments, constants stay Python values."""
+
+    def __init__(self, kw: Mapping[str, Any], names):
+        self.names = [n for n in names if isinstance(kw.get(n), torch.fx.Node)]
+        self.nodes = [kw[n] for n in self.names]
+        self.constants = {n: kw.get(n) for n in names if n not in self.names}
+
+    def bind(self, args) -> Dict[str, Any]:
+        return dict(self.constants, **dict(zip(self.names, args)))
+
+
 def _scaled(x: torch.Tensor, multiplier) -> torch.Tensor:
     # allreduce is linear: sum(x * m) equals sum(x) * m up to rounding, so the scale moves before the call
     return x if multiplier is None else x * multiplier
 
 
+def _eps_args(eps):
+    """(eps, eps_t) of the ops: a constant, or a 0-d tensor the graph takes as an input (read at run time)."""
+    return (1e-6, eps) if isinstance(eps, torch.Tensor) else (float(eps), None)
+
+
 def _residual_rmsnorm(kw, max_tokens):
-    eps, group, m = float(kw["eps"]), kw["group"], kw.get("multiplier")
+    group = kw["group"]
+    inputs = _Inputs(kw, ("x", "residual", "weight", "eps", "multiplier"))
 
-    def fused(x, residual, weight):
-        return torch.ops.arfuse.autofused_residual_rmsnorm(_scaled(x, m), residual, weight, eps, group, max_tokens)
+    def fused(*args):
+        a = inputs.bind(args)
+        return torch.ops.arfuse.autofused_residual_rmsnorm(_scaled(a["x"], a["multiplier"]), a["residual"],
+                                                           a["weight"], *_eps_args(a["eps"]), group, max_tokens)
 
-    return fused, [kw["x"], kw["residual"], kw["weight"]]
+    return fused, inputs.nodes
 
 
 def _residual_rmsnorm_fp8(kw, max_tokens):
-    eps, group, m, scale = float(kw["eps"]), kw["group"], kw.get("multiplier"), kw["scale"]
-    if isinstance(scale, torch.fx.Node):
-        def fused(x, residual, weight, scale_t):
-            return torch.ops.arfuse.autofused_residual_rmsnorm_fp8(_scaled(x, m), residual, weight,
-                                                                   scale_t.reshape(1), eps, group, max_tokens)
+    group = kw["group"]
+    inputs = _Inputs(kw, ("x", "residual", "weight", "eps", "multiplier", "scale"))
 
-        return fused, [kw["x"], kw["residual"], kw["weight"], scale]
+    def fused(*args):
+        a = inputs.bind(args)
+        scale = a["scale"]
+        scale_t = (scale.reshape(1) if isinstance(scale, torch.Tensor)
+                   else torch.full((1,), float(scale), dtype=torch.float32, device=a["x"].device))
+        return torch.ops.arfuse.autofused_residual_rmsnorm_fp8(_scaled(a["x"], a["multiplier"]), a["residual"],
+                                                               a["weight"], scale_t, *_eps_args(a["eps"]), group,
+                                                               max_tokens)
 
-    def fused_const(x, residual, weight):
-        scale_t = torch.full((1,), float(scale), dtype=torch.float32, device=x.device)
-        return torch.ops.arfuse.autofused_residual_rmsnorm_fp8(_scaled(x, m), residual, weight, scale_t, eps,
-                                                               group, max_tokens)
-
-    return fused_const, [kw["x"], kw["residual"], kw["weight"]]
+    return fused, inputs.nodes
 
 
 def _rmsnorm(kw, max_tokens):
-    eps, group = float(kw["eps"]), kw["group"]
+    group = kw["group"]
+    inputs = _Inputs(kw, ("x", "weight", "eps"))
 
-    def fused(x, weight):
-        return torch.ops.arfuse.autofused_rmsnorm(x, weight, eps, group, max_tokens)
+    def fused(*args):
+        a = inputs.bind(args)
+        return torch.ops.arfuse.autofused_rmsnorm(a["x"], a["weight"], *_eps_args(a["eps"]), group, max_tokens)
 
-    return fused, [kw["x"], kw["weight"]]
+    return fused, inputs.nodes
 
 
 def _all_reduce(kw, max_tokens):
@@ -70,8 +91,11 @@ def _all_reduce(kw, max_tokens):
 
 def _scale_note(kw) -> str:
     m = kw.get("multiplier")
-    return "" if m is None else (f"the allreduced branch's scale {m:g} is applied to the input before the fused "
-                                 f"call (allreduce is linear; equal up to rounding)")
+    if m is None:
+        return ""
+    shown = f"{m:g}" if isinstance(m, (int, float)) else "(a graph input)"
+    return (f"the allreduced branch's scale {shown} is applied to the input before the fused call (allreduce is "
+            f"linear; equal up to rounding)")
 
 
 REPLACEMENTS: Dict[str, Replacement] = {
