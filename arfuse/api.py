@@ -10,11 +10,14 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from arfuse.backends import base
+from arfuse.core import outputs as out_specs
 from arfuse.core import validate as v
 from arfuse.core.counters import StatsView, logger
-from arfuse.core.types import FP8_DTYPE, Capacity, GroupCaps, Pattern, Plan
+from arfuse.core.quant import QUANT_TYPES, FP8Static
+from arfuse.core.spec import FusionSpec, Prologue, Quant
+from arfuse.core.types import Capacity, FusedCall, FusedOutput, GroupCaps, Pattern, Plan
 from arfuse.probe import vote
-from arfuse.runtime.custom_op import call, register_executor
+from arfuse.runtime.custom_op import register_executor, run_call
 from arfuse.runtime.executor import Executor
 from arfuse.select import policy
 
@@ -56,6 +59,37 @@ def _check_timeout(timeout_s) -> float:
     if not math.isfinite(timeout_s) or timeout_s <= 0:
         raise ValueError(f"AllReduceFusion: timeout_s must be finite and > 0, got {timeout_s}")
     return float(timeout_s)
+
+
+_SPECS: Dict[tuple, FusionSpec] = {}
+
+
+def spec_of(**fields) -> FusionSpec:
+    """The (interned) spec with these fields, the rest at their defaults."""
+    key = tuple(sorted(fields.items()))
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = _SPECS[key] = FusionSpec(**fields)
+    return spec
+
+
+def _flag(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _quant_fields(op: str, quant) -> Tuple[dict, Optional[Union[float, Tensor]]]:
+    """The spec fields of a ``quant=`` argument, and its static scale (None for dynamic ones)."""
+    if not isinstance(quant, QUANT_TYPES):
+        raise TypeError(f"{op}: quant must be arfuse.FP8Static(scale), arfuse.FP8PerToken() or "
+                        f"arfuse.FP8PerTokenGroup(...), got {type(quant).__name__}")
+    return quant.spec_fields(), (quant.scale if isinstance(quant, FP8Static) else None)
+
+
+def _quant_output(call: FusedCall) -> FusedOutput:
+    scale = call.scale_out if call.scale_out is not None else call.scale
+    return FusedOutput(call.out, scale, call.residual_out, call.norm_out)
 
 
 def _close_at_exit(executor: Executor) -> None:
@@ -116,87 +150,146 @@ class AllReduceFusion:
 
     # -- the ops ---------------------------------------------------------------------------------------------
     def residual_rmsnorm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6, *,
-                         norm_out: Optional[Tensor] = None, residual_out: Optional[Tensor] = None,
-                         inplace: bool = False) -> Tuple[Tensor, Tensor]:
-        """``residual_out = allreduce(x) + residual``; ``norm_out = rmsnorm(residual_out) * weight``.
+                         weight_offset: float = 0.0, norm_out: Optional[Tensor] = None,
+                         residual_out: Optional[Tensor] = None, inplace: bool = False) -> Tuple[Tensor, Tensor]:
+        """``residual_out = allreduce(x) + residual``; ``norm_out = rmsnorm(residual_out) * (weight +
+        weight_offset)``.
 
-        Math in fp32, outputs in the input dtype. ``inplace=True`` writes ``residual_out`` into ``residual``
-        (what engines do). Optional ``norm_out``/``residual_out`` are written instead of new tensors.
-        Returns ``(norm_out, residual_out)``. Collective; graph-capturable.
+        Math in fp32, outputs in the input dtype. ``weight_offset``: 1.0 for Gemma-style norms. ``inplace=True``
+        writes ``residual_out`` into ``residual`` (what engines do). Optional ``norm_out``/``residual_out`` are
+        written instead of new tensors. Returns ``(norm_out, residual_out)``. Collective; graph-capturable.
         """
-        return self._residual_call("residual_rmsnorm", Pattern.RESIDUAL_RMSNORM, x, residual, weight, eps, None,
-                                   norm_out, residual_out, inplace, self.capacity.dtype)
+        op = "residual_rmsnorm"
+        offset = v.check_weight_offset(op, weight_offset)
+        call = self._fused(op, spec_of(weight_offset=offset != 0.0), x, residual=residual, weight=weight, eps=eps,
+                           weight_offset=offset, inplace=inplace,
+                           outputs={"out": norm_out, "residual_out": residual_out},
+                           labels={"out": "norm_out"})
+        return call.out, call.residual_out
 
     def residual_rmsnorm_fp8(self, x: Tensor, residual: Tensor, weight: Tensor, scale: Union[float, Tensor],
-                             eps: float = 1e-6, *, quant_out: Optional[Tensor] = None,
+                             eps: float = 1e-6, *, weight_offset: float = 0.0, quant_out: Optional[Tensor] = None,
                              residual_out: Optional[Tensor] = None, inplace: bool = False) -> Tuple[Tensor, Tensor]:
         """As :meth:`residual_rmsnorm`, with the normed output quantized to FP8 e4m3:
         ``quant_out = clamp(norm / scale, -448, 448)`` (static per-tensor ``scale``: a float or a 1-element
-        float32 tensor). Returns ``(quant_out, residual_out)``. Collective; graph-capturable.
+        float32 tensor). Returns ``(quant_out, residual_out)``. Collective; graph-capturable. The general form
+        is :meth:`residual_rmsnorm_quant` with :class:`arfuse.FP8Static`.
         """
-        scale_t = v.check_scale("residual_rmsnorm_fp8", scale, self.capacity.device)
-        return self._residual_call("residual_rmsnorm_fp8", Pattern.RESIDUAL_RMSNORM_FP8, x, residual, weight, eps,
-                                   scale_t, quant_out, residual_out, inplace, FP8_DTYPE)
+        op = "residual_rmsnorm_fp8"
+        offset = v.check_weight_offset(op, weight_offset)
+        call = self._fused(op, spec_of(weight_offset=offset != 0.0, quant=Quant.FP8_STATIC), x, residual=residual,
+                           weight=weight, eps=eps, weight_offset=offset, scale=scale, inplace=inplace,
+                           outputs={"out": quant_out, "residual_out": residual_out}, labels={"out": "quant_out"})
+        return call.out, call.residual_out
 
-    def rmsnorm(self, x: Tensor, weight: Tensor, eps: float = 1e-6, *, out: Optional[Tensor] = None) -> Tensor:
-        """``rmsnorm(allreduce(x)) * weight`` (no residual). Collective; graph-capturable."""
+    def residual_rmsnorm_quant(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6, *, quant,
+                               weight_offset: float = 0.0, also_norm: bool = False, inplace: bool = False,
+                               quant_out: Optional[Tensor] = None, scale_out: Optional[Tensor] = None,
+                               residual_out: Optional[Tensor] = None,
+                               norm_out: Optional[Tensor] = None) -> FusedOutput:
+        """``allreduce(x) + residual -> RMSNorm -> FP8``, the quantization chosen by ``quant``:
+        :class:`arfuse.FP8Static` (the caller's per-tensor scale), :class:`arfuse.FP8PerToken` (one float32 scale
+        per token) or :class:`arfuse.FP8PerTokenGroup` (one scale per token and group of columns, float32 or
+        DeepGEMM's packed UE8M0). ``also_norm=True`` also writes the norm in the input dtype.
+
+        Returns :class:`arfuse.FusedOutput` ``(quant, scale, residual, norm)``: ``scale`` is the dynamic scales
+        (or the static scale as a tensor), ``norm`` None unless ``also_norm``. Caller-provided outputs
+        (``quant_out``, ``scale_out``, ``residual_out``, ``norm_out``) are written instead of new tensors.
+        Collective; graph-capturable.
+        """
+        op = "residual_rmsnorm_quant"
+        offset = v.check_weight_offset(op, weight_offset)
+        fields, scale = _quant_fields(op, quant)
+        spec = spec_of(weight_offset=offset != 0.0, also_norm=_flag(op, "also_norm", also_norm), **fields)
+        call = self._fused(op, spec, x, residual=residual, weight=weight, eps=eps, weight_offset=offset,
+                           scale=scale, inplace=inplace, outputs={"out": quant_out, "scale_out": scale_out,
+                                                                  "residual_out": residual_out, "norm_out": norm_out},
+                           labels={"out": "quant_out"})
+        return _quant_output(call)
+
+    def moe_finalize_residual_rmsnorm(self, expert_out: Tensor, permuted_idx: Tensor, expert_scales: Tensor,
+                                      residual: Tensor, weight: Tensor, eps: float = 1e-6, *,
+                                      shared_expert_out: Optional[Tensor] = None, weight_offset: float = 0.0,
+                                      quant=None, also_norm: bool = False, inplace: bool = False,
+                                      quant_out: Optional[Tensor] = None, scale_out: Optional[Tensor] = None,
+                                      residual_out: Optional[Tensor] = None,
+                                      norm_out: Optional[Tensor] = None) -> FusedOutput:
+        """MoE finalize fused with allreduce + residual + RMSNorm (+ a quantization):
+        ``x[t] = sum_k expert_scales[t, k] * expert_out[permuted_idx[t, k]] (+ shared_expert_out[t])`` on this
+        rank (fp32, rounded to the input dtype), then as :meth:`residual_rmsnorm` (``quant=None``) or
+        :meth:`residual_rmsnorm_quant`.
+
+        ``expert_out`` (P, hidden): the permuted expert outputs; ``permuted_idx`` int32 (tokens, top_k): where
+        token ``t``'s ``k``-th expert row is; ``expert_scales`` (tokens, top_k), float32 or the input dtype. An index
+        outside ``[0, P)`` raises ValueError before any collective for CPU tensors; on GPU the kernels read no row
+        for it (it adds nothing), record it, and the next call or :meth:`check_health` raises ValueError.
+        Returns :class:`arfuse.FusedOutput`. Collective; graph-capturable.
+        """
+        op = "moe_finalize_residual_rmsnorm"
+        offset = v.check_weight_offset(op, weight_offset)
+        fields, scale = _quant_fields(op, quant) if quant is not None else ({}, None)
+        spec = spec_of(weight_offset=offset != 0.0, also_norm=_flag(op, "also_norm", also_norm),
+                       prologue=Prologue.MOE_FINALIZE, shared_expert=shared_expert_out is not None, **fields)
+        call = self._fused(op, spec, expert_out, residual=residual, weight=weight, eps=eps, weight_offset=offset,
+                           scale=scale, inplace=inplace, moe=(permuted_idx, expert_scales, shared_expert_out),
+                           outputs={"out": quant_out if quant is not None else norm_out, "scale_out": scale_out,
+                                    "residual_out": residual_out,
+                                    "norm_out": norm_out if quant is not None else None},
+                           labels={"out": "quant_out" if quant is not None else "norm_out"})
+        return _quant_output(call) if quant is not None else FusedOutput(None, None, call.residual_out, call.out)
+
+    def rmsnorm(self, x: Tensor, weight: Tensor, eps: float = 1e-6, *, weight_offset: float = 0.0,
+                out: Optional[Tensor] = None) -> Tensor:
+        """``rmsnorm(allreduce(x)) * (weight + weight_offset)`` (no residual). Collective; graph-capturable."""
         op = "rmsnorm"
-        self._check_open(op)
-        v.check_input(op, x, self.capacity)
-        v.check_weight(op, weight, self.capacity)
-        eps = v.check_eps(op, eps)
-        provided = out is not None
-        out = self._output(op, "out", out, x, self.capacity.dtype)
-        if provided:
-            self._check_disjoint(op, {"out": out}, {"x": x, "weight": weight})
-        call(self._executor, self._handle, Pattern.RMSNORM, x, None, weight, None, eps, out, None)
-        return out
+        offset = v.check_weight_offset(op, weight_offset)
+        return self._fused(op, spec_of(residual=False, weight_offset=offset != 0.0), x, weight=weight, eps=eps,
+                           weight_offset=offset, outputs={"out": out}).out
 
     def all_reduce(self, x: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
         """Plain sum-allreduce of ``x`` into a new tensor (or ``out``). Collective; graph-capturable."""
-        op = "all_reduce"
-        self._check_open(op)
-        v.check_input(op, x, self.capacity)
-        provided = out is not None
-        out = self._output(op, "out", out, x, self.capacity.dtype)
-        if provided:
-            self._check_disjoint(op, {"out": out}, {"x": x})
-        call(self._executor, self._handle, Pattern.ALLREDUCE, x, None, None, None, 1.0, out, None)
-        return out
+        return self._fused("all_reduce", spec_of(residual=False, norm=False), x, outputs={"out": out}).out
 
-    def _residual_call(self, op, pattern, x, residual, weight, eps, scale, out, residual_out, inplace, out_dtype):
+    def _fused(self, op: str, spec: FusionSpec, x, *, residual=None, weight=None, eps=1.0, weight_offset=0.0,
+               scale=None, inplace: bool = False, moe=None, outputs: Dict[str, Optional[Tensor]],
+               labels: Optional[Dict[str, str]] = None) -> FusedCall:
+        """Check one call's arguments (before any collective), prepare its outputs and run it."""
         self._check_open(op)
         cap = self.capacity
-        v.check_input(op, x, cap)
-        v.check_tensor(op, "residual", residual, dtype=cap.dtype, device=cap.device, shape=tuple(x.shape))
-        v.check_weight(op, weight, cap)
-        eps = v.check_eps(op, eps)
-        if not isinstance(inplace, bool):
-            raise TypeError(f"{op}: inplace must be a bool, got {type(inplace).__name__}")
-        if inplace and residual_out is not None:
+        if moe is not None:
+            tokens = v.check_moe(op, x, moe[0], moe[1], moe[2], cap)
+        else:
+            tokens = v.check_input(op, x, cap)
+        shape = (tokens, cap.hidden_size)
+        if spec.residual:
+            v.check_tensor(op, "residual", residual, dtype=cap.dtype, device=cap.device, shape=shape)
+        if spec.norm:
+            v.check_weight(op, weight, cap)
+            eps = v.check_eps(op, eps)
+        if spec.group_size:
+            v.check_group_size(op, spec.group_size, cap.hidden_size)
+        scale_t = v.check_scale(op, scale, cap.device) if spec.quant is Quant.FP8_STATIC else None
+        inplace = _flag(op, "inplace", inplace)
+        if inplace and outputs.get("residual_out") is not None:
             raise ValueError(f"{op}: pass either inplace=True or residual_out, not both")
-        # Only caller-provided memory can overlap anything, so fresh outputs skip the (costly) overlap check.
-        given = {}
-        out_name = "quant_out" if scale is not None else "norm_out"
-        if out is not None:
-            given[out_name] = out
-        if inplace or residual_out is not None:
-            given["residual_out"] = residual if inplace else residual_out
-        out = self._output(op, out_name, out, x, out_dtype)
-        res_out = residual if inplace else self._output(op, "residual_out", residual_out, x, cap.dtype)
-        if given:
-            self._check_disjoint(op, {k: (out if k == out_name else res_out) for k in given},
-                                 {"x": x, "residual": residual, "weight": weight},
+        labels = labels or {}
+        given = {k: t for k, t in outputs.items() if t is not None}
+        if inplace:
+            given["residual_out"] = residual
+        made = out_specs.prepare(op, spec, tokens, cap.hidden_size, cap.dtype, cap.device, given, labels)
+        if given:  # only caller-provided memory can overlap anything, so fresh outputs skip the (costly) check
+            inputs = {"x" if moe is None else "expert_out": x, "residual": residual, "weight": weight}
+            if moe is not None:
+                inputs.update(permuted_idx=moe[0], expert_scales=moe[1], shared_expert_out=moe[2])
+            self._check_disjoint(op, {labels.get(k, k): made[k] for k in given}, inputs,
                                  allowed=("residual_out", "residual") if inplace else None)
-        call(self._executor, self._handle, pattern, x, None if inplace else residual, weight, scale, eps, out,
-             res_out)
-        return out, res_out
-
-    @staticmethod
-    def _output(op: str, name: str, given: Optional[Tensor], x: Tensor, dtype: torch.dtype) -> Tensor:
-        if given is None:
-            return torch.empty(x.shape, dtype=dtype, device=x.device)
-        return v.check_tensor(op, name, given, dtype=dtype, device=x.device, shape=tuple(x.shape))
+        idx, escales, shared = moe if moe is not None else (None, None, None)
+        call = FusedCall(x, made["out"], residual=residual, weight=weight, eps=eps, weight_offset=weight_offset,
+                         scale=scale_t, expert_idx=idx, expert_scales=escales, shared=shared,
+                         residual_out=made.get("residual_out"), norm_out=made.get("norm_out"),
+                         scale_out=made.get("scale_out"))
+        run_call(self._executor, self._handle, spec, call)
+        return call
 
     @staticmethod
     def _check_disjoint(op, outputs, inputs, allowed=None) -> None:
@@ -216,12 +309,13 @@ class AllReduceFusion:
     def reset_stats(self) -> None:
         self._executor.counters.reset()
 
-    def plan(self, pattern: Union[Pattern, str], num_tokens: int) -> Plan:
-        """The plan a call of ``num_tokens`` tokens would run (``pattern``: a Pattern or its name)."""
-        pattern = Pattern[pattern.upper()] if isinstance(pattern, str) else Pattern(pattern)
+    def plan(self, pattern: Union[Pattern, str, FusionSpec], num_tokens: int) -> Plan:
+        """The plan a call of ``num_tokens`` tokens would run (``pattern``: a Pattern, its name, or a
+        :class:`~arfuse.core.spec.FusionSpec`)."""
+        spec = _spec_arg("plan", pattern)
         if not 1 <= num_tokens <= self.capacity.max_tokens:
             raise ValueError(f"plan: num_tokens must be in 1..{self.capacity.max_tokens}, got {num_tokens}")
-        return self._executor.plan(pattern, num_tokens)
+        return self._executor.plan(spec, num_tokens)
 
     @property
     def caps(self) -> GroupCaps:
@@ -238,7 +332,8 @@ class AllReduceFusion:
         """Backends dropped at construction or after an error, with the reason."""
         return dict(self._executor.disabled)
 
-    def input_buffer(self, num_tokens: int, pattern: Pattern = Pattern.RESIDUAL_RMSNORM) -> Optional[Tensor]:
+    def input_buffer(self, num_tokens: int, pattern: Union[Pattern, str, FusionSpec] = Pattern.RESIDUAL_RMSNORM
+                     ) -> Optional[Tensor]:
         """A (num_tokens, hidden) tensor in the chosen backend's own input memory, or None.
 
         Writing the input there (e.g. as a GEMM's ``out=``) and passing it as ``x`` skips the copy-in.
@@ -247,7 +342,7 @@ class AllReduceFusion:
         self._check_open("input_buffer")
         if not 1 <= num_tokens <= self.capacity.max_tokens:
             raise ValueError(f"input_buffer: num_tokens must be in 1..{self.capacity.max_tokens}, got {num_tokens}")
-        return self._executor.input_buffer(pattern, num_tokens)
+        return self._executor.input_buffer(_spec_arg("input_buffer", pattern), num_tokens)
 
     def check_health(self) -> None:
         """Raise the error a previous launch recorded asynchronously (e.g. :class:`PeerTimeoutError`)."""
@@ -272,6 +367,18 @@ class AllReduceFusion:
         state = "closed" if self.closed else f"backends={list(self.backends)}"
         return (f"AllReduceFusion(world_size={self.caps.world_size}, max_tokens={c.max_tokens}, "
                 f"hidden_size={c.hidden_size}, dtype={v.dtype_name(c.dtype)}, device={c.device}, {state})")
+
+
+def _spec_arg(op: str, pattern) -> FusionSpec:
+    if isinstance(pattern, FusionSpec):
+        return pattern
+    if isinstance(pattern, str):
+        try:
+            return Pattern[pattern.upper()].spec
+        except KeyError:
+            raise ValueError(f"{op}: pattern must be one of {', '.join(p.name.lower() for p in Pattern)} or a "
+                             f"FusionSpec, got {pattern!r}") from None
+    return Pattern(pattern).spec
 
 
 def free_idle_workspaces() -> int:

@@ -5,11 +5,15 @@ Every rank can rebuild every other rank's input from the seed, so the float64 re
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from arfuse.core import outputs as out_specs
+from arfuse.core.math import GROUP_MIN_SCALE, PER_TOKEN_MIN_SCALE, unpack_ue8m0
+from arfuse.core.quant import FP8PerToken, FP8PerTokenGroup, FP8Static
+from arfuse.core.spec import FusionSpec, Quant, ScaleLayout
 from arfuse.core.types import FP8_MAX, Pattern
 
 # Worst relative error (||out - ref|| / ||ref||) accepted per output dtype.
@@ -18,7 +22,9 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, tor
 
 @dataclass(frozen=True)
 class Case:
-    """One call's inputs: ``x`` per rank (fresh random each), shared ``residual`` and ``weight``."""
+    """One call's inputs: ``x`` per rank (fresh random each), shared ``residual`` and ``weight``; for the MoE
+    prologue, per rank ``expert_out`` (``expert_rows`` x hidden; default tokens * top_k rows), ``permuted_idx``,
+    ``expert_scales`` and ``shared_expert_out``."""
 
     tokens: int
     hidden: int
@@ -26,6 +32,9 @@ class Case:
     seed: int
     eps: float = 1e-6
     scale: float = 0.05
+    weight_offset: float = 0.0
+    top_k: int = 2
+    expert_rows: int = 0
 
     def _gen(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
@@ -39,7 +48,37 @@ class Case:
 
     def weight(self, device="cpu") -> torch.Tensor:
         w = 1.0 + 0.1 * torch.randn(self.hidden, generator=self._gen(2))
+        if self.weight_offset:  # Gemma-style weights sit near 0 and the offset adds 1
+            w = w - self.weight_offset
         return w.to(self.dtype).to(device)
+
+    @property
+    def rows(self) -> int:
+        return self.expert_rows or max(1, self.tokens * self.top_k)
+
+    def expert_out(self, rank: int, device="cpu") -> torch.Tensor:
+        g = self._gen(1000 + rank)
+        return torch.randn(self.rows, self.hidden, generator=g).to(self.dtype).to(device)
+
+    def permuted_idx(self, rank: int, device="cpu") -> torch.Tensor:
+        g = self._gen(2000 + rank)
+        return torch.randint(0, self.rows, (self.tokens, self.top_k), generator=g, dtype=torch.int32).to(device)
+
+    def expert_scales(self, rank: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+        g = self._gen(3000 + rank)
+        return torch.rand(self.tokens, self.top_k, generator=g).softmax(dim=-1).to(dtype).to(device)
+
+    def shared_expert_out(self, rank: int, device="cpu") -> torch.Tensor:
+        g = self._gen(4000 + rank)
+        return (0.5 * torch.randn(self.tokens, self.hidden, generator=g)).to(self.dtype).to(device)
+
+    def rank_input(self, rank: int, spec: FusionSpec) -> torch.Tensor:
+        """This rank's allreduce input in float64 (the MoE finalize of its expert rows for the MoE prologue)."""
+        if not spec.moe:
+            return self.x(rank).double()
+        rows = self.expert_out(rank).double()[self.permuted_idx(rank).long()]
+        x = (rows * self.expert_scales(rank).double().unsqueeze(-1)).sum(dim=1)
+        return x + self.shared_expert_out(rank).double() if spec.shared_expert else x
 
 
 def reference(case: Case, world_size: int, pattern: Pattern) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -55,6 +94,157 @@ def reference(case: Case, world_size: int, pattern: Pattern) -> Tuple[torch.Tens
     if pattern is Pattern.RESIDUAL_RMSNORM_FP8:
         norm = (norm / case.scale).clamp(-FP8_MAX, FP8_MAX)
     return norm, res_out
+
+
+def reference_outputs(case: Case, world_size: int, spec: FusionSpec) -> Dict[str, torch.Tensor]:
+    """The float64 reference of every output ``spec`` writes: ``out`` (the sum, the norm or, for a
+    quantization, the quantized value before FP8 rounding), ``residual_out``, ``norm`` (the norm, whenever there is
+    one) and, for dynamic quantizations, ``scale_out`` (float64 (tokens, groups), before any UE8M0 rounding)."""
+    s = sum(case.rank_input(r, spec) for r in range(world_size))
+    if not spec.norm:
+        return {"out": s}
+    ref = {}
+    if spec.residual:
+        s = s + case.residual().double()
+        ref["residual_out"] = s
+    w = case.weight().double() + (case.weight_offset if spec.weight_offset else 0.0)
+    norm = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + case.eps) * w
+    ref["norm"] = norm
+    if spec.quant is Quant.NONE:
+        ref["out"] = norm
+    elif spec.quant is Quant.FP8_STATIC:
+        ref["out"] = (norm / case.scale).clamp(-FP8_MAX, FP8_MAX)
+    else:
+        groups = spec.groups(case.hidden)
+        amax = norm.reshape(case.tokens, groups, -1).abs().amax(dim=-1)
+        floor = PER_TOKEN_MIN_SCALE if spec.quant is Quant.FP8_PER_TOKEN else GROUP_MIN_SCALE
+        ref["scale_out"] = (amax / FP8_MAX).clamp_min(floor)
+        ref["out"] = norm
+    return ref
+
+
+def decoded_scales(spec: FusionSpec, scale_out: torch.Tensor, hidden: int) -> torch.Tensor:
+    """A call's dynamic scales as float64 (tokens, groups), UE8M0 ones decoded."""
+    if spec.scale_layout is ScaleLayout.UE8M0:
+        return unpack_ue8m0(scale_out.cpu(), spec.groups(hidden)).double()
+    return scale_out.detach().cpu().double()
+
+
+def output_errors(spec: FusionSpec, case: Case, world_size: int, got: Dict[str, torch.Tensor]
+                  ) -> Dict[str, Tuple[float, float]]:
+    """``{output: (error, tolerance)}`` of a call's outputs against the float64 reference.
+
+    Quantized outputs are checked by their dequantized error (``quant * scale`` against the norm); dynamic scales
+    by their formula: float32 scales by relative error, UE8M0 ones must be powers of two covering the group's
+    ``amax / 448`` and less than twice it (each within the input dtype's tolerance)."""
+    ref = reference_outputs(case, world_size, spec)
+    tol, tol_q = TOLERANCE[case.dtype], TOLERANCE[torch.float8_e4m3fn]
+    errors = {}
+    if "residual_out" in got:
+        errors["residual_out"] = (rel_err(got["residual_out"], ref["residual_out"]), tol)
+    if "norm_out" in got:
+        errors["norm_out"] = (rel_err(got["norm_out"], ref["norm"]), tol)
+    if spec.quant in (Quant.NONE, Quant.FP8_STATIC):
+        errors["out"] = (rel_err(got["out"].float(), ref["out"]), tol_q if spec.quant else tol)
+        return errors
+    scales = decoded_scales(spec, got["scale_out"], case.hidden)
+    want = ref["scale_out"]
+    if spec.scale_layout is ScaleLayout.UE8M0:
+        power_of_two = torch.equal(torch.frexp(scales)[0], torch.full_like(scales, 0.5))
+        over = (want / scales - 1).clamp_min(0).max().item()  # the scale must cover amax / 448 ...
+        under = (scales / (2 * want) - 1).clamp_min(0).max().item()  # ... by less than a factor of two
+        errors["scale_out"] = (max(over, under) if power_of_two else float("inf"), tol)
+    else:
+        errors["scale_out"] = (rel_err(scales.float(), want), tol)
+    groups = scales.shape[1]
+    dequant = got["out"].detach().cpu().double() * scales.repeat_interleave(case.hidden // groups, dim=1)
+    errors["out"] = (rel_err(dequant, ref["out"]), tol_q)
+    return errors
+
+
+def quant_arg(spec: FusionSpec, case: Case):
+    """The ``quant=`` object of a quantizing spec."""
+    if spec.quant is Quant.FP8_STATIC:
+        return FP8Static(case.scale)
+    if spec.quant is Quant.FP8_PER_TOKEN:
+        return FP8PerToken()
+    return FP8PerTokenGroup(spec.group_size, packed_ue8m0=spec.scale_layout is ScaleLayout.UE8M0)
+
+
+def call_spec(fusion, spec: FusionSpec, case: Case, rank: int, device, outputs: Dict[str, torch.Tensor],
+              x: Optional[torch.Tensor] = None, inplace: bool = False) -> Dict[str, torch.Tensor]:
+    """Run ``spec`` on ``fusion`` with this rank's inputs of ``case`` into ``outputs`` (as made by
+    :func:`poisoned_outputs`); returns the written outputs by name. ``inplace``: the residual is updated in place
+    (then ``outputs`` holds no ``residual_out`` and the residual tensor is returned as it)."""
+    residual = case.residual(device) if spec.residual else None
+    weight = case.weight(device) if spec.norm else None
+    res_kw = {} if inplace else {"residual_out": outputs.get("residual_out")}
+    offset = case.weight_offset if spec.weight_offset else 0.0
+    if spec.moe:
+        r = fusion.moe_finalize_residual_rmsnorm(
+            case.expert_out(rank, device), case.permuted_idx(rank, device), case.expert_scales(rank, device),
+            residual, weight, case.eps, weight_offset=offset, inplace=inplace,
+            shared_expert_out=case.shared_expert_out(rank, device) if spec.shared_expert else None,
+            quant=quant_arg(spec, case) if spec.quant else None, also_norm=spec.also_norm,
+            quant_out=outputs["out"] if spec.quant else None, scale_out=outputs.get("scale_out"),
+            norm_out=outputs.get("norm_out") if spec.quant else outputs["out"], **res_kw)
+        got = {"out": r.quant if spec.quant else r.norm, "residual_out": r.residual, "norm_out": r.norm,
+               "scale_out": r.scale}
+        return {k: got[k] for k in out_specs.names(spec)}
+    x = case.x(rank, device) if x is None else x
+    if not spec.norm:
+        return {"out": fusion.all_reduce(x, out=outputs["out"])}
+    if not spec.residual:
+        return {"out": fusion.rmsnorm(x, weight, case.eps, weight_offset=offset, out=outputs["out"])}
+    if not spec.quant:
+        norm, res = fusion.residual_rmsnorm(x, residual, weight, case.eps, weight_offset=offset,
+                                            norm_out=outputs["out"], inplace=inplace, **res_kw)
+        return {"out": norm, "residual_out": res}
+    r = fusion.residual_rmsnorm_quant(x, residual, weight, case.eps, quant=quant_arg(spec, case),
+                                      weight_offset=offset, also_norm=spec.also_norm, inplace=inplace,
+                                      quant_out=outputs["out"], scale_out=outputs.get("scale_out"),
+                                      norm_out=outputs.get("norm_out"), **res_kw)
+    got = {"out": r.quant, "residual_out": r.residual, "norm_out": r.norm, "scale_out": r.scale}
+    return {k: got[k] for k in out_specs.names(spec)}
+
+
+def poisoned_outputs(spec: FusionSpec, case: Case, device) -> Dict[str, torch.Tensor]:
+    """Every output ``spec`` writes, allocated as arfuse would and filled with NaN (int32 scales with -1), so an
+    unwritten element fails the check."""
+    made = out_specs.prepare("poisoned_outputs", spec, case.tokens, case.hidden, case.dtype, device, {}, {})
+    for t in made.values():
+        t.fill_(-1) if t.dtype == torch.int32 else poison(t)
+    return made
+
+
+@dataclass(frozen=True)
+class SpecChecked:
+    """One checked call of any spec: ``{output: (error, tolerance)}`` and the digest of this rank's outputs."""
+
+    errors: Dict[str, Tuple[float, float]]
+    digest: str
+    failures: Tuple[str, ...] = field(default=())
+
+    @property
+    def within_tolerance(self) -> bool:
+        return all(e <= t for e, t in self.errors.values())
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {e:.2e}/{t:g}" for k, (e, t) in sorted(self.errors.items()))
+
+
+def checked_spec_call(fusion, spec: FusionSpec, case: Case, rank: int, world_size: int, device,
+                      inplace: bool = False) -> SpecChecked:
+    """Run ``spec`` on this rank's inputs of ``case`` into NaN-poisoned outputs and compare every output with the
+    float64 reference (:func:`output_errors`). Collective like the call itself."""
+    outputs = poisoned_outputs(spec, case, device)
+    if inplace:
+        outputs.pop("residual_out", None)
+    got = call_spec(fusion, spec, case, rank, device, outputs, inplace=inplace)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    errors = output_errors(spec, case, world_size, got)
+    return SpecChecked(errors, digest(*(got[k] for k in out_specs.names(spec))))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -8,30 +8,45 @@ Lifecycle, per fusion object:
   2. ``prepare(capacity, caps, group)`` - collective over ``group`` (every rank calls it), once, before any
      CUDA-graph capture; returns a Workspace or raises. The executor votes on the outcome so that all ranks
      keep or drop the backend together.
-  3. ``run(ws, variant, pattern, x, residual, weight, eps, scale, out, residual_out)`` - writes ``out``
-     (and ``residual_out`` for residual patterns); returns nothing. Must be graph-capturable.
+  3. ``run(ws, variant, spec, call)`` - writes the outputs of ``call`` (a :class:`~arfuse.core.types.FusedCall`)
+     that ``spec`` names; returns nothing. Must be graph-capturable.
   4. ``ws.close()`` - idempotent; frees buffers.
 """
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 
-from arfuse.core.types import Capacity, GroupCaps, Pattern, Problem
+from arfuse.core.spec import CLASSIC_FEATURES, FEATURES, FusionSpec
+from arfuse.core.types import Capacity, FusedCall, GroupCaps, Problem
 
-ALL_PATTERNS: FrozenSet[Pattern] = frozenset(Pattern)
+ALL_FEATURES = FEATURES
+# Features a backend implements but has not yet run on GPUs are refused unless this is set (for the verification
+# run itself): a kernel that compiled is not a kernel that was checked against the float64 reference.
+ALLOW_UNVERIFIED_ENV = "ARFUSE_ALLOW_UNVERIFIED"
+
+
+def allow_unverified() -> bool:
+    return os.environ.get(ALLOW_UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
 class Support:
-    """What a backend declares it can do; :meth:`Backend.check` tests a problem against it."""
+    """What a backend declares it can do; :meth:`Backend.check` tests a problem against it.
+
+    ``features``: the :attr:`FusionSpec.features <arfuse.core.spec.FusionSpec.features>` it implements (a spec
+    needing one it lacks is refused); the default is what the first four patterns need. ``verified``: those of
+    them already checked on GPUs against the float64 reference (None: all); the others are refused unless
+    ``ARFUSE_ALLOW_UNVERIFIED=1``."""
 
     devices: FrozenSet[str]
     dtypes: FrozenSet[torch.dtype]
-    patterns: FrozenSet[Pattern] = ALL_PATTERNS
+    features: FrozenSet[str] = CLASSIC_FEATURES
+    verified: Optional[FrozenSet[str]] = None
     world_sizes: Optional[FrozenSet[int]] = None  # None: any
     max_bytes: Optional[int] = None  # per call (tokens * hidden * itemsize); None: unlimited
     hidden_multiple: int = 1
@@ -43,8 +58,14 @@ class Support:
         if problem.dtype not in self.dtypes:
             names = "/".join(sorted(str(d).replace("torch.", "") for d in self.dtypes))
             return f"dtype {str(problem.dtype).replace('torch.', '')} not supported (needs {names})"
-        if problem.pattern not in self.patterns:
-            return f"pattern {problem.pattern.name} not supported"
+        missing = problem.spec.features - self.features
+        if missing:
+            return f"{problem.spec.name}: {', '.join(sorted(missing))} not supported"
+        if self.verified is not None:
+            unverified = problem.spec.features - self.verified
+            if unverified and not allow_unverified():
+                return (f"{problem.spec.name}: {', '.join(sorted(unverified))} not yet verified on GPUs "
+                        f"({ALLOW_UNVERIFIED_ENV}=1 runs it)")
         if self.world_sizes is not None and problem.world_size not in self.world_sizes:
             return f"world size {problem.world_size} not supported (needs one of {sorted(self.world_sizes)})"
         if problem.hidden_size % self.hidden_multiple:
@@ -56,8 +77,37 @@ class Support:
         return None
 
 
+class IndexGuard:
+    """A host-mapped record that a GPU call met a MoE index outside ``[0, P)`` (the kernels read no row for it), set
+    without a host sync: by a kernel through :attr:`ptr`, or by torch ops through :meth:`record`.
+
+    Raising at the next call would put the ranks out of step (only the ranks that saw the index would raise, the
+    others would wait in their collective), so the record is reported by :meth:`message` to ``check_health()``."""
+
+    def __init__(self, device: torch.device):
+        self.host = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+        self.flag = torch.zeros(1, dtype=torch.int32, device=device)
+        self._view = self.host.numpy()
+        self.ptr = self.host.data_ptr()
+
+    def record(self, bad: torch.Tensor) -> None:
+        """Note ``bad`` (a boolean tensor: any True marks an out-of-range index). Graph-safe."""
+        torch.maximum(self.flag, bad.any().to(torch.int32).reshape(1), out=self.flag)
+        self.host[:1].copy_(self.flag, non_blocking=True)
+
+    def message(self) -> Optional[str]:
+        if self._view[0] == 0:
+            return None
+        return ("moe_finalize_residual_rmsnorm: permuted_idx held an index outside [0, P) (the rows of expert_out) "
+                "in an earlier call; that row added nothing, so that call's result was wrong")
+
+
 class Workspace:
-    """Buffers a backend owns for one fusion object. Subclasses free them in ``_release``."""
+    """Buffers a backend owns for one fusion object. Subclasses free them in ``_release``.
+
+    ``index_guard``: an :class:`IndexGuard` on GPU workspaces of backends that run the MoE prologue, else None."""
+
+    index_guard: Optional[IndexGuard] = None
 
     def __init__(self) -> None:
         self.closed = False
@@ -78,6 +128,10 @@ class Workspace:
 
     def raise_if_failed(self) -> None:
         """Raise the error a previous asynchronous launch recorded (e.g. a peer timeout), if any."""
+
+    def input_error(self) -> Optional[str]:
+        """What a previous asynchronous launch found wrong with its inputs (a MoE index out of range), or None."""
+        return self.index_guard.message() if self.index_guard is not None else None
 
 
 class Backend(abc.ABC):
@@ -113,10 +167,8 @@ class Backend(abc.ABC):
         """Allocate and exchange buffers for ``capacity``. Collective over ``group``; not graph-safe."""
 
     @abc.abstractmethod
-    def run(self, ws: Workspace, variant: str, pattern: Pattern, x: torch.Tensor,
-            residual: Optional[torch.Tensor], weight: Optional[torch.Tensor], eps: float,
-            scale: Optional[torch.Tensor], out: torch.Tensor, residual_out: Optional[torch.Tensor]) -> None:
-        """Compute ``pattern`` into ``out`` (and ``residual_out``). ``residual`` may be ``residual_out`` itself
+    def run(self, ws: Workspace, variant: str, spec: FusionSpec, call: FusedCall) -> None:
+        """Compute ``spec`` into the outputs of ``call``. ``call.residual`` may be ``call.residual_out`` itself
         (in-place mode). Collective; graph-capturable."""
 
     def free_idle(self) -> int:

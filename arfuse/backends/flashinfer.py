@@ -20,9 +20,10 @@ from typing import Optional
 import torch
 
 from arfuse.backends import flashinfer_adapter as adapter
-from arfuse.backends.base import ALL_PATTERNS, Backend, Support, Workspace, register
+from arfuse.backends.base import Backend, Support, Workspace, register
 from arfuse.backends.flashinfer_workspace import MANAGER, NAME, PATTERN_MEMBERS, WorkspaceManager
-from arfuse.core.types import Capacity, GroupCaps, Pattern, Problem
+from arfuse.core.spec import FusionSpec, Quant
+from arfuse.core.types import Capacity, FusedCall, GroupCaps, Pattern, Problem
 
 SUPPORTED_SM_MAJORS = (9, 10)  # SM90 (H100/H200), SM100 (B200/GB200): the archs TRT-LLM's fusion kernels target
 MAX_HIDDEN = 16384  # FlashInfer's kernels take it; hidden 4096 and 8192 were validated on 4x H200 (2026-11-28)
@@ -65,7 +66,7 @@ class FlashInferBackend(Backend):
     variants = ("auto", "oneshot", "twoshot")
     support = Support(devices=frozenset({"cuda"}),
                       dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}),
-                      patterns=ALL_PATTERNS, world_sizes=frozenset({2, 4, 8, 16}), max_hidden=MAX_HIDDEN)
+                      world_sizes=frozenset({2, 4, 8, 16}), max_hidden=MAX_HIDDEN)
     priority = 50
 
     def __init__(self, manager: WorkspaceManager = MANAGER):
@@ -98,10 +99,10 @@ class FlashInferBackend(Backend):
         paths = {fi.path_for(False), fi.path_for(True)} - {None}
         if problem.dtype == torch.float32 and not all(fi.flags(p)["fp32"] for p in paths):
             return f"flashinfer {fi.version}: no fp32 workspace"
-        if problem.pattern is Pattern.RESIDUAL_RMSNORM_FP8 and not all(fi.flags(p)["fp8_scale_tensor"]
+        if problem.spec.quant is Quant.FP8_STATIC and not all(fi.flags(p)["fp8_scale_tensor"]
                                                                        for p in paths):
             return f"flashinfer {fi.version}: FP8 scale must be a host float (not graph-safe)"
-        member = PATTERN_MEMBERS[problem.pattern.name]
+        member = PATTERN_MEMBERS[classic_name(problem.spec)]
         if member not in fi.patterns:
             return f"flashinfer {fi.version}: no {member} pattern"
         limit = max_bytes(caps.sm, problem.world_size)
@@ -124,32 +125,40 @@ class FlashInferBackend(Backend):
         codes = {p: fi.patterns[PATTERN_MEMBERS[p.name]] for p in Pattern if PATTERN_MEMBERS[p.name] in fi.patterns}
         return FlashInferWorkspace(self.manager, shared, capacity, tokens, codes)
 
-    def run(self, ws: FlashInferWorkspace, variant: str, pattern: Pattern, x: torch.Tensor,
-            residual: Optional[torch.Tensor], weight: Optional[torch.Tensor], eps: float,
-            scale: Optional[torch.Tensor], out: torch.Tensor, residual_out: Optional[torch.Tensor]) -> None:
+    def run(self, ws: FlashInferWorkspace, variant: str, spec: FusionSpec, call: FusedCall) -> None:
         """One FlashInfer launch on the current stream. Collective; graph-capturable (no allocation)."""
-        n = x.shape[0]
+        n, x, out = call.num_tokens, call.x, call.out
         scratch = ws.scratch[:n]
+        pattern = Pattern[classic_name(spec)]
         if pattern is Pattern.ALLREDUCE:
             outs = dict(allreduce_out=out, residual_in=None, residual_out=None, norm_out=None, quant_out=None)
         elif pattern is Pattern.RMSNORM:
             outs = dict(allreduce_out=scratch, residual_in=ws.zeros[:n], residual_out=scratch, norm_out=out,
                         quant_out=None)
         elif pattern is Pattern.RESIDUAL_RMSNORM:
-            outs = dict(allreduce_out=scratch, residual_in=residual, residual_out=residual_out, norm_out=out,
-                        quant_out=None)
+            outs = dict(allreduce_out=scratch, residual_in=call.residual, residual_out=call.residual_out,
+                        norm_out=out, quant_out=None)
         else:
-            outs = dict(allreduce_out=scratch, residual_in=residual, residual_out=residual_out, norm_out=None,
-                        quant_out=out)
+            outs = dict(allreduce_out=scratch, residual_in=call.residual, residual_out=call.residual_out,
+                        norm_out=None, quant_out=out)
         fn, args, kwargs = adapter.fusion_call(
             ws.handle, pattern_code=ws.codes[pattern], oneshot=adapter.use_oneshot(variant, n, ws.handle), x=x,
-            gamma=weight if pattern.has_norm else None, eps=eps,
-            scale=scale if pattern is Pattern.RESIDUAL_RMSNORM_FP8 else None, **outs)
+            gamma=call.weight if spec.norm else None, eps=call.eps,
+            scale=call.scale if spec.quant else None, **outs)
         try:
             fn(*args, **kwargs)
         except Exception:
             ws.shared.suspect = True  # the executor handles the error; the workspace is not reused after it
             raise
+
+
+def classic_name(spec: FusionSpec) -> str:
+    """The classic pattern name (a ``PATTERN_MEMBERS`` key) of a spec with the classic features only."""
+    if not spec.norm:
+        return "ALLREDUCE"
+    if not spec.residual:
+        return "RMSNORM"
+    return "RESIDUAL_RMSNORM_FP8" if spec.quant else "RESIDUAL_RMSNORM"
 
 
 register(FlashInferBackend())

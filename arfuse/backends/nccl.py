@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from arfuse.backends.base import Backend, Support, Workspace, register
-from arfuse.core.types import Capacity, GroupCaps, Pattern
+from arfuse.core.spec import FusionSpec
+from arfuse.core.types import Capacity, FusedCall, GroupCaps
 
 NAME = "nccl"
 
@@ -32,7 +33,6 @@ class NcclNormBackend(Backend):
                       dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}), max_hidden=65536)
     priority = 500
     multi_host = True
-    multi_host = True
 
     def check_group(self, caps: GroupCaps) -> Optional[str]:
         if caps.world_size > 1 and "nccl" not in (caps.dist_backend or ""):
@@ -46,18 +46,19 @@ class NcclNormBackend(Backend):
                               device=capacity.device)
         return NcclWorkspace(group, caps.world_size, scratch)
 
-    def run(self, ws: NcclWorkspace, variant: str, pattern: Pattern, x: torch.Tensor,
-            residual: Optional[torch.Tensor], weight: Optional[torch.Tensor], eps: float,
-            scale: Optional[torch.Tensor], out: torch.Tensor, residual_out: Optional[torch.Tensor]) -> None:
-        summed = out if out.dtype == x.dtype else ws.scratch[:x.shape[0]]
+    def run(self, ws: NcclWorkspace, variant: str, spec: FusionSpec, call: FusedCall) -> None:
+        x, out = call.x, call.out
+        summed = out if out.dtype == x.dtype else ws.scratch[:call.num_tokens]
         summed.copy_(x)
         if ws.world_size > 1:
             dist.all_reduce(summed, group=ws.group)
-        if pattern is Pattern.ALLREDUCE:
+        if not spec.norm:
             return
         from arfuse.kernels.add_rmsnorm import add_rmsnorm
+        from arfuse.kernels.launch_config import pattern_code
 
-        add_rmsnorm(summed, residual, weight, eps, scale, out, residual_out, int(pattern))
+        add_rmsnorm(summed, call.residual, call.weight, call.eps, call.scale, out, call.residual_out,
+                    pattern_code(spec))
 
 
 register(NcclNormBackend())

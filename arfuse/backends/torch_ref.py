@@ -1,27 +1,28 @@
-"""Reference backend: ``torch.distributed.all_reduce`` then add + RMSNorm in torch.
+"""Reference backend: ``torch.distributed.all_reduce`` then the epilogue in torch, for every spec.
 
 Works on every device and process-group backend (gloo on CPU, NCCL on GPU); it is the correctness oracle for the
 other backends and the last resort of every fallback. World size 1 (or no process group) skips the collective.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
-from arfuse.backends.base import Backend, Support, Workspace, register
-from arfuse.core.math import epilogue
-from arfuse.core.types import Capacity, GroupCaps, Pattern
+from arfuse.backends.base import ALL_FEATURES, Backend, IndexGuard, Support, Workspace, register
+from arfuse.core.math import epilogue, moe_finalize
+from arfuse.core.spec import FusionSpec
+from arfuse.core.types import Capacity, FusedCall, GroupCaps
 
 NAME = "torch_ref"
 
 
 class RefWorkspace(Workspace):
-    def __init__(self, group, world_size: int):
+    def __init__(self, group, world_size: int, device: torch.device = torch.device("cpu")):
         super().__init__()
         self.group = group
         self.world_size = world_size
+        if device.type == "cuda":
+            self.index_guard = IndexGuard(device)
 
 
 class TorchRefBackend(Backend):
@@ -30,24 +31,29 @@ class TorchRefBackend(Backend):
     name = NAME
     variants = ("default",)
     support = Support(devices=frozenset({"cpu", "cuda"}),
-                      dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}))
+                      dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}), features=ALL_FEATURES)
     priority = 1000
     needs_prepare_vote = False
     multi_host = True
 
     def prepare(self, capacity: Capacity, caps: GroupCaps, group) -> RefWorkspace:
-        return RefWorkspace(group, caps.world_size)
+        return RefWorkspace(group, caps.world_size, capacity.device)
 
-    def run(self, ws: RefWorkspace, variant: str, pattern: Pattern, x: torch.Tensor,
-            residual: Optional[torch.Tensor], weight: Optional[torch.Tensor], eps: float,
-            scale: Optional[torch.Tensor], out: torch.Tensor, residual_out: Optional[torch.Tensor]) -> None:
-        summed = out if out.dtype == x.dtype else torch.empty_like(x)
-        summed.copy_(x)
+    def run(self, ws: RefWorkspace, variant: str, spec: FusionSpec, call: FusedCall) -> None:
+        out = call.out
+        dtype = call.x.dtype
+        if spec.moe:
+            summed = moe_finalize(call, dtype)
+            if ws.index_guard is not None:
+                ws.index_guard.record((call.expert_idx < 0) | (call.expert_idx >= call.x.shape[0]))
+        else:
+            summed = out if out.dtype == dtype else torch.empty_like(call.x)
+            summed.copy_(call.x)
         if ws.world_size > 1:
             dist.all_reduce(summed, group=ws.group)
-        if pattern is Pattern.ALLREDUCE:
+        if not spec.norm:
             return
-        epilogue(summed, residual, weight, eps, scale, out, residual_out)
+        epilogue(spec, summed, call)
 
 
 register(TorchRefBackend())

@@ -18,7 +18,8 @@ import torch
 
 from arfuse.backends.base import Backend, Support, register
 from arfuse.backends.symm_workspace import SymmWorkspace, tokens_within
-from arfuse.core.types import Capacity, GroupCaps, Pattern, Problem
+from arfuse.core.spec import FusionSpec, Quant
+from arfuse.core.types import Capacity, FusedCall, GroupCaps, Problem
 
 NAME = "triton_symm"
 LAMPORT_MAX_BYTES = 2 << 20  # per call; Lamport pushes (world-1)x the tensor and keeps 2 x world copies
@@ -50,7 +51,7 @@ class TritonSymmBackend(Backend):
         return None
 
     def check_variant(self, problem: Problem, caps: GroupCaps, variant: str) -> Optional[str]:
-        if variant == "lamport_two_shot" and problem.pattern is Pattern.RESIDUAL_RMSNORM_FP8:
+        if variant == "lamport_two_shot" and problem.spec.quant is Quant.FP8_STATIC:
             # Measured 2026-11-28 (4x H200): right values, but 2 of 32 FP8 cases differed in a few bits between
             # ranks. Cause found in the compiled code (the owner's rows were reduced over another thread split);
             # the fix is compiled and checked on CPU (test_kernels_compile.py) but not yet run on a GPU.
@@ -66,27 +67,28 @@ class TritonSymmBackend(Backend):
                              lamport_tokens=tokens_within(capacity, LAMPORT_MAX_BYTES),
                              two_shot_tokens=tokens_within(capacity, TWO_SHOT_MAX_BYTES))
 
-    def run(self, ws: SymmWorkspace, variant: str, pattern: Pattern, x: torch.Tensor,
-            residual: Optional[torch.Tensor], weight: Optional[torch.Tensor], eps: float,
-            scale: Optional[torch.Tensor], out: torch.Tensor, residual_out: Optional[torch.Tensor]) -> None:
+    def run(self, ws: SymmWorkspace, variant: str, spec: FusionSpec, call: FusedCall) -> None:
         ws.raise_if_failed()
+        from arfuse.kernels.launch_config import pattern_code
+
+        args = (ws.args, call.x, call.residual, call.weight, call.eps, call.scale, call.out, call.residual_out,
+                pattern_code(spec))
         if variant == "lamport":
             from arfuse.kernels.lamport import lamport
 
-            lamport(ws.args, x, residual, weight, eps, scale, out, residual_out, int(pattern))
+            lamport(*args)
         elif variant == "one_shot":
             from arfuse.kernels.one_shot import one_shot
 
-            one_shot(ws.args, x, residual, weight, eps, scale, out, residual_out, int(pattern),
-                     copy_in=not ws.is_zero_copy(x))
+            one_shot(*args, copy_in=not ws.is_zero_copy(call.x))
         elif variant == "two_shot":
             from arfuse.kernels.two_shot import two_shot
 
-            two_shot(ws.args, x, residual, weight, eps, scale, out, residual_out, int(pattern))
+            two_shot(*args)
         else:
             from arfuse.kernels.lamport_two_shot import lamport_two_shot
 
-            lamport_two_shot(ws.args, x, residual, weight, eps, scale, out, residual_out, int(pattern))
+            lamport_two_shot(*args)
 
 
 register(TritonSymmBackend())

@@ -94,7 +94,7 @@ def collect(args) -> Dict[str, Any]:
                    "sm": list(caps.sm) if caps.sm else None, "world_size": caps.world_size, "rank": caps.rank,
                    "under_torchrun": joined, "dist_backend": caps.dist_backend, "single_host": caps.single_host,
                    "p2p": caps.p2p, "symm_mem": caps.symm_mem, "triton": caps.triton, "notes": list(caps.notes)},
-        "problem": {"pattern": problem.pattern.name, "tokens": problem.num_tokens, "hidden_size": args.hidden_size,
+        "problem": {"pattern": problem.spec.name, "tokens": problem.num_tokens, "hidden_size": args.hidden_size,
                     "dtype": args.dtype},
     }
     if joined:

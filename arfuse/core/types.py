@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
+
+from arfuse.core import spec as _spec
+from arfuse.core.spec import FusionSpec
 
 
 class Pattern(enum.IntEnum):
@@ -27,6 +30,16 @@ class Pattern(enum.IntEnum):
     @property
     def has_norm(self) -> bool:
         return self is not Pattern.ALLREDUCE
+
+    @property
+    def spec(self) -> FusionSpec:
+        """The :class:`~arfuse.core.spec.FusionSpec` this classic pattern names."""
+        return _PATTERN_SPECS[self]
+
+
+_PATTERN_SPECS = {Pattern.ALLREDUCE: _spec.ALLREDUCE, Pattern.RMSNORM: _spec.RMSNORM,
+                  Pattern.RESIDUAL_RMSNORM: _spec.RESIDUAL_RMSNORM,
+                  Pattern.RESIDUAL_RMSNORM_FP8: _spec.RESIDUAL_RMSNORM_FP8}
 
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -54,14 +67,19 @@ class Capacity:
 
 @dataclass(frozen=True)
 class Problem:
-    """One call's shape: everything selection may depend on, and nothing that differs between ranks."""
+    """One call's shape: everything selection may depend on, and nothing that differs between ranks.
+    ``spec`` may be given as a classic :class:`Pattern`."""
 
-    pattern: Pattern
+    spec: FusionSpec
     num_tokens: int
     hidden_size: int
     dtype: torch.dtype
     device_type: str
     world_size: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.spec, Pattern):
+            object.__setattr__(self, "spec", self.spec.spec)
 
     @property
     def nbytes(self) -> int:
@@ -109,3 +127,43 @@ class Plan:
     @property
     def key(self) -> str:
         return self.backend if self.variant in ("", "default") else f"{self.backend}/{self.variant}"
+
+
+class FusedCall:
+    """One validated call's tensors and scalars, as every backend's ``run`` receives them.
+
+    ``x``: this rank's input (tokens, hidden), or the permuted expert rows (P, hidden) for the MoE prologue, with
+    ``expert_idx`` int32 (tokens, top_k), ``expert_scales`` (tokens, top_k) and optional ``shared`` (tokens,
+    hidden). ``out``: the allreduced sum (no norm), the quantized output (a quantization) or the norm.
+    ``residual`` is ``residual_out`` itself in place. ``norm_out``: the norm besides a quantized ``out``
+    (``also_norm``). ``scale``: the static FP8 scale (1-element float32); ``scale_out``: dynamic scales.
+    """
+
+    __slots__ = ("x", "residual", "weight", "eps", "weight_offset", "scale", "expert_idx", "expert_scales",
+                 "shared", "out", "residual_out", "norm_out", "scale_out", "num_tokens")
+
+    def __init__(self, x, out, *, residual=None, weight=None, eps: float = 1e-6, weight_offset: float = 0.0,
+                 scale=None, expert_idx=None, expert_scales=None, shared=None, residual_out=None, norm_out=None,
+                 scale_out=None):
+        self.x, self.out, self.residual, self.weight, self.eps = x, out, residual, weight, eps
+        self.weight_offset, self.scale, self.expert_idx, self.expert_scales = weight_offset, scale, expert_idx, \
+            expert_scales
+        self.shared, self.residual_out, self.norm_out, self.scale_out = shared, residual_out, norm_out, scale_out
+        self.num_tokens = (expert_idx if expert_idx is not None else x).shape[0]
+
+    @property
+    def inplace(self) -> bool:
+        return self.residual is not None and self.residual is self.residual_out
+
+
+class FusedOutput(NamedTuple):
+    """What the quantizing and MoE ops return; fields a call does not write are None.
+
+    ``quant``: the FP8 output; ``scale``: its scales (dynamic quantizations: float32 (tokens, groups) or packed
+    UE8M0 int32; static: the scale tensor used); ``residual``: the updated residual; ``norm``: the norm in the
+    input dtype (without a quantization, or with ``also_norm=True``)."""
+
+    quant: Optional[torch.Tensor]
+    scale: Optional[torch.Tensor]
+    residual: Optional[torch.Tensor]
+    norm: Optional[torch.Tensor]

@@ -125,3 +125,68 @@ def check_outputs_disjoint(op: str, outputs: dict, inputs: dict, allowed: Option
                 continue
             if overlaps(o, t):
                 raise ValueError(f"{op}: {oname} must not share memory with {iname}")
+
+
+def check_weight_offset(op: str, weight_offset) -> float:
+    """The norm's weight offset (``weight + weight_offset``, Gemma-style): a finite float."""
+    if isinstance(weight_offset, bool) or not isinstance(weight_offset, numbers.Real):
+        raise TypeError(f"{op}: weight_offset must be a float, got {type(weight_offset).__name__}")
+    weight_offset = float(weight_offset)
+    if not math.isfinite(weight_offset) or abs(weight_offset) > FLOAT32_MAX:
+        raise ValueError(f"{op}: weight_offset must be finite in float32, got {weight_offset}")
+    return weight_offset
+
+
+def check_group_size(op: str, group_size: int, hidden: int) -> None:
+    if hidden % group_size:
+        raise ValueError(f"{op}: quant group_size={group_size} must divide hidden_size={hidden}")
+
+
+def check_moe(op: str, expert_out, permuted_idx, expert_scales, shared, capacity: Capacity) -> int:
+    """The MoE finalize inputs: ``expert_out`` (P, hidden), ``permuted_idx`` int32 (tokens, top_k) with every index
+    in ``[0, P)`` (checked here for CPU tensors; GPU paths guard it in the kernel), ``expert_scales`` (tokens,
+    top_k) float32 or the fusion dtype, optional ``shared`` (tokens, hidden). Returns the token count."""
+    cap = capacity
+    if not isinstance(expert_out, torch.Tensor):
+        raise TypeError(f"{op}: expert_out must be a torch.Tensor, got {type(expert_out).__name__}")
+    if expert_out.dim() != 2 or expert_out.shape[1] != cap.hidden_size:
+        raise ValueError(f"{op}: expert_out must be 2-D (rows, hidden_size={cap.hidden_size}), got shape "
+                         f"{tuple(expert_out.shape)}")
+    if expert_out.dtype != cap.dtype:
+        raise TypeError(f"{op}: expert_out must have dtype {dtype_name(cap.dtype)} (the fusion object's dtype), "
+                        f"got {dtype_name(expert_out.dtype)}")
+    if expert_out.device != cap.device:
+        raise ValueError(f"{op}: expert_out must be on {cap.device} (the fusion object's device), got "
+                         f"{expert_out.device}")
+    if not expert_out.is_contiguous():
+        raise ValueError(f"{op}: expert_out must be contiguous (call .contiguous() first)")
+    if not isinstance(permuted_idx, torch.Tensor):
+        raise TypeError(f"{op}: permuted_idx must be a torch.Tensor, got {type(permuted_idx).__name__}")
+    if permuted_idx.dtype != torch.int32:
+        raise TypeError(f"{op}: permuted_idx must have dtype int32, got {dtype_name(permuted_idx.dtype)}")
+    if permuted_idx.dim() != 2 or permuted_idx.shape[1] < 1:
+        raise ValueError(f"{op}: permuted_idx must be 2-D (tokens, top_k) with top_k >= 1, got shape "
+                         f"{tuple(permuted_idx.shape)}")
+    tokens, top_k = permuted_idx.shape
+    if tokens > cap.max_tokens:
+        raise ValueError(f"{op}: permuted_idx has {tokens} tokens, more than max_tokens={cap.max_tokens}")
+    if permuted_idx.device != cap.device or not permuted_idx.is_contiguous():
+        raise ValueError(f"{op}: permuted_idx must be contiguous on {cap.device}, got {permuted_idx.device}"
+                         f"{'' if permuted_idx.is_contiguous() else ' (strided)'}")
+    if not isinstance(expert_scales, torch.Tensor):
+        raise TypeError(f"{op}: expert_scales must be a torch.Tensor, got {type(expert_scales).__name__}")
+    if expert_scales.dtype not in (torch.float32, cap.dtype):
+        raise TypeError(f"{op}: expert_scales must have dtype float32 or {dtype_name(cap.dtype)}, got "
+                        f"{dtype_name(expert_scales.dtype)}")
+    check_tensor(op, "expert_scales", expert_scales, dtype=expert_scales.dtype, device=cap.device,
+                 shape=(tokens, top_k))
+    if shared is not None:
+        check_tensor(op, "shared_expert_out", shared, dtype=cap.dtype, device=cap.device,
+                     shape=(tokens, cap.hidden_size))
+    if tokens and permuted_idx.device.type == "cpu" and not torch.compiler.is_compiling():
+        lo, hi = int(permuted_idx.min()), int(permuted_idx.max())
+        if lo < 0 or hi >= expert_out.shape[0]:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{op}: permuted_idx holds {bad}, outside [0, {expert_out.shape[0]}) (the rows of "
+                             f"expert_out)")
+    return tokens

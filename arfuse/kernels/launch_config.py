@@ -71,3 +71,12 @@ class SymmArgs:
             raise TypeError(f"SymmArgs: missing {sorted(missing)}")
         for k, val in fields.items():
             setattr(self, k, val)
+
+
+def pattern_code(spec) -> int:
+    """The kernels' PATTERN constant for a classic spec: 0 allreduce, 1 RMSNorm, 2 residual + RMSNorm, 3 + FP8."""
+    if not spec.norm:
+        return 0
+    if not spec.residual:
+        return 1
+    return 3 if spec.quant else 2

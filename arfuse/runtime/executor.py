@@ -12,7 +12,8 @@ import torch
 from arfuse.backends import base
 from arfuse.core.counters import Counters, log_once, logger, resolve_strict
 from arfuse.core.errors import BackendError, FallbackError, PeerTimeoutError
-from arfuse.core.types import Capacity, GroupCaps, Pattern, Plan
+from arfuse.core.spec import FusionSpec, catalogue
+from arfuse.core.types import Capacity, FusedCall, GroupCaps, Plan
 from arfuse.probe import vote
 from arfuse.probe.group import group_caps
 from arfuse.select import policy, table as tables
@@ -93,27 +94,38 @@ class Executor:
     def _live_backends(self) -> Dict[str, base.Backend]:
         return {n: b for n, b in self.backends.items() if n not in self.disabled}
 
-    def _build_plans(self, prepared_only: bool = False) -> Dict[Pattern, List[Optional[Plan]]]:
+    def _segments(self, spec: FusionSpec, prepared_only: bool) -> List[policy.Segment]:
         live = self._live_backends()
-        if prepared_only:  # after construction no rank may prepare (collective) on its own
+        segments = policy.plan_segments(spec, self.capacity, self.caps, live, self.requested, self.table_entry,
+                                        self.table_source)
+        if prepared_only and any(plan.backend not in self.workspaces for _, _, plan in segments):
+            # after construction no rank may prepare (collective) on its own: plan without the unprepared ones
             live = {n: b for n, b in live.items() if n in self.workspaces}
-        plans = {}
-        for pattern in Pattern:
-            segments = policy.plan_segments(pattern, self.capacity, self.caps, live, self.requested,
+            segments = policy.plan_segments(spec, self.capacity, self.caps, live, self.requested,
                                             self.table_entry, self.table_source)
-            plans[pattern] = policy.expand(segments, self.capacity.max_tokens)
-        return plans
+        return segments
 
     def _prepare_until_stable(self) -> None:
+        """Prepare every backend a plan of any kind of call names (one spec of each kind), until the plans only name
+        prepared backends. Plans per token count are then built per spec on first use, from prepared backends only
+        (pure: every rank builds the same ones)."""
         self._prepare(REFERENCE)
+        specs = catalogue()
         while True:
-            self.plans = self._build_plans()
-            needed = sorted({p.backend for rows in self.plans.values() for p in rows if p is not None}
+            needed = sorted({plan.backend for spec in specs for _, _, plan in self._segments(spec, False)}
                             - set(self.workspaces))
             if not needed:
-                return
+                break
             for name in needed:
                 self._prepare(name)
+        self.plans: Dict[int, List[Optional[Plan]]] = {}  # by spec code
+
+    def plan_table(self, spec: FusionSpec) -> List[Optional[Plan]]:
+        """The plans of ``spec`` indexed by token count (built on first use)."""
+        table = self.plans.get(spec.code)
+        if table is None:
+            table = self.plans[spec.code] = policy.expand(self._segments(spec, True), self.capacity.max_tokens)
+        return table
 
     def _prepare(self, name: str) -> None:
         backend = self.backends[name]
@@ -142,35 +154,34 @@ class Executor:
         log_once(f"disable:{reason}", f"arfuse: backend {name} disabled, falling back: {reason}")
 
     # -- per call -------------------------------------------------------------------------------------------
-    def plan(self, pattern: Pattern, num_tokens: int) -> Plan:
-        return self.plans[pattern][num_tokens]
+    def plan(self, spec: FusionSpec, num_tokens: int) -> Plan:
+        return self.plan_table(spec)[num_tokens]
 
-    def run(self, pattern: Pattern, x: torch.Tensor, residual, weight, eps: float, scale, out, residual_out) -> None:
+    def run(self, spec: FusionSpec, call: FusedCall) -> None:
         """Dispatch one validated call. Collective."""
         if self.out_of_step is not None:
             raise BackendError(self.out_of_step)
         self.calls += 1
-        n = x.shape[0]
+        n = call.num_tokens
         if n == 0:
             return
-        plan = self.plans[pattern][n]
+        plan = self.plan_table(spec)[n]
         if plan.fallback:
             self._fallback(plan)
         backend = self.backends[plan.backend]
         try:
-            backend.run(self.workspaces[plan.backend], plan.variant, pattern, x, residual, weight, eps, scale,
-                        out, residual_out)
+            backend.run(self.workspaces[plan.backend], plan.variant, spec, call)
         except PeerTimeoutError as e:
             self.counters.count_error(f"{plan.key}: {e}")
             raise
         except Exception as e:  # a backend bug or launch failure: never return its partial output as valid
             self._on_backend_error(plan, e)
-            if residual is not None and residual is residual_out:
+            if call.inplace:
                 # In place, the failed launch may already have overwritten the residual it had to read, so a
                 # rerun could return a wrong result as valid. The backend is disabled; the caller must retry.
                 raise BackendError(f"arfuse: {plan.key} failed in place (the residual may be partly "
                                    f"overwritten); later calls use the fallback: {e}") from e
-            return self.run(pattern, x, residual, weight, eps, scale, out, residual_out)
+            return self.run(spec, call)
         self.counters.count_call(plan.key)
 
     def _fallback(self, plan: Plan) -> None:
@@ -194,11 +205,11 @@ class Executor:
             log_once(f"out-of-step:{reason}", self.out_of_step)
             raise BackendError(self.out_of_step) from error
         self._disable(plan.backend, reason)
-        self.plans = self._build_plans(prepared_only=True)
+        self.plans = {}  # rebuilt on use, without the disabled backend
         logger.log(logging.DEBUG, "arfuse: plans rebuilt without %s", plan.backend)
 
-    def input_buffer(self, pattern: Pattern, num_tokens: int) -> Optional[torch.Tensor]:
-        plan = self.plans[pattern][num_tokens]
+    def input_buffer(self, spec: FusionSpec, num_tokens: int) -> Optional[torch.Tensor]:
+        plan = self.plan_table(spec)[num_tokens]
         return self.workspaces[plan.backend].input_buffer(plan.variant, num_tokens)
 
     def raise_if_failed(self) -> None:

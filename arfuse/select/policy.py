@@ -14,7 +14,8 @@ from dataclasses import replace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from arfuse.backends.base import Backend
-from arfuse.core.types import Capacity, GroupCaps, Pattern, Plan, Problem
+from arfuse.core.spec import FusionSpec
+from arfuse.core.types import Capacity, GroupCaps, Plan, Problem
 from arfuse.select.table import Choice, Entry, choice_text
 
 REFERENCE = "torch_ref"
@@ -124,7 +125,7 @@ def capable_span(backend: Backend, template: Problem, caps: GroupCaps, variant: 
     return lo, hi
 
 
-def plan_segments(pattern: Pattern, capacity: Capacity, caps: GroupCaps, backends: Mapping[str, Backend],
+def plan_segments(spec: FusionSpec, capacity: Capacity, caps: GroupCaps, backends: Mapping[str, Backend],
                   requested: str = AUTO, entry: Optional[Entry] = None, source: str = "table") -> List[Segment]:
     """Plans for 1..capacity.max_tokens as ``(first, last, plan)`` segments (inclusive bounds).
 
@@ -134,7 +135,7 @@ def plan_segments(pattern: Pattern, capacity: Capacity, caps: GroupCaps, backend
     span was missed.
     """
     top = capacity.max_tokens
-    template = Problem(pattern, 1, capacity.hidden_size, capacity.dtype, capacity.device.type, caps.world_size)
+    template = Problem(spec, 1, capacity.hidden_size, capacity.dtype, capacity.device.type, caps.world_size)
     bytes_per_token = capacity.hidden_size * capacity.itemsize
     cuts = {1}
     for b_name, variant in candidates(requested, backends):

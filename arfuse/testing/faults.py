@@ -80,16 +80,16 @@ class FaultBackend(TorchRefBackend):
         ws.rank = caps.rank
         return ws
 
-    def run(self, ws, variant, pattern, x, residual, weight, eps, scale, out, residual_out) -> None:
+    def run(self, ws, variant, spec, call) -> None:
         ws.runs += 1
         if ws.runs in self.run_fails_on and (self.run_fails_on_ranks is None or ws.rank in self.run_fails_on_ranks):
             if self.fail_after_compute:
-                super().run(ws, variant, pattern, x, residual, weight, eps, scale, out, residual_out)
-            _spoil(out)
-            if self.corrupt_residual and residual_out is not None:
-                _spoil(residual_out)
+                super().run(ws, variant, spec, call)
+            _spoil(call.out)
+            if self.corrupt_residual and call.residual_out is not None:
+                _spoil(call.residual_out)
             raise InjectedFault(f"{self.name}: injected launch failure in call {ws.runs}")
-        super().run(ws, variant, pattern, x, residual, weight, eps, scale, out, residual_out)
+        super().run(ws, variant, spec, call)
 
 
 def _spoil(t: torch.Tensor) -> None:

@@ -41,11 +41,11 @@ class Speeds(TorchRefBackend):
     def check_variant(self, problem, caps, variant):
         return "capped runs at most 4 tokens" if variant == "capped" and problem.num_tokens > 4 else None
 
-    def run(self, ws, variant, pattern, x, residual, weight, eps, scale, out, residual_out):
+    def run(self, ws, variant, spec, call):
         time.sleep(self.SLEEP_S[variant])
-        super().run(ws, variant, pattern, x, residual, weight, eps, scale, out, residual_out)
+        super().run(ws, variant, spec, call)
         if variant == "wrong":
-            out.add_(1.0)
+            call.out.add_(1.0)
 
 
 def _tune_then_bench(rank, world, out_path):

@@ -50,8 +50,8 @@ class RunFails(TorchRefBackend):
     priority = 5
     needs_prepare_vote = True
 
-    def run(self, ws, variant, pattern, x, residual, weight, eps, scale, out, residual_out):
-        out.fill_(0.0)  # partial output that must never be returned as valid
+    def run(self, ws, variant, spec, call):
+        call.out.fill_(0.0)  # partial output that must never be returned as valid
         raise RuntimeError("test: launch failed")
 
 

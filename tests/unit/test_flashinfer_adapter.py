@@ -16,7 +16,7 @@ from arfuse.backends import flashinfer_adapter as adapter
 from arfuse.backends.flashinfer import FlashInferBackend, max_bytes
 from arfuse.backends.flashinfer_workspace import WorkspaceManager, WorkspaceUnavailable
 from arfuse.core.errors import FallbackError
-from arfuse.core.types import Capacity, GroupCaps, Pattern, Problem
+from arfuse.core.types import Capacity, FusedCall, GroupCaps, Pattern, Problem
 from arfuse.probe import flashinfer_api as fa
 from tests.unit import fake_flashinfer as ff
 
@@ -228,8 +228,9 @@ def test_backend_runs_every_pattern_on_the_preferred_api(tmp_path, version):
                 continue
             t = _tensors(5)
             out = torch.empty(5, H, dtype=torch.float8_e4m3fn) if pattern is Pattern.RESIDUAL_RMSNORM_FP8 else t["out"]
-            backend.run(ws, "auto", pattern, t["x"], t["res"] if pattern.has_residual else None, t["w"], 1e-5,
-                        t["scale"], out, t["res_out"] if pattern.has_residual else None)
+            backend.run(ws, "auto", pattern.spec, FusedCall(
+                t["x"], out, residual=t["res"] if pattern.has_residual else None, weight=t["w"], eps=1e-5,
+                scale=t["scale"], residual_out=t["res_out"] if pattern.has_residual else None))
             name, args, kwargs = ff.calls()[-1]
             assert name == fusion_name
             b = _bind(version, name, args, kwargs)
@@ -406,8 +407,8 @@ def test_a_failing_flashinfer_call_marks_its_workspace(tmp_path, monkeypatch):
         monkeypatch.setattr(adapter, "fusion_call", lambda *a, **k: (launch_error, (), {}))
         t = _tensors(5)
         with pytest.raises(RuntimeError, match="illegal memory access"):
-            backend.run(ws, "auto", Pattern.RESIDUAL_RMSNORM, t["x"], t["res"], t["w"], 1e-5, None, t["out"],
-                        t["res_out"])
+            backend.run(ws, "auto", Pattern.RESIDUAL_RMSNORM.spec, FusedCall(
+                t["x"], t["out"], residual=t["res"], weight=t["w"], eps=1e-5, residual_out=t["res_out"]))
         assert ws.shared.suspect
         handle = ws.handle
         ws.close()
