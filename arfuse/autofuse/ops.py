@@ -18,7 +18,7 @@ import torch.distributed as dist
 from arfuse.api import AllReduceFusion
 from arfuse.core.counters import Counters, log_once, resolve_strict
 from arfuse.core.errors import FallbackError
-from arfuse.core.math import epilogue
+from arfuse.core.math import quantize_fp8, rmsnorm_fp32
 from arfuse.core.types import FP8_DTYPE
 from arfuse.probe import vote
 
@@ -89,16 +89,16 @@ def _over_capacity(op: str, tokens: int, max_tokens: int) -> None:
 
 def _unfused(x2: Tensor, residual2: Optional[Tensor], weight: Optional[Tensor], eps: float,
              scale: Optional[Tensor], group, out_dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
-    """arfuse's math (``arfuse.core.math``) after a plain ``torch.distributed.all_reduce``."""
+    """arfuse's math (``arfuse.core.math``: add and norm in fp32) after a plain ``torch.distributed.all_reduce``."""
     summed = x2.clone()
     if vote.world_size(group) > 1:
         dist.all_reduce(summed, group=group)
     if weight is None:
         return summed, None
-    out = torch.empty(x2.shape, dtype=out_dtype, device=x2.device)
-    residual_out = torch.empty_like(x2) if residual2 is not None else None
-    epilogue(summed, residual2, weight, eps, scale, out, residual_out)
-    return out, residual_out
+    s = summed.float() if residual2 is None else summed.float() + residual2.float()
+    norm = rmsnorm_fp32(s, weight, eps)
+    out = (quantize_fp8(norm, scale) if scale is not None else norm).to(out_dtype)
+    return out, None if residual2 is None else s.to(x2.dtype)
 
 
 def _eps(eps: float, eps_t: Optional[Tensor]) -> float:
