@@ -2,7 +2,7 @@
 # Everything the GPU machine runs, by stage, in one device call:
 #   bash bench/gpu_session.sh STAGE...      (carry .gpu-deps, built by ../shared/tools/gpu-deps.sh, for FlashInfer)
 # Stages: env link kernels fp8 flashinfer models reliability timing lamport_sweep benchtest bench e2e (4 GPUs);
-# demo e2e_rank autofuse (one GPU is enough); each bounded by its own timeout.
+# demo e2e_rank autofuse e2e_hf (one GPU is enough); each bounded by its own timeout.
 # Results land in $OUT/r and are packed into $OUT/results.tgz after every stage (the device returns at most 8
 # files, so unpack that one). NVLink multicast stays off: the guards below are exported before anything runs.
 set -u
@@ -55,6 +55,9 @@ for stage in "$@"; do
              --decode-attention "$attn" --backends "${E2E_RANK_PATHS:-unfused}" --prompt-lens "${E2E_RANK_P:-128,512,2048}" \
              --batches 1,8,32,64 --kv-len 1024 --graph-prefill --profile --json "$R/e2e_rank_tp4_$attn.json" \
              > "$R/e2e_rank_tp4_$attn.txt" 2>&1; tail -c 2500 "$R/e2e_rank_tp4_$attn.txt"; done ;;
+    e2e_hf) timeout "${T_E2E_HF:-600}" python3 -m arfuse.cli.main e2e --model hf:llama --preset llama3-8b \
+              --layers "${E2E_HF_LAYERS:-4}" --tp 1 --prompt-lens 128,512 --batches 1,8 --kv-len 512 \
+              --json "$R/e2e_hf_llama3-8b_tp1.json" > "$R/e2e_hf.txt" 2>&1; tail -c 2500 "$R/e2e_hf.txt" ;;
     *) echo "unknown stage $stage" ;;
   esac
   (cd "$OUT" && tar -czf results.tgz r)

@@ -40,6 +40,9 @@ def _str_list(text: str) -> Tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="hf:FAMILY",
+                   help="an HF transformers model (hf:llama or hf:qwen2, random weights from --preset) with "
+                        "transformers' own TP, timed eager, torch.compile'd and arfuse.compile'd (arfuse/cli/e2e_hf.py)")
     p.add_argument("--preset", default="llama3-70b", help="tiny | llama3-8b | llama3-70b (default: llama3-70b)")
     p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     p.add_argument("--tp", type=int, default=None,
@@ -276,6 +279,11 @@ def run(args) -> int:
 
     from arfuse import launch
     from arfuse.models import llama
+
+    if getattr(args, "model", None):
+        from arfuse.cli import e2e_hf
+
+        return e2e_hf.run(args, _environment)
 
     device = args.device or launch.default_device()
     if args.preset not in llama.PRESETS:
