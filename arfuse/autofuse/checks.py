@@ -79,6 +79,10 @@ def _norm_reason(entry: Entry, kw, x: torch.Tensor) -> Optional[str]:
             return "eps is a tensor, not a constant or a 0-d CPU scalar"
     elif not _is_number(eps) or not math.isfinite(eps) or eps <= 0 or not _positive_in_float32(eps):
         return f"eps {eps!r} is not a positive float32 constant"
+    if entry.norm.weight_offset:
+        offset = kw["weight_offset"]
+        if kw["weight_up_dtype"] != torch.float32 or not _is_number(offset) or not math.isfinite(offset):
+            return f"the weight is offset by {offset!r} in {kw['weight_up_dtype']}, not by a constant in float32"
     weight = val(kw["weight"])
     if weight is None:
         return "RMSNorm weight is not a tensor"

@@ -87,7 +87,7 @@ def _over_capacity(op: str, tokens: int, max_tokens: int) -> None:
              f"arfuse: {reason} (raise arfuse.compile(..., max_tokens=) to fuse calls this large)")
 
 
-def _unfused(x2: Tensor, residual2: Optional[Tensor], weight: Optional[Tensor], eps: float,
+def _unfused(x2: Tensor, residual2: Optional[Tensor], weight: Optional[Tensor], eps: float, weight_offset: float,
              scale: Optional[Tensor], group, out_dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
     """arfuse's math (``arfuse.core.math``: add and norm in fp32) after a plain ``torch.distributed.all_reduce``."""
     summed = x2.clone()
@@ -96,7 +96,7 @@ def _unfused(x2: Tensor, residual2: Optional[Tensor], weight: Optional[Tensor], 
     if weight is None:
         return summed, None
     s = summed.float() if residual2 is None else summed.float() + residual2.float()
-    norm = rmsnorm_fp32(s, weight, eps)
+    norm = rmsnorm_fp32(s, weight, eps, weight_offset)
     out = (quantize_fp8(norm, scale) if scale is not None else norm).to(out_dtype)
     return out, None if residual2 is None else s.to(x2.dtype)
 
@@ -106,18 +106,19 @@ def _eps(eps: float, eps_t: Optional[Tensor]) -> float:
     return eps if eps_t is None else float(eps_t)
 
 
-def _residual_call(op: str, x: Tensor, residual: Tensor, weight: Tensor, eps: float, scale: Optional[Tensor],
-                   group_name: str, max_tokens: int) -> Tuple[Tensor, Tensor]:
+def _residual_call(op: str, x: Tensor, residual: Tensor, weight: Tensor, eps: float, weight_offset: float,
+                   scale: Optional[Tensor], group_name: str, max_tokens: int) -> Tuple[Tensor, Tensor]:
     hidden = x.shape[-1]
     x2, r2, weight = _flat(x, hidden), _flat(residual, hidden), weight.contiguous()
     group, fusion = fusion_for(group_name, hidden, x.dtype, x.device, max_tokens)
     if x2.shape[0] > max_tokens:
         _over_capacity(op, x2.shape[0], max_tokens)
-        out, res = _unfused(x2, r2, weight, eps, scale, group, FP8_DTYPE if scale is not None else x.dtype)
+        out, res = _unfused(x2, r2, weight, eps, weight_offset, scale, group,
+                            FP8_DTYPE if scale is not None else x.dtype)
     elif scale is None:
-        out, res = fusion.residual_rmsnorm(x2, r2, weight, eps)
+        out, res = fusion.residual_rmsnorm(x2, r2, weight, eps, weight_offset=weight_offset)
     else:
-        out, res = fusion.residual_rmsnorm_fp8(x2, r2, weight, scale, eps)
+        out, res = fusion.residual_rmsnorm_fp8(x2, r2, weight, scale, eps, weight_offset=weight_offset)
     return out.view(x.shape), res.view(x.shape)
 
 
@@ -125,49 +126,51 @@ def _residual_call(op: str, x: Tensor, residual: Tensor, weight: Tensor, eps: fl
 
 @torch.library.custom_op("arfuse::autofused_residual_rmsnorm", mutates_args=())
 def autofused_residual_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, eps_t: Optional[Tensor],
-                               group_name: str, max_tokens: int) -> Tuple[Tensor, Tensor]:
-    """``(rmsnorm(allreduce(x) + residual) * weight, allreduce(x) + residual)`` over the group
+                               weight_offset: float, group_name: str, max_tokens: int) -> Tuple[Tensor, Tensor]:
+    """``(rmsnorm(allreduce(x) + residual) * (weight + weight_offset), allreduce(x) + residual)`` over the group
     ``group_name``; ``x`` of any shape ``(..., hidden)``. ``eps_t``, if given, holds eps (0-d, CPU)."""
-    return _residual_call("residual_rmsnorm", x, residual, weight, _eps(eps, eps_t), None, group_name, max_tokens)
+    return _residual_call("residual_rmsnorm", x, residual, weight, _eps(eps, eps_t), weight_offset, None,
+                          group_name, max_tokens)
 
 
 @autofused_residual_rmsnorm.register_fake
-def _(x, residual, weight, eps, eps_t, group_name, max_tokens):
+def _(x, residual, weight, eps, eps_t, weight_offset, group_name, max_tokens):
     return torch.empty_like(x), torch.empty_like(x)
 
 
 @torch.library.custom_op("arfuse::autofused_residual_rmsnorm_fp8", mutates_args=())
 def autofused_residual_rmsnorm_fp8(x: Tensor, residual: Tensor, weight: Tensor, scale: Tensor, eps: float,
-                                   eps_t: Optional[Tensor], group_name: str, max_tokens: int) -> Tuple[Tensor, Tensor]:
+                                   eps_t: Optional[Tensor], weight_offset: float, group_name: str,
+                                   max_tokens: int) -> Tuple[Tensor, Tensor]:
     """As ``autofused_residual_rmsnorm`` with the normed output quantized to FP8 e4m3 by the static
     per-tensor ``scale`` (a 1-element float32 tensor)."""
-    return _residual_call("residual_rmsnorm_fp8", x, residual, weight, _eps(eps, eps_t), scale, group_name,
-                          max_tokens)
+    return _residual_call("residual_rmsnorm_fp8", x, residual, weight, _eps(eps, eps_t), weight_offset, scale,
+                          group_name, max_tokens)
 
 
 @autofused_residual_rmsnorm_fp8.register_fake
-def _(x, residual, weight, scale, eps, eps_t, group_name, max_tokens):
+def _(x, residual, weight, scale, eps, eps_t, weight_offset, group_name, max_tokens):
     return torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device), torch.empty_like(x)
 
 
 @torch.library.custom_op("arfuse::autofused_rmsnorm", mutates_args=())
-def autofused_rmsnorm(x: Tensor, weight: Tensor, eps: float, eps_t: Optional[Tensor], group_name: str,
-                      max_tokens: int) -> Tensor:
-    """``rmsnorm(allreduce(x)) * weight`` over the group ``group_name``."""
+def autofused_rmsnorm(x: Tensor, weight: Tensor, eps: float, eps_t: Optional[Tensor], weight_offset: float,
+                      group_name: str, max_tokens: int) -> Tensor:
+    """``rmsnorm(allreduce(x)) * (weight + weight_offset)`` over the group ``group_name``."""
     eps = _eps(eps, eps_t)
     hidden = x.shape[-1]
     x2, weight = _flat(x, hidden), weight.contiguous()
     group, fusion = fusion_for(group_name, hidden, x.dtype, x.device, max_tokens)
     if x2.shape[0] > max_tokens:
         _over_capacity("rmsnorm", x2.shape[0], max_tokens)
-        out, _ = _unfused(x2, None, weight, eps, None, group, x.dtype)
+        out, _ = _unfused(x2, None, weight, eps, weight_offset, None, group, x.dtype)
     else:
-        out = fusion.rmsnorm(x2, weight, eps)
+        out = fusion.rmsnorm(x2, weight, eps, weight_offset=weight_offset)
     return out.view(x.shape)
 
 
 @autofused_rmsnorm.register_fake
-def _(x, weight, eps, eps_t, group_name, max_tokens):
+def _(x, weight, eps, eps_t, weight_offset, group_name, max_tokens):
     return torch.empty_like(x)
 
 
@@ -179,7 +182,7 @@ def autofused_all_reduce(x: Tensor, group_name: str, max_tokens: int) -> Tensor:
     group, fusion = fusion_for(group_name, hidden, x.dtype, x.device, max_tokens)
     if x2.shape[0] > max_tokens:
         _over_capacity("all_reduce", x2.shape[0], max_tokens)
-        out, _ = _unfused(x2, None, None, 1.0, None, group, x.dtype)
+        out, _ = _unfused(x2, None, None, 1.0, 0.0, None, group, x.dtype)
     else:
         out = fusion.all_reduce(x2)
     return out.view(x.shape)

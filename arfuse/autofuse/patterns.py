@@ -34,13 +34,16 @@ class Norm:
     ``rsqrt(var + eps)`` as ``add.Tensor``) or ``"torch_rms_norm"`` (``F.rms_norm``/``nn.RMSNorm``'s
     decomposition: positive reduction dim, ``add.Scalar``). ``weight``: ``"after_cast"`` (``weight * y.to(dtype)``,
     HF's) or ``"before_cast"`` (``(y * weight).to(dtype)``, torch's); in fp32 no casts exist and only the
-    family's own position is kept. ``weight_first``: operand order of the weight multiply.
+    family's own position is kept. ``weight_first``: operand order of the weight multiply. ``weight_offset``:
+    the norm multiplies by ``weight.float() + offset`` (Gemma's ``1 + weight``), which arfuse takes as
+    ``weight_offset``; only the bf16/fp16 form needs it (in fp32 the offset weight is just another weight tensor).
     """
 
     family: str
     eps_add: object
     weight: str
     weight_first: bool
+    weight_offset: bool = False
 
     @property
     def default_weight(self) -> bool:
@@ -52,11 +55,13 @@ class Norm:
         return f"{self.family}{position if casts else ''}/{order}"
 
 
-FAMILIES = {"hf_rmsnorm": (aten.add.Tensor, "after_cast"), "torch_rms_norm": (aten.add.Scalar, "before_cast")}
+FAMILIES = {"hf_rmsnorm": (aten.add.Tensor, "after_cast"), "torch_rms_norm": (aten.add.Scalar, "before_cast"),
+            "offset_rmsnorm": (aten.add.Tensor, "before_cast")}
 NORMS = [Norm(family, eps_add, weight, first)
-         for family, (eps_add, _) in FAMILIES.items()
+         for family, (eps_add, _) in FAMILIES.items() if family != "offset_rmsnorm"
          for weight in ("after_cast", "before_cast")
          for first in (True, False)]
+NORMS += [Norm("offset_rmsnorm", aten.add.Tensor, "before_cast", first, weight_offset=True) for first in (True, False)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +126,8 @@ def entries() -> List[Entry]:
         op = OPS.get((res.add, epi is not None))
         if op is None:
             continue
-        if not casts and (not norm.default_weight or (epi is not None and epi.clamp_in_fp32)):
-            continue  # without casts neither the weight position nor an fp32 clamp exists
+        if not casts and (not norm.default_weight or norm.weight_offset or (epi is not None and epi.clamp_in_fp32)):
+            continue  # without casts neither the weight position, a weight upcast nor an fp32 clamp exists
         name = "/".join(p for p in ("lowp" if casts else "fp32", norm.label(casts), res.name, epi and epi.name)
                         if p)
         out.append(Entry(name, op, casts, norm, res, epi, stage=0))
@@ -147,6 +152,9 @@ def _norm(h: PatternExpr, entry: Entry, out_users) -> PatternExpr:
     rsqrt = CallFunction(aten.rsqrt.default, CallFunction(norm.eps_add, mean, KeywordArg("eps")))
     normed = CallFunction(aten.mul.Tensor, up, rsqrt)
     weight = KeywordArg("weight")
+    if norm.weight_offset:
+        weight = CallFunction(aten.add.Tensor, CallFunction(CONVERT, weight, KeywordArg("weight_up_dtype")),
+                              KeywordArg("weight_offset"))
     if not entry.casts:
         return _mul(normed, weight, norm.weight_first, _users=out_users)
     if norm.weight == "after_cast":

@@ -42,19 +42,20 @@ def _eps_args(eps):
 
 
 def _residual_rmsnorm(kw, max_tokens):
-    group = kw["group"]
+    group, offset = kw["group"], float(kw.get("weight_offset", 0.0))
     inputs = _Inputs(kw, ("x", "residual", "weight", "eps", "multiplier"))
 
     def fused(*args):
         a = inputs.bind(args)
         return torch.ops.arfuse.autofused_residual_rmsnorm(_scaled(a["x"], a["multiplier"]), a["residual"],
-                                                           a["weight"], *_eps_args(a["eps"]), group, max_tokens)
+                                                           a["weight"], *_eps_args(a["eps"]), offset, group,
+                                                           max_tokens)
 
     return fused, inputs.nodes
 
 
 def _residual_rmsnorm_fp8(kw, max_tokens):
-    group = kw["group"]
+    group, offset = kw["group"], float(kw.get("weight_offset", 0.0))
     inputs = _Inputs(kw, ("x", "residual", "weight", "eps", "multiplier", "scale"))
 
     def fused(*args):
@@ -63,19 +64,20 @@ def _residual_rmsnorm_fp8(kw, max_tokens):
         scale_t = (scale.reshape(1) if isinstance(scale, torch.Tensor)
                    else torch.full((1,), float(scale), dtype=torch.float32, device=a["x"].device))
         return torch.ops.arfuse.autofused_residual_rmsnorm_fp8(_scaled(a["x"], a["multiplier"]), a["residual"],
-                                                               a["weight"], scale_t, *_eps_args(a["eps"]), group,
-                                                               max_tokens)
+                                                               a["weight"], scale_t, *_eps_args(a["eps"]), offset,
+                                                               group, max_tokens)
 
     return fused, inputs.nodes
 
 
 def _rmsnorm(kw, max_tokens):
-    group = kw["group"]
+    group, offset = kw["group"], float(kw.get("weight_offset", 0.0))
     inputs = _Inputs(kw, ("x", "weight", "eps"))
 
     def fused(*args):
         a = inputs.bind(args)
-        return torch.ops.arfuse.autofused_rmsnorm(a["x"], a["weight"], *_eps_args(a["eps"]), group, max_tokens)
+        return torch.ops.arfuse.autofused_rmsnorm(a["x"], a["weight"], *_eps_args(a["eps"]), offset, group,
+                                                  max_tokens)
 
     return fused, inputs.nodes
 

@@ -3,7 +3,7 @@
 One compiled graph per dtype holds one block per (spelling, residual form): ``funcol.all_reduce`` then the
 residual add (either order, optionally with the allreduced branch scaled by a constant) or none, then HF's
 ``LlamaRMSNorm`` math (weight multiply after or before the downcast, either operand order), ``F.rms_norm`` or
-``nn.RMSNorm``, with differing eps; plus static FP8 quantization (tensor and float scale). Each block must be
+``nn.RMSNorm``, Gemma's ``1 + weight``, with differing eps; plus static FP8 quantization (tensor and float scale). Each block must be
 matched exactly once, by the expected pattern, and give the uncompiled function's results. Also: a graph with
 autograd recording (nothing fused, correct, the reason reported), an in-place ``dist.all_reduce`` of a graph input
 (the copy back into the input kept), the caller's own post-grad pass chained, and no global Inductor config left
@@ -44,6 +44,13 @@ def hf_rmsnorm(h, w, eps, *, weight_after_cast=True, weight_first=True):
     return (w * h32 if weight_first else h32 * w).to(dtype)
 
 
+def offset_rmsnorm(h, w, eps):
+    """Gemma's ``RMSNorm``: fp32 math, weight applied as ``1 + weight`` in fp32, then the downcast."""
+    h32 = h.float()
+    out = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    return (out * (1.0 + w.float())).type_as(h)
+
+
 def torch_rms_norm(h, w, eps):
     return F.rms_norm(h, (h.shape[-1],), w, eps)
 
@@ -75,6 +82,8 @@ SPELLINGS = {
     "hf weight before cast last": (functools.partial(hf_rmsnorm, weight_after_cast=False, weight_first=False),
                                    {"fp32": "fp32/hf_rmsnorm/weight_last",
                                     "lowp": "lowp/hf_rmsnorm/weight_before_cast/weight_last"}),
+    "gemma (1 + weight)": (offset_rmsnorm, {"fp32": "fp32/hf_rmsnorm/weight_last",  # offset: just a weight
+                                            "lowp": "lowp/offset_rmsnorm/weight_last"}),
     "F.rms_norm": (torch_rms_norm, {"fp32": "fp32/torch_rms_norm/", "lowp": "lowp/torch_rms_norm/"}),
     "nn.RMSNorm": (ModuleNorm(), {"fp32": "fp32/torch_rms_norm/", "lowp": "lowp/torch_rms_norm/"}),
 }

@@ -90,7 +90,7 @@ def test_pattern_table_is_consistent():
     for casts in (True, False):
         for res in patterns.RESIDUALS:
             for norm in patterns.NORMS:
-                if not casts and not norm.default_weight:
+                if not casts and (not norm.default_weight or norm.weight_offset):
                     continue
                 assert any(e.casts == casts and e.norm == norm and e.residual == res and e.epilogue is None
                            for e in entries)
@@ -120,6 +120,11 @@ def _entry(casts=False, residual="residual+sum", fp8=False):
                 and e.residual.name == residual and (e.epilogue is not None) == fp8)
 
 
+def _offset_entry():
+    return next(e for e in patterns.entries() if e.norm is not None and e.norm.weight_offset and e.epilogue is None
+                and e.residual.name == "residual+sum")
+
+
 @pytest.mark.parametrize("entry, kw, words", [
     (_entry(), _kw(), None),
     (_entry(casts=True), _kw(torch.bfloat16), None),
@@ -139,6 +144,9 @@ def _entry(casts=False, residual="residual+sum", fp8=False):
     (_entry(fp8=True), _kw(scale=_node(torch.empty(2))), "one-element float32"),
     (_entry(fp8=True), _kw(q_dtype=torch.float8_e5m2), "quantizes to"),
     (patterns.PLAIN_ALL_REDUCE, _kw(), "no arfuse fast path on cpu"),
+    (_offset_entry(), _kw(torch.bfloat16, weight_up_dtype=torch.float32, weight_offset=1.0), None),
+    (_offset_entry(), _kw(torch.bfloat16, weight_up_dtype=torch.float32, weight_offset=_node(torch.empty(()))),
+     "offset by"),
 ])
 def test_checks_name_what_would_change_results(entry, kw, words):
     reason = checks.why_not(entry, kw)
@@ -158,21 +166,23 @@ def _ops_rank(rank, world):
     s = x + r
     ref = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * w
     out = {}
-    norm, res = torch.ops.arfuse.autofused_residual_rmsnorm(x, r, w, 1e-6, None, group, 8)
+    norm, res = torch.ops.arfuse.autofused_residual_rmsnorm(x, r, w, 1e-6, None, 0.0, group, 8)
     out["residual_rmsnorm"] = ((norm - ref).abs().max().item(), (res - s).abs().max().item(), tuple(norm.shape))
-    norm, res = torch.ops.arfuse.autofused_residual_rmsnorm(x, r, w, 1.0, torch.tensor(1e-6), group, 4)
+    norm, res = torch.ops.arfuse.autofused_residual_rmsnorm(x, r, w, 1.0, torch.tensor(1e-6), 0.0, group, 4)
     out["over_capacity"] = ((norm - ref).abs().max().item(), (res - s).abs().max().item())
     out["stats"] = arfuse.stats()
     out["objects"] = len(ops._fusions)
-    q, _ = torch.ops.arfuse.autofused_residual_rmsnorm_fp8(x, r, w, torch.tensor([0.5]), 1e-6, None, group, 8)
+    q, _ = torch.ops.arfuse.autofused_residual_rmsnorm_fp8(x, r, w, torch.tensor([0.5]), 1e-6, None, 0.0, group, 8)
     out["fp8"] = (q.dtype, (q.float() - (ref / 0.5).clamp(-448, 448).to(FP8_DTYPE).float()).abs().max().item())
-    out["rmsnorm"] = (torch.ops.arfuse.autofused_rmsnorm(x, w, 1e-6, None, group, 8)
+    out["rmsnorm"] = (torch.ops.arfuse.autofused_rmsnorm(x, w, 1e-6, None, 0.0, group, 8)
                       - x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w).abs().max().item()
+    offset_norm, _ = torch.ops.arfuse.autofused_residual_rmsnorm(x, r, w - 1.0, 1e-6, None, 1.0, group, 8)
+    out["weight_offset"] = (offset_norm - ref).abs().max().item()
     out["all_reduce"] = torch.equal(torch.ops.arfuse.autofused_all_reduce(x, group, 8), x)
     results = {}
     for name, op, args in (
-            ("residual_rmsnorm", torch.ops.arfuse.autofused_residual_rmsnorm.default, (x, r, w, 1e-6, None, group, 8)),
-            ("rmsnorm", torch.ops.arfuse.autofused_rmsnorm.default, (x, w, 1e-6, None, group, 8)),
+            ("residual_rmsnorm", torch.ops.arfuse.autofused_residual_rmsnorm.default, (x, r, w, 1e-6, None, 0.0, group, 8)),
+            ("rmsnorm", torch.ops.arfuse.autofused_rmsnorm.default, (x, w, 1e-6, None, 1.0, group, 8)),
             ("all_reduce", torch.ops.arfuse.autofused_all_reduce.default, (x, group, 8))):
         results[name] = sorted(set(torch.library.opcheck(op, args).values()))
     out["opcheck"] = results
@@ -189,7 +199,7 @@ def one_rank():
 def test_ops_compute_arfuses_math_on_any_shape(one_rank):
     norm_err, res_err, shape = one_rank["residual_rmsnorm"]
     assert norm_err < 1e-5 and res_err == 0.0 and shape == (2, 3, 16)
-    assert one_rank["rmsnorm"] < 1e-5 and one_rank["all_reduce"]
+    assert one_rank["rmsnorm"] < 1e-5 and one_rank["all_reduce"] and one_rank["weight_offset"] < 1e-5
     dtype, fp8_err = one_rank["fp8"]
     assert dtype == FP8_DTYPE and fp8_err <= 0.5  # at most one e4m3 step near 4
 
