@@ -76,3 +76,15 @@ def test_e2e_rejects_a_bad_model_or_preset_before_launching():
     with pytest.raises(SystemExit, match="--preset"):
         e2e.run(_args("--model", "hf:llama", "--preset", "huge", "--device", "cpu"))
     assert _args().model is None  # the default: arfuse's own model, as before
+
+
+def test_readme_fuse_example_is_the_documented_script():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (snippet,) = [s for s in re.findall(r"```python\n(.*?)```", readme, re.S) if "fuse_hf.py" in s]
+    compile(snippet, "README.md", "exec")  # valid Python (it ran under torchrun with 2 gloo ranks when written)
+    for needed in ("DistributedConfig(tp_size=2)", "arfuse.compile(model)", "arfuse.compile_report()",
+                   "arfuse.stats()", 'init_process_group("gloo")'):
+        assert needed in snippet
