@@ -128,15 +128,18 @@ class FusionPass(CustomGraphPass):
 
 
 class ChainedPass(CustomGraphPass):
-    """The caller's own ``post_grad_custom_post_pass`` followed by arfuse's."""
+    """The caller's own ``post_grad_custom_post_pass`` (one pass or a list of them) followed by arfuse's.
+    ``uuid`` is None (no FX graph caching) when one of the caller's passes has none."""
 
     def __init__(self, first, second: FusionPass):
         self.first, self.second = first, second
+        self._firsts = list(first) if isinstance(first, (list, tuple)) else [first]
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        self.first(graph)
+        for p in self._firsts:
+            p(graph)
         self.second(graph)
 
     def uuid(self):
-        first = self.first.uuid() if isinstance(self.first, CustomGraphPass) else None
-        return None if first is None else f"{first}+{self.second.uuid()}"
+        ids = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in self._firsts]
+        return None if any(i is None for i in ids) else "+".join([*map(str, ids), self.second.uuid()])

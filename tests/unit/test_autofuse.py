@@ -70,6 +70,11 @@ def test_callers_post_grad_pass_runs_first_then_arfuse():
     assert isinstance(chained, graph_pass.ChainedPass) and chained.second is fp
     assert chained.uuid() == f"theirs-v1+{fp.uuid()}"
     assert graph_pass.ChainedPass(lambda g: None, fp).uuid() is None  # an opaque callable: no caching
+    both = graph_pass.ChainedPass([Theirs(), Theirs()], fp)
+    assert both.uuid() == f"theirs-v1+theirs-v1+{fp.uuid()}"
+    seen.clear()
+    both(torch.fx.Graph())
+    assert seen == ["theirs", "theirs"]
 
 
 def test_uuid_is_stable_and_covers_capacity_and_sources():
