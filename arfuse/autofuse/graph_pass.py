@@ -75,6 +75,13 @@ def _kind(graph: torch.fx.Graph) -> str:
     return "backward" if any(name.startswith("tangents") for name in names) else "forward"
 
 
+def _explained(node: torch.fx.Node) -> str:
+    try:
+        return explain.why_left_alone(node)
+    except Exception as e:  # the report must never fail a compilation the pass left unchanged
+        return f"left alone (no explanation: {type(e).__name__}: {e})"
+
+
 def run(graph: torch.fx.Graph, max_tokens: int, source: str) -> dict:
     """Fuse what the patterns match in ``graph`` (in place) and record and return its report entry."""
     found = explain.collectives(graph)
@@ -101,7 +108,7 @@ def run(graph: torch.fx.Graph, max_tokens: int, source: str) -> dict:
         else:
             node = by_name[name]
             refused = state.refused.get(name)
-            reason = "; ".join(refused) if refused else explain.why_left_alone(node)
+            reason = "; ".join(refused) if refused else _explained(node)
             info.update(fused=False, into=None, pattern=None, reason=reason, notes=[])
         entry["collectives"].append(info)
     entry["fused"] = len(state.fused)
