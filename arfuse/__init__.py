@@ -6,6 +6,8 @@
 """
 from arfuse import backends as _backends  # noqa: F401  (registers the backends)
 from arfuse.api import AllReduceFusion, free_idle_workspaces
+from arfuse.autofuse import compile, compile_report
+from arfuse.core.counters import process_stats as stats
 from arfuse.core.counters import strict
 from arfuse.core.errors import ArfuseError, BackendError, FallbackError, PeerTimeoutError
 from arfuse.core.quant import FP8PerToken, FP8PerTokenGroup, FP8Static
@@ -30,10 +32,13 @@ __all__ = [
     "PeerTimeoutError",
     "Plan",
     "all_reduce",
+    "compile",
+    "compile_report",
     "free_idle_workspaces",
     "moe_finalize_residual_rmsnorm",
     "residual_rmsnorm",
     "residual_rmsnorm_quant",
     "rmsnorm",
+    "stats",
     "strict",
 ]

@@ -2,7 +2,7 @@
 # Everything the GPU machine runs, by stage, in one device call:
 #   bash bench/gpu_session.sh STAGE...      (carry .gpu-deps, built by ../shared/tools/gpu-deps.sh, for FlashInfer)
 # Stages: env link kernels fp8 flashinfer models reliability timing lamport_sweep benchtest bench e2e (4 GPUs);
-# demo e2e_rank patterns epilogue (one GPU is enough); each bounded by its own timeout.
+# demo e2e_rank patterns epilogue autofuse e2e_hf (one GPU is enough); each bounded by its own timeout.
 # Results land in $OUT/r and are packed into $OUT/results.tgz after every stage (the device returns at most 8
 # files, so unpack that one). NVLink multicast stays off: the guards below are exported before anything runs.
 set -u
@@ -32,6 +32,7 @@ for stage in "$@"; do
     fp8) gpu_tests fp8 tests/gpu/test_triton_symm.py "${T_FP8:-150}" -k fp8 ;;
     flashinfer) gpu_tests flashinfer tests/gpu/test_flashinfer_gpu.py "${T_FLASHINFER:-240}" ;;
     models) gpu_tests models tests/gpu/test_models_gpu.py "${T_MODELS:-240}" ;;
+    autofuse) gpu_tests autofuse tests/gpu/test_autofuse_gpu.py "${T_AUTOFUSE:-300}" ;;  # arfuse.compile, 1 GPU
     reliability) gpu_tests reliability tests/gpu/test_reliability_gpu.py "${T_RELIABILITY:-420}" ;;
     timing) timeout "${T_TIMING:-120}" python3 bench/kernel_timing.py --world 4 --out "$R/kernel_timing_tp4.json" \
               --tokens "${TIMING_TOKENS:-1,4,16,64,128,256,512,1024,2048}" ${TIMING_PATHS:+--paths "$TIMING_PATHS"} \
@@ -60,6 +61,9 @@ for stage in "$@"; do
     epilogue) timeout "${T_EPILOGUE:-270}" python3 -m arfuse.cli.main bench --epilogue --no-progress --warmup 2 \
                 --replays 10 ${EPILOGUE_HIDDEN:+--hidden "$EPILOGUE_HIDDEN"} --json "$R/epilogue_h200.json" \
                 > "$R/epilogue_h200.txt" 2>&1; tail -c 4000 "$R/epilogue_h200.txt" ;;
+    e2e_hf) timeout "${T_E2E_HF:-600}" python3 -m arfuse.cli.main e2e --model hf:llama --preset llama3-8b \
+              --layers "${E2E_HF_LAYERS:-4}" --tp 1 --prompt-lens 128,512 --batches 1,8 --kv-len 512 \
+              --json "$R/e2e_hf_llama3-8b_tp1.json" > "$R/e2e_hf.txt" 2>&1; tail -c 2500 "$R/e2e_hf.txt" ;;
     *) echo "unknown stage $stage" ;;
   esac
   (cd "$OUT" && tar -czf results.tgz r)

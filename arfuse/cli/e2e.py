@@ -34,6 +34,10 @@ DEFAULT_PRESET = {"cpu": "tiny", "cuda": "llama3-8b"}  # each finishes on one de
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from arfuse.models.llama import PRESETS
 
+    p.add_argument("--model", default=None, metavar="hf:FAMILY",
+                   help="an HF transformers model (hf:llama or hf:qwen2, random weights from --preset) with "
+                        "transformers' own TP, timed eager, torch.compile'd and arfuse.compile'd (default: arfuse's "
+                        "own Llama-style model)")
     p.add_argument("--preset", choices=PRESETS, default=None,
                    help=f"model shapes: {', '.join(PRESETS)} (default: {DEFAULT_PRESET['cpu']} on CPU, "
                         f"{DEFAULT_PRESET['cuda']} on GPU)")
@@ -342,6 +346,10 @@ def _spec(args) -> Tuple[Spec, int]:
 def run(args) -> int:
     from arfuse import launch
 
+    if getattr(args, "model", None):
+        from arfuse.cli import e2e_hf
+
+        return e2e_hf.run(args, _environment)
     spec, tp = _spec(args)
     if spec.progress:
         output.status(PROG, f"starting {tp} {spec.device} rank{'s' if tp > 1 else ''}: {spec.preset}, paths "

@@ -1,10 +1,12 @@
-"""Which path ran: per-object call/fallback counters, one-time logging, and the global strict mode."""
+"""Which path ran: per-object call/fallback counters, their process-wide sum, one-time logging, and the global
+strict mode."""
 from __future__ import annotations
 
 import collections
 import logging
 import os
 import threading
+import weakref
 from typing import Dict, Optional
 
 logger = logging.getLogger("arfuse")
@@ -68,15 +70,35 @@ class StatsView(dict):
         return "\n".join(lines)
 
 
-class Counters:
-    """Calls per path (``backend/variant``), fallbacks per reason and backend errors per reason."""
+_KINDS = ("calls", "fallbacks", "errors")
+_live: "weakref.WeakSet[Counters]" = weakref.WeakSet()  # every Counters not yet collected
+_retired: Dict[str, collections.Counter] = {kind: collections.Counter() for kind in _KINDS}
+_registry_lock = threading.Lock()
 
-    __slots__ = ("calls", "fallbacks", "errors")
+
+def _retire(*tables: Dict[str, int]) -> None:
+    """Fold a collected (or reset) Counters' tables into the process-wide totals."""
+    with _registry_lock:
+        for kind, table in zip(_KINDS, tables):
+            _retired[kind].update(table)
+
+
+class Counters:
+    """Calls per path (``backend/variant``), fallbacks per reason and backend errors per reason.
+
+    Every instance counts towards :func:`process_stats`; counting itself does no extra work (the sum is taken
+    when asked for, and a collected instance's tables are folded into retired totals).
+    """
+
+    __slots__ = ("calls", "fallbacks", "errors", "__weakref__")
 
     def __init__(self) -> None:
         self.calls: Dict[str, int] = collections.Counter()
         self.fallbacks: Dict[str, int] = collections.Counter()
         self.errors: Dict[str, int] = collections.Counter()
+        with _registry_lock:
+            _live.add(self)
+        weakref.finalize(self, _retire, self.calls, self.fallbacks, self.errors)
 
     def count_call(self, path: str) -> None:
         self.calls[path] += 1
@@ -91,9 +113,23 @@ class Counters:
         return StatsView(calls=dict(self.calls), fallbacks=dict(self.fallbacks), errors=dict(self.errors))
 
     def reset(self) -> None:
+        """Zero this object's counters; the process-wide totals keep what they counted."""
+        _retire(self.calls, self.fallbacks, self.errors)
         self.calls.clear()
         self.fallbacks.clear()
         self.errors.clear()
+
+
+def process_stats() -> StatsView:
+    """Counters summed over every fusion object this process created, alive, closed or collected:
+    ``{"calls": {path: n}, "fallbacks": {reason: n}, "errors": {reason: n}}`` (prints as a table)."""
+    with _registry_lock:
+        totals = {kind: collections.Counter(table) for kind, table in _retired.items()}
+        live = list(_live)
+    for counters in live:
+        for kind in _KINDS:
+            totals[kind].update(dict(getattr(counters, kind)))  # dict(): one atomic copy under the GIL
+    return StatsView({kind: dict(sorted(table.items())) for kind, table in totals.items()})
 
 
 def resolve_strict(strict_arg: Optional[bool]) -> bool:

@@ -203,3 +203,27 @@ def test_counters_are_per_object_and_reset(backends):
         b.reset_stats()
         assert b.stats() == {"calls": {}, "fallbacks": {}, "errors": {}}
         assert a.stats()["calls"] == {"torch_ref": 1}
+
+
+def test_process_stats_sum_live_closed_and_collected_objects():
+    import gc
+
+    from arfuse.core.counters import Counters
+
+    base = arfuse.stats()
+    a, b = Counters(), Counters()
+    a.count_call("test/path")
+    b.count_call("test/path")
+    b.count_fallback("test reason", 2)
+    b.count_error("test error")
+    now = arfuse.stats()
+    assert now["calls"]["test/path"] == base["calls"].get("test/path", 0) + 2
+    assert now["fallbacks"]["test reason"] == base["fallbacks"].get("test reason", 0) + 2
+    a.reset()  # an object's reset leaves the process-wide totals alone
+    del b
+    gc.collect()  # a collected object's counts are kept
+    after = arfuse.stats()
+    assert after["calls"]["test/path"] == now["calls"]["test/path"]
+    assert after["errors"]["test error"] == base["errors"].get("test error", 0) + 1
+    assert a.snapshot()["calls"] == {}
+    assert "test/path" in str(after)

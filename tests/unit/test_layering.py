@@ -26,6 +26,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("arfuse.runtime",),                     # executor and the torch.library op
     ("arfuse.api",),                         # the public fusion object
     ("arfuse.functional", "arfuse.module"),  # one-off functions and the nn.Module drop-in
+    ("arfuse.autofuse",),                    # arfuse.compile: the Inductor pass fusing existing models
     ("arfuse",),                             # the package's public surface (__init__)
     ("arfuse.verify", "arfuse.launch",       # float64 oracle and the rank launcher, for tools and tests;
      "arfuse.testing"),                      # fault injection and figures for the reliability tests

@@ -1,0 +1,150 @@
+"""Reading a post-grad graph for the report: which collectives it holds, where they come from, and, for one the
+pass left alone, why (the first thing in ``allreduce -> residual add -> RMSNorm`` that does not fit)."""
+from __future__ import annotations
+
+import re
+from typing import List, Optional
+
+import torch
+
+from arfuse.autofuse.checks import val
+from arfuse.autofuse.patterns import ALL_REDUCE, CONVERT, WAIT
+from arfuse.core.validate import SUPPORTED_DTYPES, dtype_name
+
+aten = torch.ops.aten
+_SHORT = {"all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter",
+          "all_to_all_single": "all_to_all", "all_reduce_coalesced": "all_reduce_coalesced"}
+_PREFIX = re.compile(r"^L\['[^']*'\](\[\d+\])?\.?")
+_NON_COLLECTIVES = ("wait_tensor",)
+
+
+def is_collective(node: torch.fx.Node) -> bool:
+    target = node.target
+    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and target.namespace in ("_c10d_functional", "c10d_functional", "c10d")
+            and target._overloadpacket.__name__ not in _NON_COLLECTIVES)
+
+
+def collectives(graph: torch.fx.Graph) -> List[torch.fx.Node]:
+    return [n for n in graph.nodes if is_collective(n)]
+
+
+def op_name(node: torch.fx.Node) -> str:
+    return node.target._overloadpacket.__name__
+
+
+def where(node: torch.fx.Node) -> str:
+    """The module the node was traced in (``model.layers.0.self_attn.o_proj``), or ``""``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _cls = list(stack.values())[-1]
+    return _PREFIX.sub("", str(path))
+
+
+def _module_class(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    cls = list(stack.values())[-1][1]
+    return getattr(cls, "__name__", str(cls))
+
+
+def from_embedding(node: torch.fx.Node) -> bool:
+    """Whether an allreduce sums an embedding lookup (vocabulary-parallel embedding)."""
+    if "Embedding" in _module_class(node):
+        return True
+    current = node.args[0] if node.args else None
+    for _ in range(6):
+        if not isinstance(current, torch.fx.Node) or current.op != "call_function":
+            return False
+        if current.target in (aten.embedding.default,):
+            return True
+        tensor_args = [a for a in current.args if isinstance(a, torch.fx.Node)]
+        current = tensor_args[0] if tensor_args else None
+    return False
+
+
+def describe(node: torch.fx.Node) -> dict:
+    v = val(node.args[0]) if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    group = next((a for a in reversed(node.args) if isinstance(a, str)), None)
+    return {"node": node.name, "op": op_name(node), "where": where(node),
+            "shape": [str(s) for s in v.shape] if v is not None else None,
+            "dtype": dtype_name(v.dtype) if v is not None else None, "group": group}
+
+
+def _targets(nodes) -> str:
+    names = sorted({"graph output" if n.op == "output" else str(getattr(n.target, "__name__", n.target))
+                    for n in nodes})
+    return ", ".join(names)
+
+
+def _next(node: torch.fx.Node, target) -> Optional[torch.fx.Node]:
+    return next((u for u in node.users if u.op == "call_function" and u.target in target), None)
+
+
+def norm_blocker(h: torch.fx.Node, h_is_output: bool) -> Optional[str]:
+    """If an RMSNorm of ``h`` follows: ``""`` when nothing blocks it, else which of its nodes has other users.
+    None when no RMSNorm follows ``h``. ``h_is_output``: ``h`` may have users outside the norm."""
+    up = _next(h, (CONVERT,)) or h
+    pow_ = _next(up, (aten.pow.Tensor_Scalar,))
+    mean = pow_ and _next(pow_, (aten.mean.dim,))
+    eps_add = mean and _next(mean, (aten.add.Tensor, aten.add.Scalar))
+    rsqrt = eps_add and _next(eps_add, (aten.rsqrt.default,))
+    if rsqrt is None:
+        return None
+    normed = _next(rsqrt, (aten.mul.Tensor,))
+    inner = {pow_, mean, eps_add, rsqrt, normed}
+    chain = [("pow", pow_, 1), ("mean", mean, 1), ("the eps add", eps_add, 1), ("rsqrt", rsqrt, 1),
+             ("x * rsqrt", normed, 1)]
+    if up is not h:
+        chain.insert(0, ("the fp32 upcast", up, 2))
+    if not h_is_output:
+        chain.insert(0, ("the norm's input", h, 1 if up is not h else 2))
+    for label, node, users in chain:
+        if node is not None and len(node.users) > users:
+            others = [u for u in node.users if u not in inner]
+            if any(u.op == "output" for u in others):
+                return f"{label} has other users (training graph: saved for backward)"
+            return f"{label} has other users ({_targets(others)})"
+    return ""
+
+
+def why_left_alone(node: torch.fx.Node) -> str:
+    """Why the pass left the collective ``node`` alone (read off the graph after the pass)."""
+    name = op_name(node)
+    if node.target is not ALL_REDUCE:
+        return f"{_SHORT.get(name, name)}: not an allreduce"
+    if node.args[1] != "sum":
+        return f"all_reduce with reduce op {node.args[1]!r}: only sums fuse"
+    x = val(node.args[0])
+    if x is not None and x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype_name(x.dtype)}: arfuse fuses float32/bfloat16/float16"
+    waits = [u for u in node.users if u.target is WAIT]
+    if len(waits) != 1 or len(node.users) != 1:
+        return "its result is not awaited exactly once"
+    prefix = "embedding all_reduce: " if from_embedding(node) else ""
+    s = waits[0]
+    users = list(s.users)
+    if any(u.target is aten.copy_.default for u in users):
+        return (f"{prefix}in-place all_reduce of a graph input: the sum is also copied back into the input, and "
+                f"the fused call does not return the plain sum")
+    branches = [s] + [u for u in users if u.target is aten.mul.Tensor and not isinstance(u.args[1], torch.fx.Node)]
+    adds = [u for b in branches for u in b.users if u.target is aten.add.Tensor]
+    if adds:
+        blocker = norm_blocker(adds[0], h_is_output=True)
+        if blocker is None:
+            return f"{prefix}the residual add is not followed by an RMSNorm (it feeds {_targets(adds[0].users)})"
+        if blocker:
+            return prefix + blocker
+        if len(users) > 1:
+            return f"{prefix}the sum has users besides the residual add ({_targets(users)})"
+        return f"{prefix}residual add + RMSNorm in a spelling no arfuse pattern matches"
+    blocker = norm_blocker(s, h_is_output=False)
+    if blocker is not None:
+        if blocker.startswith("the norm's input"):
+            return (f"{prefix}no residual add follows, and the sum is also used beyond the RMSNorm (e.g. as the "
+                    f"residual stream), which rmsnorm does not return")
+        return f"{prefix}no residual add follows; {blocker}" if blocker else \
+            f"{prefix}RMSNorm in a spelling no arfuse pattern matches"
+    return f"{prefix}no residual add or RMSNorm follows (the sum feeds {_targets(users)})"

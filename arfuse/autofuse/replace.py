@@ -1,0 +1,110 @@
+"""What replaces a match: per arfuse op, the function Inductor traces into the graph in place of the matched
+nodes (it returns the pattern's outputs, in order) and the matched nodes it takes."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Mapping, Tuple
+
+import torch
+
+from arfuse.autofuse import ops  # noqa: F401  (registers torch.ops.arfuse.autofused_*)
+
+Build = Callable[[Mapping[str, Any], int], Tuple[Callable, List[Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Replacement:
+    op: str
+    build: Build
+    note: Callable[[Mapping[str, Any]], str] = lambda kw: ""
+
+
+class _Inputs:
+    """The replacement's inputs: matched nodes go in as traced arguments, constants stay Python values."""
+
+    def __init__(self, kw: Mapping[str, Any], names):
+        self.names = [n for n in names if isinstance(kw.get(n), torch.fx.Node)]
+        self.nodes = [kw[n] for n in self.names]
+        self.constants = {n: kw.get(n) for n in names if n not in self.names}
+
+    def bind(self, args) -> Dict[str, Any]:
+        return dict(self.constants, **dict(zip(self.names, args)))
+
+
+def _scaled(x: torch.Tensor, multiplier) -> torch.Tensor:
+    # allreduce is linear: sum(x * m) equals sum(x) * m up to rounding, so the scale moves before the call
+    return x if multiplier is None else x * multiplier
+
+
+def _eps_args(eps):
+    """(eps, eps_t) of the ops: a constant, or a 0-d tensor the graph takes as an input (read at run time)."""
+    return (1e-6, eps) if isinstance(eps, torch.Tensor) else (float(eps), None)
+
+
+def _residual_rmsnorm(kw, max_tokens):
+    group, offset = kw["group"], float(kw.get("weight_offset", 0.0))
+    inputs = _Inputs(kw, ("x", "residual", "weight", "eps", "multiplier"))
+
+    def fused(*args):
+        a = inputs.bind(args)
+        return torch.ops.arfuse.autofused_residual_rmsnorm(_scaled(a["x"], a["multiplier"]), a["residual"],
+                                                           a["weight"], *_eps_args(a["eps"]), offset, group,
+                                                           max_tokens)
+
+    return fused, inputs.nodes
+
+
+def _residual_rmsnorm_fp8(kw, max_tokens):
+    group, offset = kw["group"], float(kw.get("weight_offset", 0.0))
+    inputs = _Inputs(kw, ("x", "residual", "weight", "eps", "multiplier", "scale"))
+
+    def fused(*args):
+        a = inputs.bind(args)
+        scale = a["scale"]
+        scale_t = (scale.reshape(1) if isinstance(scale, torch.Tensor)
+                   else torch.full((1,), float(scale), dtype=torch.float32, device=a["x"].device))
+        return torch.ops.arfuse.autofused_residual_rmsnorm_fp8(_scaled(a["x"], a["multiplier"]), a["residual"],
+                                                               a["weight"], scale_t, *_eps_args(a["eps"]), offset,
+                                                               group, max_tokens)
+
+    return fused, inputs.nodes
+
+
+def _rmsnorm(kw, max_tokens):
+    group, offset = kw["group"], float(kw.get("weight_offset", 0.0))
+    inputs = _Inputs(kw, ("x", "weight", "eps"))
+
+    def fused(*args):
+        a = inputs.bind(args)
+        return torch.ops.arfuse.autofused_rmsnorm(a["x"], a["weight"], *_eps_args(a["eps"]), offset, group,
+                                                  max_tokens)
+
+    return fused, inputs.nodes
+
+
+def _all_reduce(kw, max_tokens):
+    group = kw["group"]
+
+    def fused(x):
+        return torch.ops.arfuse.autofused_all_reduce(x, group, max_tokens)
+
+    return fused, [kw["x"]]
+
+
+def _scale_note(kw) -> str:
+    m = kw.get("multiplier")
+    if m is None:
+        return ""
+    shown = f"{m:g}" if isinstance(m, (int, float)) else "(a graph input)"
+    return (f"the allreduced branch's scale {shown} is applied to the input before the fused call (allreduce is "
+            f"linear; equal up to rounding)")
+
+
+REPLACEMENTS: Dict[str, Replacement] = {
+    r.op: r for r in (
+        Replacement("residual_rmsnorm", _residual_rmsnorm, _scale_note),
+        Replacement("residual_rmsnorm_fp8", _residual_rmsnorm_fp8, _scale_note),
+        Replacement("rmsnorm", _rmsnorm),
+        Replacement("all_reduce", _all_reduce),
+    )
+}

@@ -1,0 +1,90 @@
+"""HF transformers causal LMs with random weights, for ``arfuse.compile`` tests and ``arfuse e2e --model hf:...``.
+
+A model is built from a config preset (no download), saved once as a local checkpoint, and loaded either whole or
+with transformers' own tensor parallelism (``DistributedConfig(tp_size=N)``: DTensor colwise/rowwise linears, a
+vocabulary-parallel embedding and a gathered lm_head). ``transformers`` is imported only here, when used: it is
+optional at run time.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+PRESETS = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=256),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+}
+
+
+def transformers_module():
+    try:
+        import transformers
+    except ImportError as e:
+        raise RuntimeError("HF models need transformers (pip install 'arfuse[test]' or transformers and "
+                           "accelerate)") from e
+    return transformers
+
+
+def config(family: str, preset: str = "tiny", layers: Optional[int] = None, **overrides):
+    """The transformers config of ``family`` (``llama``, ``qwen2``) with ``preset``'s shapes."""
+    if family not in FAMILIES:
+        raise ValueError(f"hf.config: family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if preset not in PRESETS:
+        raise ValueError(f"hf.config: preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
+        raise ValueError(f"hf.config: layers must be an int >= 1, got {layers!r}")
+    values = dict(PRESETS[preset], **overrides)
+    if layers is not None:
+        values["num_hidden_layers"] = layers
+    return getattr(transformers_module(), FAMILIES[family][0])(**values)
+
+
+def build(cfg, *, seed: int, dtype: torch.dtype = torch.float32, device="cpu"):
+    """The whole model of ``cfg`` with transformers' random initialisation under ``seed``, in eval mode."""
+    transformers = transformers_module()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def save_random(cfg, path: str, *, seed: int, dtype: torch.dtype = torch.float32) -> str:
+    """Build ``cfg``'s model with random weights and save it as a checkpoint in ``path`` (created)."""
+    os.makedirs(path, exist_ok=True)
+    build(cfg, seed=seed, dtype=dtype).save_pretrained(path)
+    return path
+
+
+def load(path: str, *, dtype: torch.dtype = torch.float32, tp_size: int = 1, device=None):
+    """The checkpoint in ``path``, whole (``tp_size=1``) or sharded with transformers' TP over the default
+    process group (collective: every rank loads it). Eval mode, no gradients."""
+    transformers = transformers_module()
+    kwargs = {"dtype": dtype}
+    if tp_size > 1:
+        kwargs["distributed_config"] = transformers.DistributedConfig(tp_size=tp_size)
+    elif device is not None:
+        kwargs["device_map"] = str(device)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def greedy(model, prompt: torch.Tensor, steps: int):
+    """``steps`` greedy tokens by full recompute (no KV cache: every step one forward of the whole sequence).
+
+    Returns ``(logits, tokens)``: float32 logits of each step's last position (steps, batch, vocab) on the CPU
+    and the picks (steps, batch). Collective under TP."""
+    seq, logits = prompt, []
+    for _ in range(steps):
+        last = model(input_ids=seq, use_cache=False).logits[:, -1].float()
+        logits.append(last.cpu())
+        seq = torch.cat([seq, last.argmax(-1, keepdim=True).to(seq.device)], dim=1)
+    stacked = torch.stack(logits)
+    return stacked, stacked.argmax(-1)

@@ -1,0 +1,93 @@
+"""HF transformers models for ``arfuse.compile`` and ``arfuse e2e --model hf:...``: config presets, random
+builds, greedy decoding, the HF timing helpers (eager, one process) and the command's argument checks."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from arfuse.cli import e2e, e2e_hf  # noqa: E402
+from arfuse.models import hf, hf_timing  # noqa: E402
+from arfuse.models.timing import TimingConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return hf.build(hf.config("llama", "tiny", layers=1), seed=0)
+
+
+def test_presets_have_the_documented_shapes():
+    cfg = hf.config("qwen2", "llama3-70b", layers=2)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.num_hidden_layers) == (8192, 28672, 64, 8, 2)
+    assert hf.config("llama", "llama3-8b").num_hidden_layers == 32
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(family="gpt2"), "family"), (dict(family="llama", preset="huge"), "preset"),
+    (dict(family="llama", layers=0), "layers"), (dict(family="llama", layers=True), "layers"),
+])
+def test_bad_config_arguments_raise_naming_them(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        hf.config(**kwargs)
+
+
+def test_build_is_deterministic_and_greedy_has_the_documented_shape(tiny):
+    again = hf.build(hf.config("llama", "tiny", layers=1), seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(tiny.state_dict().values(), again.state_dict().values()))
+    logits, tokens = hf.greedy(tiny, torch.tensor([[1, 2, 3], [4, 5, 6]]), 3)
+    assert logits.shape == (3, 2, tiny.config.vocab_size) and tokens.shape == (3, 2)
+    assert torch.equal(tokens, logits.argmax(-1))
+
+
+def test_saved_checkpoint_loads_to_the_same_model(tiny, tmp_path):
+    path = hf.save_random(tiny.config, str(tmp_path / "m"), seed=0)
+    loaded = hf.load(path)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, tiny(input_ids=ids).logits)
+
+
+def test_timing_helpers_time_prefill_and_decode(tiny):
+    cfg = TimingConfig(prefill_warmup=1, prefill_repeats=2, decode_warmup=1, decode_replays=2)
+    samples = hf_timing.prefill_samples(tiny, 8, tiny.config.vocab_size, cfg, torch.device("cpu"))
+    assert len(samples) == 2 and all(s > 0 for s in samples)
+    assert hf_timing.time_decode(tiny, 2, 8, tiny.config.vocab_size, cfg, torch.device("cpu")) > 0
+
+
+@pytest.mark.parametrize("text", ["llama", "hf:gpt2", "vllm:llama", "hf:"])
+def test_model_option_must_name_an_hf_family(text):
+    with pytest.raises(ValueError, match="--model"):
+        e2e_hf.parse_model(text)
+    assert e2e_hf.parse_model("hf:qwen2") == "qwen2"
+
+
+def _args(*argv):
+    p = argparse.ArgumentParser()
+    e2e.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_e2e_rejects_a_bad_model_or_preset_before_launching(capsys):
+    from arfuse.cli.main import main as cli_main
+
+    for argv, flag in ((["--model", "hf:gpt2"], "--model"), (["--model", "hf:llama", "--preset", "huge"], "--preset")):
+        with pytest.raises(SystemExit) as info:
+            cli_main(["e2e", *argv, "--device", "cpu"])
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == 2 and flag in err and len(err.splitlines()) == 1, err
+    assert _args().model is None  # the default: arfuse's own model, as before
+
+
+def test_readme_fuse_example_is_the_documented_script():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (snippet,) = [s for s in re.findall(r"```python\n(.*?)```", readme, re.S) if "fuse_hf.py" in s]
+    compile(snippet, "README.md", "exec")  # valid Python (it ran under torchrun with 2 gloo ranks when written)
+    for needed in ("DistributedConfig(tp_size=2)", "arfuse.compile(model)", "arfuse.compile_report()",
+                   "arfuse.stats()", 'init_process_group("gloo")'):
+        assert needed in snippet
