@@ -89,11 +89,17 @@ def compare_with_ref(spec: FusionSpec, case: verify.Case, ours: dict, ref: dict)
     return diff
 
 
-def check_against_ref(diff: dict, dtype: torch.dtype) -> None:
+def check_against_ref(diff: dict, dtype: torch.dtype, moe: bool = False) -> None:
     """Same inputs, same fp32 math: the residual bitwise, the norm within the dtype's tolerance (rsqrt, division and
     summation order differ by ulps), FP8 within a step here and there (dequantized), scales within ulps (UE8M0:
-    the same power of two but for the rare amax on a power-of-two boundary)."""
-    assert diff.get("residual_out_bitwise", True), diff
+    the same power of two but for the rare amax on a power-of-two boundary). With the MoE prologue the residual
+    is within a few ulps instead: the kernel sums each token's expert rows in order, torch's reduction over top_k
+    in another order, so a rounded input differs in its last bit here and there (measured 2026-12-02 on one H200:
+    at most 2.8e-4 relative in bf16, 3.6e-6 in fp16, 2.9e-8 in fp32)."""
+    if moe:
+        assert diff["residual_out"] <= verify.TOLERANCE[dtype] / 10, diff
+    else:
+        assert diff.get("residual_out_bitwise", True), diff
     limits = {"out": 2e-2 if diff["fp8"] else verify.TOLERANCE[dtype], "scale_out": 1e-5, "scale_out_mismatch": 1e-3}
     for name, err in diff.items():
         if name not in ("residual_out_bitwise", "fp8"):
@@ -121,7 +127,7 @@ def run_both(spec: FusionSpec, case: verify.Case, inplace: bool = False) -> dict
     FIGURES[key] = {"errors": errors, "vs_torch_ref": diff}
     bad = {k: v for k, v in errors.items() if not v[0] <= v[1]}
     assert not bad, (spec.name, bad)
-    check_against_ref(diff, case.dtype)
+    check_against_ref(diff, case.dtype, spec.moe)
     return diff
 
 
@@ -243,5 +249,5 @@ def test_moe_index_out_of_range_is_guarded_recorded_and_reported():
     diff = compare_with_ref(spec, case, results["nccl"], results["torch_ref"])
     diff["fp8"] = True
     FIGURES["moe_bad_index"] = diff
-    check_against_ref(diff, torch.bfloat16)  # torch_ref drops the bad terms too: the same result
+    check_against_ref(diff, torch.bfloat16, moe=True)  # torch_ref drops the bad terms too: the same result
     assert results["nccl"]["out"].dtype == FP8_DTYPE

@@ -81,5 +81,7 @@ def test_report_prints_tables_and_the_launch_table_line():
 def test_cli_flag_needs_a_gpu(capsys):
     from arfuse.cli.main import main
 
-    assert main(["bench", "--epilogue", "--hidden", "256"]) == 2
-    assert "needs a CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--epilogue", "--hidden", "256"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "--epilogue" in err and "needs a CUDA device" in err and len(err.splitlines()) == 1
