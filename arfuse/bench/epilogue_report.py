@@ -65,7 +65,10 @@ def print_report(doc: dict, console=None) -> None:
     console = console or Console(width=None if os.isatty(1) else 240)
     points = _by_point(doc)
     kinds = list(doc["config"]["kinds"])
-    console.print(f"HBM copy bandwidth measured: {doc['hbm_gbps']:.0f} GB/s  [dim]({doc['config']['timing']})[/]")
+    copies = ", ".join(f"{k} {v:.0f}" for k, v in doc.get("copies_gbps", {}).items())
+    nominal = f"; nominal {doc['nominal_gbps']:.0f}" if doc.get("nominal_gbps") else ""
+    console.print(f"HBM copy bandwidth measured: {doc['hbm_gbps']:.0f} GB/s (the 100%: the faster of {copies or 'a copy'}"
+                  f"{nominal})  [dim]({doc['config']['timing']})[/]")
     for hidden in doc["config"]["hidden"]:
         rec = doc["recommended"].get(str(hidden))
         table = Table(title=f"epilogue kernels, hidden {hidden}, {doc['config']['dtype']}: µs, % of HBM, speed-up "

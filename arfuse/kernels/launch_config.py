@@ -92,8 +92,11 @@ class EpilogueLaunch(NamedTuple):
 
 
 # Per hidden size, the NCCL-path epilogue's (rows, num_warps, max_ctas); sizes not listed take
-# default_epilogue_launch's. To be set from an ``arfuse bench --epilogue`` sweep on the target GPU.
-EPILOGUE_LAUNCH: Dict[int, Tuple[int, int, int]] = {}
+# default_epilogue_launch's. From the ``arfuse bench --epilogue`` sweep on one H200 (2026-12-02,
+# bench/results/2026-12-02_h200x1/run1_epilogue_h200.json): per hidden size the launch whose worst slowdown against the
+# best swept one at any swept size is least (4096: 1.09x, 5120: 1.19x, 7168 and 8192: 1.05x).
+EPILOGUE_LAUNCH: Dict[int, Tuple[int, int, int]] = {4096: (1, 4, 528), 5120: (1, 4, 0), 7168: (1, 16, 0),
+                                                    8192: (1, 16, 0)}
 # Forces one launch for every call (benchmarks and sweeps only); None: EPILOGUE_LAUNCH / the default.
 EPILOGUE_OVERRIDE: Optional[Tuple[int, int, int]] = None
 
