@@ -171,27 +171,40 @@ def quant_arg(spec: FusionSpec, case: Case):
     return FP8PerTokenGroup(spec.group_size, packed_ue8m0=spec.scale_layout is ScaleLayout.UE8M0)
 
 
-def call_spec(fusion, spec: FusionSpec, case: Case, rank: int, device, outputs: Dict[str, torch.Tensor],
-              x: Optional[torch.Tensor] = None, inplace: bool = False) -> Dict[str, torch.Tensor]:
-    """Run ``spec`` on ``fusion`` with this rank's inputs of ``case`` into ``outputs`` (as made by
-    :func:`poisoned_outputs`); returns the written outputs by name. ``inplace``: the residual is updated in place
-    (then ``outputs`` holds no ``residual_out`` and the residual tensor is returned as it)."""
-    residual = case.residual(device) if spec.residual else None
-    weight = case.weight(device) if spec.norm else None
+def spec_inputs(spec: FusionSpec, case: Case, rank: int, device, x: Optional[torch.Tensor] = None
+                ) -> Dict[str, Optional[torch.Tensor]]:
+    """This rank's input tensors of ``case`` for ``spec`` (``x`` replaces the generated ``x``, e.g. a zero-copy
+    buffer holding it)."""
+    inputs = {"residual": case.residual(device) if spec.residual else None,
+              "weight": case.weight(device) if spec.norm else None}
+    if spec.moe:
+        inputs.update(expert_out=case.expert_out(rank, device), permuted_idx=case.permuted_idx(rank, device),
+                      expert_scales=case.expert_scales(rank, device),
+                      shared_expert_out=case.shared_expert_out(rank, device) if spec.shared_expert else None)
+    else:
+        inputs["x"] = case.x(rank, device) if x is None else x
+    return inputs
+
+
+def run_spec(fusion, spec: FusionSpec, case: Case, inputs: Dict[str, Optional[torch.Tensor]],
+             outputs: Dict[str, torch.Tensor], inplace: bool = False) -> Dict[str, torch.Tensor]:
+    """Run ``spec`` on ``fusion`` through its public op with ``inputs`` (:func:`spec_inputs`) into ``outputs`` (as
+    made by :func:`poisoned_outputs`); returns the written outputs by name. ``inplace``: the residual is updated in
+    place (then ``outputs`` holds no ``residual_out`` and the residual tensor is returned as it)."""
+    residual, weight = inputs["residual"], inputs["weight"]
     res_kw = {} if inplace else {"residual_out": outputs.get("residual_out")}
     offset = case.weight_offset if spec.weight_offset else 0.0
     if spec.moe:
         r = fusion.moe_finalize_residual_rmsnorm(
-            case.expert_out(rank, device), case.permuted_idx(rank, device), case.expert_scales(rank, device),
-            residual, weight, case.eps, weight_offset=offset, inplace=inplace,
-            shared_expert_out=case.shared_expert_out(rank, device) if spec.shared_expert else None,
+            inputs["expert_out"], inputs["permuted_idx"], inputs["expert_scales"], residual, weight, case.eps,
+            weight_offset=offset, inplace=inplace, shared_expert_out=inputs["shared_expert_out"],
             quant=quant_arg(spec, case) if spec.quant else None, also_norm=spec.also_norm,
             quant_out=outputs["out"] if spec.quant else None, scale_out=outputs.get("scale_out"),
             norm_out=outputs.get("norm_out") if spec.quant else outputs["out"], **res_kw)
         got = {"out": r.quant if spec.quant else r.norm, "residual_out": r.residual, "norm_out": r.norm,
                "scale_out": r.scale}
         return {k: got[k] for k in out_specs.names(spec)}
-    x = case.x(rank, device) if x is None else x
+    x = inputs["x"]
     if not spec.norm:
         return {"out": fusion.all_reduce(x, out=outputs["out"])}
     if not spec.residual:
@@ -206,6 +219,12 @@ def call_spec(fusion, spec: FusionSpec, case: Case, rank: int, device, outputs: 
                                       norm_out=outputs.get("norm_out"), **res_kw)
     got = {"out": r.quant, "residual_out": r.residual, "norm_out": r.norm, "scale_out": r.scale}
     return {k: got[k] for k in out_specs.names(spec)}
+
+
+def call_spec(fusion, spec: FusionSpec, case: Case, rank: int, device, outputs: Dict[str, torch.Tensor],
+              x: Optional[torch.Tensor] = None, inplace: bool = False) -> Dict[str, torch.Tensor]:
+    """:func:`run_spec` on this rank's fresh inputs of ``case``."""
+    return run_spec(fusion, spec, case, spec_inputs(spec, case, rank, device, x), outputs, inplace)
 
 
 def poisoned_outputs(spec: FusionSpec, case: Case, device) -> Dict[str, torch.Tensor]:

@@ -22,8 +22,13 @@ from typing import List, Optional, Sequence, Tuple
 from arfuse.cli import args as args_, output
 
 SWEEP = (1, 3, 16, 64, 128, 257)
-PATTERNS = {"residual_rmsnorm": "RESIDUAL_RMSNORM", "residual_rmsnorm_fp8": "RESIDUAL_RMSNORM_FP8",
-            "rmsnorm": "RMSNORM", "all_reduce": "ALLREDUCE"}  # op name -> arfuse.Pattern member
+# demo name -> the FusionSpec's fields (arfuse.core.spec): each op and each kind of epilogue once
+_UE8M0 = dict(quant=3, group_size=128, scale_layout=2)
+PATTERNS = {"residual_rmsnorm": {}, "residual_rmsnorm_fp8": dict(quant=1), "rmsnorm": dict(residual=False),
+            "all_reduce": dict(residual=False, norm=False), "gemma_norm": dict(weight_offset=True),
+            "fp8_per_token": dict(quant=2, scale_layout=1, also_norm=True), "fp8_group_ue8m0": _UE8M0,
+            "moe_finalize": dict(prologue=1, shared_expert=True), "moe_fp8_group": dict(prologue=1, **_UE8M0)}
+HIDDEN_MULTIPLE = 128  # the group size of the FP8 group patterns
 MAX_GPU_RANKS = 8
 PROG = "arfuse demo"
 
@@ -56,6 +61,7 @@ class RankRow:
     tolerance: float
     digest: str
     median_us: float
+    problem: Optional[str] = None  # an output besides ``out`` and the residual out of tolerance
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
                         hidden=args.hidden or (8192 if device == "cuda" else 1024), dtype=args.dtype,
                         backend=args.backend, iters=args.iters or (100 if device == "cuda" else 20),
                         progress=not args.no_progress)
+    if config.hidden % HIDDEN_MULTIPLE:
+        raise args_.UsageError(f"--hidden: must be a multiple of {HIDDEN_MULTIPLE} (the FP8 group patterns' group "
+                               f"size), got {config.hidden}")
     if under_torchrun():
         return _run_in_torchrun(config)
     ranks = args.ranks or (min(torch.cuda.device_count(), MAX_GPU_RANKS) if device == "cuda" else 2)
@@ -159,32 +168,30 @@ def demo_rank(rank: int, world_size: int, config: DemoConfig):
 
 def _check_one(fusion, config: DemoConfig, tokens: int, pattern: str, seed: int, rank: int,
                world_size: int) -> RankRow:
+    from arfuse.core.spec import FusionSpec
+    from arfuse.verify import Case, digest, output_errors, poisoned_outputs, run_spec, spec_inputs
+
     import torch
 
-    from arfuse import Pattern
-    from arfuse.verify import TOLERANCE, Case, call_pattern, digest, poison, reference, rel_err
-
-    dtype = getattr(torch, config.dtype)
+    spec = FusionSpec(**PATTERNS[pattern])
     device = fusion.capacity.device
-    case = Case(tokens, config.hidden, dtype, seed, scale=config.scale)
-    x, residual, weight = case.x(rank, device), case.residual(device), case.weight(device)
-    out_dtype = torch.float8_e4m3fn if pattern == "residual_rmsnorm_fp8" else dtype
-    out = poison(torch.empty(x.shape, dtype=out_dtype, device=device))
-    res_out = poison(torch.empty_like(x)) if pattern.startswith("residual") else None
-    call = functools.partial(call_pattern, fusion, Pattern[PATTERNS[pattern]], case, x, residual, weight, out,
-                             res_out)
+    case = Case(tokens, config.hidden, getattr(torch, config.dtype), seed, scale=config.scale,
+                weight_offset=1.0 if spec.weight_offset else 0.0)
+    outputs = poisoned_outputs(spec, case, device)
+    # inputs made once: the timing below is of the op alone (the residual output is written, not the residual)
+    call = functools.partial(run_spec, fusion, spec, case, spec_inputs(spec, case, rank, device), outputs)
 
     before = fusion.stats()["calls"]
-    call()
+    got = call()
     after = fusion.stats()["calls"]
     path = ",".join(k for k in sorted(after) if after[k] != before.get(k, 0)) or "none"
 
-    ref_out, ref_res = reference(case, world_size, Pattern[PATTERNS[pattern]])
-    err_out = rel_err(out, ref_out)
-    err_res = rel_err(res_out, ref_res) if res_out is not None else None
-    outputs = (out,) if res_out is None else (out, res_out)
-    return RankRow(tokens, pattern, path, err_out, err_res, TOLERANCE[out_dtype], digest(*outputs),
-                   _median_us(call, config, device))
+    errors = output_errors(spec, case, world_size, got)
+    err_out, tol = errors.pop("out")
+    err_res = errors.get("residual_out", (None, tol))[0]
+    others = [f"{k} error {e:.2e} > {t:g}" for k, (e, t) in errors.items() if not e <= t]
+    return RankRow(tokens, pattern, path, err_out, err_res, tol, digest(*got.values()),
+                   _median_us(call, config, device), others[0] if others else None)
 
 
 def _median_us(call, config: DemoConfig, device) -> float:
@@ -229,6 +236,8 @@ def _combine(per_rank: Sequence[RankRow]) -> Row:
         problem = f"output error > {first.tolerance:g}"
     elif err_res is not None and err_res > first.tolerance:
         problem = f"residual error > {first.tolerance:g}"
+    elif any(r.problem for r in per_rank):
+        problem = next(r.problem for r in per_rank if r.problem)
     elif len({r.digest for r in per_rank}) > 1:
         problem = "outputs differ across ranks"
     return Row(first.tokens, first.pattern, first.path, err_out, err_res, max(r.median_us for r in per_rank),

@@ -182,6 +182,14 @@ def test_readme_snippet_runs(capsys):
     assert "torch_ref" in capsys.readouterr().out
 
 
+def test_readme_patterns_snippet_runs(capsys):
+    (snippet,) = [s for s in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+                  if "moe_finalize_residual_rmsnorm(" in s]
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert capsys.readouterr().out.split() == ["torch.float8_e4m3fn", "torch.Size([16,", "2])", "(1,", "16)",
+                                               "torch.bfloat16"]
+
+
 def test_free_idle_workspaces_asks_every_registered_backend(monkeypatch):
     from arfuse.backends import base
 
