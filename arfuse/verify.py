@@ -284,7 +284,8 @@ def digest(*tensors: torch.Tensor) -> str:
     """SHA-256 of the tensors' dtypes, shapes and raw bytes: equal digests mean bitwise-identical outputs."""
     h = hashlib.sha256()
     for t in tensors:
-        flat = t.detach().contiguous().cpu().reshape(-1)
+        flat = torch.empty(t.numel(), dtype=t.dtype)  # fresh strides: a (1, 1) UE8M0 view has stride 4
+        flat.copy_(t.detach().reshape(-1))
         h.update(f"{t.dtype}{tuple(t.shape)};".encode())
         h.update(flat.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
