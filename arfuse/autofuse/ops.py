@@ -40,6 +40,22 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _create(group, max_tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> AllReduceFusion:
+    """Build the fusion object; on CUDA on a side stream, so that its long-lived buffers do not come from the
+    memory pool a CUDA-graph tree routes the current stream's allocations to during its warm-up run (found on one
+    H200: "Detected 3 tensor(s) in the cudagraph pool not tracked as outputs")."""
+    if device.type != "cuda":
+        return AllReduceFusion(group, max_tokens=max_tokens, hidden_size=hidden, dtype=dtype, device=device)
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        fusion = AllReduceFusion(group, max_tokens=max_tokens, hidden_size=hidden, dtype=dtype, device=device)
+    current.wait_stream(side)
+    side.synchronize()
+    return fusion
+
+
 def fusion_for(group_name: str, hidden: int, dtype: torch.dtype, device: torch.device,
                max_tokens: int) -> Tuple[object, AllReduceFusion]:
     """The cached (group, fusion object) for this call's shape; created (collectively) on first use."""
@@ -58,7 +74,7 @@ def fusion_for(group_name: str, hidden: int, dtype: torch.dtype, device: torch.d
                 f"hidden {hidden}, {dtype}, {device}) does not exist yet, and creating one is collective and "
                 f"allocates, which a CUDA graph capture forbids: run the compiled model once eagerly at this size "
                 f"before capturing (torch.compile(mode='reduce-overhead') warms up by itself)")
-        fusion = AllReduceFusion(group, max_tokens=max_tokens, hidden_size=hidden, dtype=dtype, device=device)
+        fusion = _create(group, max_tokens, hidden, dtype, device)
         _fusions[key] = (group, fusion)
         return group, fusion
 
