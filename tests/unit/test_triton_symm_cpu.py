@@ -149,7 +149,9 @@ def test_lamport_two_shot_refuses_every_quantization(monkeypatch):
 
 
 def test_epilogue_launch_defaults_table_and_override(monkeypatch):
-    assert launch_config.epilogue_launch(5120, 64) == launch_config.EpilogueLaunch(8192, 1, 16, launch_config.MAX_GRID)
+    # a size the table does not list takes the default launch; a listed one its (rows, warps, CTA cap)
+    assert launch_config.epilogue_launch(3072, 64) == launch_config.EpilogueLaunch(4096, 1, 8, launch_config.MAX_GRID)
+    assert launch_config.epilogue_launch(5120, 64) == launch_config.EpilogueLaunch(8192, 1, 4, 0)
     monkeypatch.setitem(launch_config.EPILOGUE_LAUNCH, 5120, (4, 8, 0))
     assert launch_config.epilogue_launch(5120, 64) == launch_config.EpilogueLaunch(8192, 4, 8, 0)
     assert launch_config.epilogue_grid(10, launch_config.epilogue_launch(5120, 10)) == 3  # one CTA per 4-row tile
