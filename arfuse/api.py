@@ -256,12 +256,15 @@ class AllReduceFusion:
         ``expert_out`` (P, hidden): the permuted expert outputs; ``permuted_idx`` int32 (tokens, top_k): where
         token ``t``'s ``k``-th expert row is; ``expert_scales`` (tokens, top_k), float32 or the input dtype. An index
         outside ``[0, P)`` raises ValueError before any collective for CPU tensors; on GPU the kernels read no row
-        for it (it adds nothing), record it, and the next call or :meth:`check_health` raises ValueError.
+        for it (it adds nothing) and record it without a host sync; :meth:`check_health` raises ValueError (the
+        next call does not: only the ranks that saw the index would raise, leaving the others in the collective).
         Returns :class:`arfuse.FusedOutput`. Collective; graph-capturable.
         """
         op = "moe_finalize_residual_rmsnorm"
         offset = v.check_weight_offset(op, weight_offset)
         fields, scale = _quant_fields(op, quant) if quant is not None else ({}, None)
+        if _flag(op, "also_norm", also_norm) and quant is None:
+            raise ValueError(f"{op}: also_norm=True needs a quant= (without one the norm is the output)")
         spec = spec_of(weight_offset=offset != 0.0, also_norm=_flag(op, "also_norm", also_norm),
                        prologue=Prologue.MOE_FINALIZE, shared_expert=shared_expert_out is not None, **fields)
         call = self._fused(op, spec, expert_out, residual=residual, weight=weight, eps=eps, weight_offset=offset,
@@ -347,8 +350,7 @@ class AllReduceFusion:
         """The plan a call of ``num_tokens`` tokens would run (``pattern``: a Pattern, its name, or a
         :class:`~arfuse.core.spec.FusionSpec`)."""
         spec = _spec_arg("plan", pattern)
-        if not 1 <= num_tokens <= self.capacity.max_tokens:
-            raise ValueError(f"plan: num_tokens must be in 1..{self.capacity.max_tokens}, got {num_tokens}")
+        _check_tokens("plan", num_tokens, self.capacity.max_tokens)
         return self._executor.plan(spec, num_tokens)
 
     @property
@@ -374,12 +376,17 @@ class AllReduceFusion:
         The contents are valid until the next call that uses this backend.
         """
         self._check_open("input_buffer")
-        if not 1 <= num_tokens <= self.capacity.max_tokens:
-            raise ValueError(f"input_buffer: num_tokens must be in 1..{self.capacity.max_tokens}, got {num_tokens}")
-        return self._executor.input_buffer(_spec_arg("input_buffer", pattern), num_tokens)
+        _check_tokens("input_buffer", num_tokens, self.capacity.max_tokens)
+        spec = _spec_arg("input_buffer", pattern)
+        if spec.moe:
+            return None  # the MoE prologue's input is the expert rows, not a (tokens, hidden) tensor
+        return self._executor.input_buffer(spec, num_tokens)
 
     def check_health(self) -> None:
-        """Raise the error a previous launch recorded asynchronously (e.g. :class:`PeerTimeoutError`)."""
+        """Raise the error a previous launch recorded asynchronously: :class:`PeerTimeoutError`, or ValueError for a
+        MoE index out of range (records stay set). Waits for the device's queued work first."""
+        if self.capacity.device.type == "cuda":
+            torch.cuda.synchronize(self.capacity.device)
         self._executor.raise_if_failed()
 
     @property
@@ -401,6 +408,13 @@ class AllReduceFusion:
         state = "closed" if self.closed else f"backends={list(self.backends)}"
         return (f"AllReduceFusion(world_size={self.caps.world_size}, max_tokens={c.max_tokens}, "
                 f"hidden_size={c.hidden_size}, dtype={v.dtype_name(c.dtype)}, device={c.device}, {state})")
+
+
+def _check_tokens(op: str, num_tokens, max_tokens: int) -> None:
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+        raise TypeError(f"{op}: num_tokens must be an int, got {type(num_tokens).__name__}")
+    if not 1 <= num_tokens <= max_tokens:
+        raise ValueError(f"{op}: num_tokens must be in 1..{max_tokens}, got {num_tokens}")
 
 
 def _spec_arg(op: str, pattern) -> FusionSpec:

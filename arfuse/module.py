@@ -49,6 +49,10 @@ class FusedAddRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"FusedAddRMSNorm: x must be a torch.Tensor of shape (..., hidden), got {type(x).__name__}")
+        if x.dim() < 1:
+            raise ValueError("FusedAddRMSNorm: x must have shape (..., hidden), got a 0-D tensor")
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if residual is None:

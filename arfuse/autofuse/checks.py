@@ -45,6 +45,9 @@ def _reduces_last_dim(dims, ndim: int) -> bool:
     return isinstance(dims, (list, tuple)) and len(dims) == 1 and dims[0] in (-1, ndim - 1)
 
 
+MAX_PLAIN_HIDDEN = 16384
+
+
 def why_not(entry: Entry, kw: Mapping[str, Any]) -> Optional[str]:
     """None if ``entry``'s match with keyword values ``kw`` may be fused, else why not."""
     x = val(kw["x"])
@@ -59,6 +62,10 @@ def why_not(entry: Entry, kw: Mapping[str, Any]) -> Optional[str]:
     if x.dim() < 1:
         return "allreduce of a 0-d tensor"
     if entry.norm is None:
+        # the plain allreduce: a fusion object sized max_tokens x the last dim; only for activation-shaped sums
+        if x.dim() < 2 or not isinstance(x.shape[-1], int) or not 1 <= x.shape[-1] <= MAX_PLAIN_HIDDEN:
+            return (f"all_reduce of shape {tuple(x.shape)}: arfuse's all_reduce takes (tokens, hidden) activations "
+                    f"with hidden <= {MAX_PLAIN_HIDDEN}")
         return None
     return _norm_reason(entry, kw, x) or _residual_reason(entry, kw, x) or _fp8_reason(entry, kw, x)
 

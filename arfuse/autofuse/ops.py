@@ -79,6 +79,12 @@ def fusion_for(group_name: str, hidden: int, dtype: torch.dtype, device: torch.d
         return group, fusion
 
 
+def _like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A fake output as the real ops return theirs: contiguous, whatever ``x``'s strides (empty_like would keep a
+    transposed input's)."""
+    return x.new_empty(x.shape, dtype=dtype or x.dtype)
+
+
 def close_all() -> None:
     """Close every fusion object the compiled graphs created (the next call creates them again). Not
     collective."""
@@ -151,7 +157,7 @@ def autofused_residual_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps:
 
 @autofused_residual_rmsnorm.register_fake
 def _(x, residual, weight, eps, eps_t, weight_offset, group_name, max_tokens):
-    return torch.empty_like(x), torch.empty_like(x)
+    return _like(x), _like(x)
 
 
 @torch.library.custom_op("arfuse::autofused_residual_rmsnorm_fp8", mutates_args=())
@@ -166,7 +172,7 @@ def autofused_residual_rmsnorm_fp8(x: Tensor, residual: Tensor, weight: Tensor, 
 
 @autofused_residual_rmsnorm_fp8.register_fake
 def _(x, residual, weight, scale, eps, eps_t, weight_offset, group_name, max_tokens):
-    return torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device), torch.empty_like(x)
+    return _like(x, FP8_DTYPE), _like(x)
 
 
 @torch.library.custom_op("arfuse::autofused_rmsnorm", mutates_args=())
@@ -187,7 +193,7 @@ def autofused_rmsnorm(x: Tensor, weight: Tensor, eps: float, eps_t: Optional[Ten
 
 @autofused_rmsnorm.register_fake
 def _(x, weight, eps, eps_t, weight_offset, group_name, max_tokens):
-    return torch.empty_like(x)
+    return _like(x)
 
 
 @torch.library.custom_op("arfuse::autofused_all_reduce", mutates_args=())
@@ -206,4 +212,4 @@ def autofused_all_reduce(x: Tensor, group_name: str, max_tokens: int) -> Tensor:
 
 @autofused_all_reduce.register_fake
 def _(x, group_name, max_tokens):
-    return torch.empty_like(x)
+    return _like(x)

@@ -52,7 +52,7 @@ class Support:
     hidden_multiple: int = 1
     max_hidden: Optional[int] = None
 
-    def reason(self, problem: Problem) -> Optional[str]:
+    def reason(self, problem: Problem, allow_unverified_features: Optional[bool] = None) -> Optional[str]:
         if problem.device_type not in self.devices:
             return f"device {problem.device_type} not supported (needs {'/'.join(sorted(self.devices))})"
         if problem.dtype not in self.dtypes:
@@ -63,7 +63,8 @@ class Support:
             return f"{problem.spec.name}: {', '.join(sorted(missing))} not supported"
         if self.verified is not None:
             unverified = problem.spec.features - self.verified
-            if unverified and not allow_unverified():
+            allowed = allow_unverified() if allow_unverified_features is None else allow_unverified_features
+            if unverified and not allowed:
                 return (f"{problem.spec.name}: {', '.join(sorted(unverified))} not yet verified on GPUs "
                         f"({ALLOW_UNVERIFIED_ENV}=1 runs it)")
         if self.world_sizes is not None and problem.world_size not in self.world_sizes:
@@ -152,7 +153,7 @@ class Backend(abc.ABC):
         """
         if variant not in self.variants:
             return f"unknown variant {variant!r} (has {', '.join(self.variants)})"
-        return self.support.reason(problem) or self.check_group(caps) or self.check_variant(problem, caps, variant)
+        return self.support.reason(problem, caps.allow_unverified) or self.check_group(caps) or self.check_variant(problem, caps, variant)
 
     def check_group(self, caps: GroupCaps) -> Optional[str]:
         """Group-level requirements (P2P, arch, installed packages). Pure."""

@@ -56,7 +56,7 @@ def dynamic_scales(spec: FusionSpec, norm: torch.Tensor) -> torch.Tensor:
     return round_up_pow2(scales) if spec.scale_layout is ScaleLayout.UE8M0 else scales
 
 
-def expand_scales(spec: FusionSpec, scales: torch.Tensor, hidden: int) -> torch.Tensor:
+def expand_scales(scales: torch.Tensor, hidden: int) -> torch.Tensor:
     """Per-group scales (tokens, groups) broadcast to one per element (tokens, hidden)."""
     return scales.repeat_interleave(hidden // scales.shape[1], dim=1) if scales.shape[1] > 1 else scales
 
@@ -96,9 +96,11 @@ def moe_finalize(call: FusedCall, dtype: torch.dtype) -> torch.Tensor:
     rows = call.x.shape[0]
     idx = call.expert_idx.long()
     valid = (idx >= 0) & (idx < rows)
-    gathered = call.x[idx.clamp(0, rows - 1)].float()  # (tokens, top_k, hidden)
-    weights = torch.where(valid, call.expert_scales.float(), torch.zeros((), device=idx.device))
-    x = (gathered * weights.unsqueeze(-1)).sum(dim=1)
+    gathered = call.x[idx.clamp(0, max(rows - 1, 0))].float()  # (tokens, top_k, hidden)
+    # a bad index's stand-in row is dropped, not weighted by 0 (0 * inf would be NaN)
+    terms = torch.where(valid.unsqueeze(-1), gathered * call.expert_scales.float().unsqueeze(-1),
+                        torch.zeros((), device=idx.device))
+    x = terms.sum(dim=1)
     if call.shared is not None:
         x = x + call.shared.float()
     return x.to(dtype)
@@ -120,7 +122,7 @@ def epilogue(spec: FusionSpec, summed: torch.Tensor, call: FusedCall) -> None:
         call.out.copy_(quantize_fp8(norm, call.scale))
         return
     scales = dynamic_scales(spec, norm)
-    call.out.copy_(quantize_fp8(norm, expand_scales(spec, scales, norm.shape[1])))
+    call.out.copy_(quantize_fp8(norm, expand_scales(scales, norm.shape[1])))
     if spec.scale_layout is ScaleLayout.UE8M0:
         pack_ue8m0(scales, call.scale_out)
     else:

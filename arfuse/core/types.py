@@ -106,6 +106,7 @@ class GroupCaps:
     triton: bool = False
     flashinfer: Any = None
     notes: Tuple[str, ...] = field(default_factory=tuple)
+    allow_unverified: Optional[bool] = None  # agreed at construction (ARFUSE_ALLOW_UNVERIFIED); None: read it
 
     def note(self, prefix: str) -> str:
         """The first note that starts with ``prefix``, or a generic text."""

@@ -183,13 +183,22 @@ def check_moe(op: str, expert_out, permuted_idx, expert_scales, shared, capacity
     if shared is not None:
         check_tensor(op, "shared_expert_out", shared, dtype=cap.dtype, device=cap.device,
                      shape=(tokens, cap.hidden_size))
-    if tokens and permuted_idx.device.type == "cpu" and not torch.compiler.is_compiling():
-        lo, hi = int(permuted_idx.min()), int(permuted_idx.max())
-        if lo < 0 or hi >= expert_out.shape[0]:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{op}: permuted_idx holds {bad}, outside [0, {expert_out.shape[0]}) (the rows of "
-                             f"expert_out)")
+    if tokens and expert_out.shape[0] == 0:
+        raise ValueError(f"{op}: expert_out has no rows for permuted_idx to index")
+    if not torch.compiler.is_compiling():  # traced calls are checked when the op runs (runtime.custom_op)
+        check_moe_indices(op, permuted_idx, expert_out.shape[0])
     return tokens
+
+
+def check_moe_indices(op: str, permuted_idx: torch.Tensor, rows: int) -> None:
+    """Every index of a CPU ``permuted_idx`` in ``[0, rows)``. GPU tensors are not read here (that would wait for
+    the device): their kernels guard each index (see ``backends.base.IndexGuard``)."""
+    if permuted_idx.device.type != "cpu" or permuted_idx.numel() == 0:
+        return
+    lo, hi = int(permuted_idx.min()), int(permuted_idx.max())
+    if lo < 0 or hi >= rows:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{op}: permuted_idx holds {bad}, outside [0, {rows}) (the rows of expert_out)")
 
 
 def check_int_arg(op: str, name: str, value) -> int:

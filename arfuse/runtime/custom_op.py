@@ -16,6 +16,7 @@ from typing import Dict, Optional
 import torch
 
 from arfuse.core.spec import FusionSpec
+from arfuse.core.validate import check_moe_indices
 from arfuse.core.types import FusedCall
 from arfuse.runtime.executor import Executor
 
@@ -47,6 +48,8 @@ def fused_(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[t
            out: torch.Tensor, residual_out: Optional[torch.Tensor], norm_out: Optional[torch.Tensor],
            scale_out: Optional[torch.Tensor]) -> None:
     """One fused call of the spec whose code is ``spec`` (see ``arfuse.core.spec``) into the given outputs."""
+    if expert_idx is not None:  # what the public op could not read while it was traced
+        check_moe_indices("moe_finalize_residual_rmsnorm", expert_idx, x.shape[0])
     call = FusedCall(x, out, residual=residual if residual is not None else residual_out, weight=weight, eps=eps,
                      weight_offset=weight_offset, scale=scale, expert_idx=expert_idx, expert_scales=expert_scales,
                      shared=shared, residual_out=residual_out, norm_out=norm_out, scale_out=scale_out)

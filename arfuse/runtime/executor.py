@@ -4,6 +4,7 @@ plans, dispatch and counting. Collectives happen only in the constructor (probe,
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Dict, List, Optional
 
@@ -44,6 +45,7 @@ class Executor:
         _CONSTRUCTED[ranks] = self.serial = _CONSTRUCTED.get(ranks, 0) + 1
         self.calls = 0
         self._check_strict_agrees()
+        self._agree_on_unverified()
         self.table_entry, self.table_source = self._match_table(table_path)
         self._note_group_restriction()
         try:
@@ -60,6 +62,17 @@ class Executor:
         if len(set(every)) > 1:
             raise ValueError(f"AllReduceFusion: strict mode differs across ranks {every} (strict=, arfuse.strict() "
                              f"or ARFUSE_STRICT): set it the same on every rank")
+
+    def _agree_on_unverified(self) -> None:
+        """``ARFUSE_ALLOW_UNVERIFIED`` decides which paths plans may name; plans are built per spec on first use, so
+        it is read once here, must be equal on every rank (collective; ValueError on every rank otherwise), and
+        kept in the agreed caps."""
+        mine = base.allow_unverified()
+        every = vote.all_gather_object(mine, self.group)
+        if len(set(every)) > 1:
+            raise ValueError(f"AllReduceFusion: {base.ALLOW_UNVERIFIED_ENV} differs across ranks {every}: set it the "
+                             f"same on every rank")
+        self.caps = dataclasses.replace(self.caps, allow_unverified=mine)
 
     def _match_table(self, table_path):
         """The table entry all ranks use. Each rank matches its own files, then every rank takes rank 0's result,

@@ -95,3 +95,21 @@ def test_every_spec_on_groups_of_1_to_4_ranks():
             assert not problems, f"group {key} rank {r}: {problems}"
         checked = check_records([records for records, _ in results], f"group {key}")
         assert checked >= len(SPECS) * 2
+
+
+def _construct(rank, world):
+    try:
+        arfuse.AllReduceFusion(max_tokens=8, hidden_size=64, dtype=torch.float32, device="cpu").close()
+    except ValueError as e:
+        return str(e)
+    return "constructed"
+
+
+def test_allow_unverified_must_agree_across_ranks():
+    """It decides which paths plans built later (per spec, on first use) may name, so it is agreed at construction."""
+    from arfuse.backends.base import ALLOW_UNVERIFIED_ENV
+    from arfuse.launch import run_ranks
+
+    outcomes = run_ranks(_construct, 2, device="cpu", timeout_s=120,
+                         rank_env=[{ALLOW_UNVERIFIED_ENV: "1"}, {ALLOW_UNVERIFIED_ENV: "0"}])
+    assert all(ALLOW_UNVERIFIED_ENV in o and "differs across ranks" in o for o in outcomes), outcomes

@@ -240,3 +240,25 @@ def test_module_rejects_a_residual_it_could_not_update_in_place():
         before = residual.clone()
         _, out = norm(x, residual)
         assert out is residual and not torch.equal(residual, before)  # updated where the caller holds it
+
+
+def test_introspection_and_module_arguments_are_checked():
+    with arfuse.AllReduceFusion(max_tokens=8, hidden_size=16, dtype=torch.float32, device="cpu") as fusion:
+        with pytest.raises(TypeError, match="plan: num_tokens must be an int"):
+            fusion.plan("residual_rmsnorm", 2.0)
+        from arfuse.core.spec import FusionSpec, Prologue
+
+        assert fusion.input_buffer(4, FusionSpec(prologue=Prologue.MOE_FINALIZE)) is None
+        experts, idx = torch.randn(4, 16), torch.zeros(2, 1, dtype=torch.int32)
+        with pytest.raises(ValueError, match="moe_finalize_residual_rmsnorm: also_norm=True needs a quant="):
+            fusion.moe_finalize_residual_rmsnorm(experts, idx, torch.ones(2, 1), torch.randn(2, 16),
+                                                 torch.ones(16), also_norm=True)
+        with pytest.raises(ValueError, match="expert_out has no rows"):
+            fusion.moe_finalize_residual_rmsnorm(experts[:0], idx, torch.ones(2, 1), torch.randn(2, 16),
+                                                 torch.ones(16))
+        norm = arfuse.FusedAddRMSNorm(16, fusion=fusion)
+        with pytest.raises(TypeError, match="FusedAddRMSNorm: x must be a torch.Tensor"):
+            norm("abc")
+        with pytest.raises(ValueError, match="0-D"):
+            norm(torch.tensor(1.0))
+        assert fusion.stats()["calls"] == {}

@@ -188,7 +188,12 @@ def _ops_rank(rank, world):
     for name, op, args in (
             ("residual_rmsnorm", torch.ops.arfuse.autofused_residual_rmsnorm.default, (x, r, w, 1e-6, None, 0.0, group, 8)),
             ("rmsnorm", torch.ops.arfuse.autofused_rmsnorm.default, (x, w, 1e-6, None, 1.0, group, 8)),
-            ("all_reduce", torch.ops.arfuse.autofused_all_reduce.default, (x, group, 8))):
+            ("all_reduce", torch.ops.arfuse.autofused_all_reduce.default, (x, group, 8)),
+            # a transposed input: the fakes must promise the real ops' contiguous outputs
+            ("residual_rmsnorm transposed x", torch.ops.arfuse.autofused_residual_rmsnorm.default,
+             (x.transpose(0, 1).contiguous().transpose(0, 1), r, w, 1e-6, None, 0.0, group, 8)),
+            ("all_reduce transposed x", torch.ops.arfuse.autofused_all_reduce.default,
+             (x.transpose(0, 1).contiguous().transpose(0, 1), group, 8))):
         results[name] = sorted(set(torch.library.opcheck(op, args).values()))
     out["opcheck"] = results
     ops.close_all()

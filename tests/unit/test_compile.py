@@ -129,3 +129,20 @@ def test_functional_forms_compile_fullgraph():
         torch.compile(fn, fullgraph=True, backend="aot_eager")(x, r, w)
     finally:
         F.close_all()
+
+
+def test_compiled_moe_call_still_rejects_an_index_out_of_range(fusion):
+    """While tracing the indices cannot be read, so the op checks them when it runs, before the collective."""
+    experts, scales = torch.randn(8, HIDDEN), torch.rand(4, 2)
+    residual, weight = torch.randn(4, HIDDEN), torch.ones(HIDDEN)
+
+    def step(idx):
+        return fusion.moe_finalize_residual_rmsnorm(experts, idx, scales, residual, weight).norm
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    good = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]], dtype=torch.int32)
+    assert torch.equal(compiled(good), step(good))
+    calls = fusion.stats()["calls"]["torch_ref"]
+    with pytest.raises(ValueError, match=r"permuted_idx holds 99, outside \[0, 8\)"):
+        compiled(torch.tensor([[0, 1], [2, 3], [4, 5], [6, 99]], dtype=torch.int32))
+    assert fusion.stats()["calls"]["torch_ref"] == calls  # nothing ran
