@@ -44,8 +44,7 @@ class Executor:
         ranks = vote.group_ranks(group)
         _CONSTRUCTED[ranks] = self.serial = _CONSTRUCTED.get(ranks, 0) + 1
         self.calls = 0
-        self._check_strict_agrees()
-        self._agree_on_unverified()
+        self._check_settings_agree()
         self.table_entry, self.table_source = self._match_table(table_path)
         self._note_group_restriction()
         try:
@@ -55,24 +54,20 @@ class Executor:
             raise
 
     # -- construction ---------------------------------------------------------------------------------------
-    def _check_strict_agrees(self) -> None:
+    def _check_settings_agree(self) -> None:
         """Strict mode decides, per call, between raising and falling back before any collective: a rank that
-        raises while its peers fall back would leave them waiting. Collective; raises on every rank alike."""
-        every = vote.all_gather_object(resolve_strict(self.strict_arg), self.group)
-        if len(set(every)) > 1:
-            raise ValueError(f"AllReduceFusion: strict mode differs across ranks {every} (strict=, arfuse.strict() "
-                             f"or ARFUSE_STRICT): set it the same on every rank")
-
-    def _agree_on_unverified(self) -> None:
-        """``ARFUSE_ALLOW_UNVERIFIED`` decides which paths plans may name; plans are built per spec on first use, so
-        it is read once here, must be equal on every rank (collective; ValueError on every rank otherwise), and
-        kept in the agreed caps."""
-        mine = base.allow_unverified()
+        raises while its peers fall back would leave them waiting. ``ARFUSE_ALLOW_UNVERIFIED`` decides which paths
+        plans may name, and plans are built per spec on first use, so it is read once, here, and kept in the
+        agreed caps. Collective (one gather for both); raises ValueError on every rank alike."""
+        mine = (resolve_strict(self.strict_arg), base.allow_unverified())
         every = vote.all_gather_object(mine, self.group)
-        if len(set(every)) > 1:
-            raise ValueError(f"AllReduceFusion: {base.ALLOW_UNVERIFIED_ENV} differs across ranks {every}: set it the "
-                             f"same on every rank")
-        self.caps = dataclasses.replace(self.caps, allow_unverified=mine)
+        for i, what in enumerate(("strict mode", base.ALLOW_UNVERIFIED_ENV)):
+            values = [e[i] for e in every]
+            if len(set(values)) > 1:
+                how = "strict=, arfuse.strict() or ARFUSE_STRICT" if i == 0 else "the environment"
+                raise ValueError(f"AllReduceFusion: {what} differs across ranks {values} ({how}): set it the same "
+                                 f"on every rank")
+        self.caps = dataclasses.replace(self.caps, allow_unverified=mine[1])
 
     def _match_table(self, table_path):
         """The table entry all ranks use. Each rank matches its own files, then every rank takes rank 0's result,
