@@ -18,7 +18,9 @@ floor any Python caller has). ``unfused`` is clone + ``dist.all_reduce`` + the t
 ``--profile`` runs each case under :mod:`cProfile` and attributes every function's own time to a part of the
 call (validation, plan lookup, output allocation, FusedCall build, counters, launcher, kernel launch, ...): a
 builtin or a function outside arfuse counts for the part of its caller. Profiling slows every Python call, so the
-table gives each part's share of the profiled total, scaled to the unprofiled time.
+table gives each part's share of the profiled total, scaled to the unprofiled time. ``plan lookup`` is the
+executor's own time (route lookup, fallback check, the call counted in its slot); ``kernel launch`` is Triton's
+Python and arfuse's compiled-kernel launcher; ``torch ops`` is ``torch_ref``'s own work.
 
 :func:`stubbed_launchers` times the ``triton_symm`` and ``flashinfer`` launch paths (and the ``nccl`` one) on the
 CPU with the kernel call stubbed (no GPU needed, nothing launched): the host work from ``Backend.run`` to the
@@ -345,9 +347,11 @@ PARTS = ("API", "validation", "spec lookup", "output allocation", "FusedCall bui
 
 _BY_FILE = (  # (path fragment, part), first match wins
     ("arfuse/core/validate.py", "validation"), ("arfuse/core/quant.py", "validation"),
+    ("arfuse/core/fast.py", "validation"),
     ("arfuse/core/outputs.py", "output allocation"), ("arfuse/core/types.py", "FusedCall build"),
     ("arfuse/core/counters.py", "counters"), ("arfuse/core/spec.py", "spec lookup"),
     ("arfuse/runtime/executor.py", "plan lookup"), ("arfuse/runtime/custom_op.py", "dispatch"),
+    ("arfuse/kernels/_launch.py", "kernel launch"),
     ("arfuse/core/math.py", "torch ops"), ("arfuse/backends/torch_ref.py", "torch ops"),
     ("arfuse/backends/", "launcher"), ("arfuse/kernels/", "launcher"),
     ("arfuse/api.py", "API"), ("arfuse/module.py", "API"), ("arfuse/functional.py", "API"),
