@@ -34,7 +34,7 @@ import pstats
 import statistics
 import time
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -473,6 +473,10 @@ def _rows(cfg: HostConfig, device: torch.device, group, world: int, inp: Inputs)
             rows.append({"backend": name, "case": None, "skipped": f"{type(e).__name__}: {e}"})
             continue
         try:
+            plan = fusion.plan(FusionSpec(), cfg.tokens)
+            if plan.backend != name:  # this backend runs nothing here (e.g. triton_symm at world size 1)
+                rows.append({"backend": name, "case": None, "skipped": plan.reason})
+                continue
             for case in cases(cfg):
                 rows.append(_measure_case(case, name, fusion, inp, cfg, device, group, world))
         finally:
@@ -600,9 +604,15 @@ def triton_stubbed() -> Iterator[None]:
     driver.set_active(_StubDriver())
     try:
         for k in kernels:
-            k.device_caches = defaultdict(k.create_binder)
-            k.device_caches[0]  # the binder for the stand-in target
-            k.compile = lambda src, target=None, options=None, _name=k.fn.__name__, **kw: _StubCompiled(_name)
+            def stub_compile(src, target=None, options=None, _name=k.fn.__name__, **kw):
+                return _StubCompiled(_name)
+
+            def binder(k=k, original=k.create_binder, stub_compile=stub_compile):
+                made = original()  # (sets k.compile to Triton's compile: set the stand-in after it)
+                k.compile = stub_compile
+                return made
+
+            k.device_caches = defaultdict(binder)
         yield
     finally:
         driver._active = previous

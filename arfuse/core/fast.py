@@ -59,7 +59,7 @@ class FastChecks:
         """The checked path's call for these arguments, its fresh outputs allocated, or None (see the module
         docstring). ``weight_offset`` is already a float (its check is the op's). ``idx``, ``escales``,
         ``shared``: the MoE finalize inputs (``x`` is then ``expert_out``)."""
-        if type(x) is not Tensor or _is_compiling():
+        if _is_compiling() or type(x) is not Tensor:
             return None
         dtype, device, hidden = self.dtype, self.device, self.hidden
         xs = x.shape

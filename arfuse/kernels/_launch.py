@@ -16,8 +16,8 @@ against Triton's own binder (launches that share a key share Triton's specializa
 
 - the key has no compiled kernel yet;
 - the module's kernel is not the one the compiled kernel came from (a test or tool replaced it);
-- the current CUDA device differs from the one it was compiled for, a launch hook or pre-run hook is set (a
-  profiler wants to see the launch), or ``TRITON_DEBUG`` / the instrumentation mode changed since;
+- a launch hook or pre-run hook is set (a profiler wants to see the launch); the current CUDA device and
+  ``TRITON_DEBUG`` / the instrumentation mode (which change Triton's options) are part of the key;
 - the compiled kernel Triton returned does not have a launcher of the shape this module calls (another Triton);
 - ``ARFUSE_FAST_LAUNCH=0``.
 
@@ -120,10 +120,10 @@ def _hook_idle(hook) -> bool:
 
 
 class _Entry:
-    __slots__ = ("kernel", "run", "function", "metadata", "device", "env")
+    __slots__ = ("kernel", "compiled", "run", "function", "metadata")
 
-    def __init__(self, kernel, compiled, device, env):
-        self.kernel, self.device, self.env = kernel, device, env
+    def __init__(self, kernel, compiled):
+        self.kernel, self.compiled = kernel, compiled
         self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
 
 
@@ -159,19 +159,17 @@ class Launcher:
         key = None
         if ENABLED and self.key is not None:
             try:
-                key = (self.key(args), tuple(consts.values()), tuple(options.values()))
-            except (AttributeError, TypeError, IndexError):  # an argument of another kind than the key expects
-                key = None
+                key = (_driver.active.get_current_device(), _env(), self.key(args), tuple(consts.values()),
+                       tuple(options.values()))
+            except (AttributeError, TypeError, IndexError, RuntimeError):
+                key = None  # an argument of another kind than the key expects, or no active Triton driver
         entry = self.entries.get(key) if key is not None else None
         if entry is not None and entry.kernel is kernel:
             rt = _knobs.runtime
-            if _hook_idle(rt.launch_enter_hook) and _hook_idle(rt.launch_exit_hook) and not kernel.pre_run_hooks \
-                    and _env() == entry.env:
-                device = _driver.active.get_current_device()
-                if device == entry.device:
-                    entry.run(grid, 1, 1, _driver.active.get_current_stream(device), entry.function, entry.metadata,
-                              None, None, None, *args, *consts.values())
-                    return
+            if _hook_idle(rt.launch_enter_hook) and _hook_idle(rt.launch_exit_hook) and not kernel.pre_run_hooks:
+                entry.run(grid, 1, 1, _driver.active.get_current_stream(key[0]), entry.function, entry.metadata,
+                          None, None, None, *args, *consts.values())
+                return
         compiled = kernel[(grid,)](*args, **consts, **options)
         if key is not None:
             self._remember(key, kernel, compiled, len(args), consts)
@@ -184,7 +182,7 @@ class Launcher:
             return  # a compiled kernel of another shape (or a stand-in that launches nothing)
         if len(self.entries) >= MAX_ENTRIES:
             self.entries.clear()
-        self.entries[key] = _Entry(kernel, compiled, _driver.active.get_current_device(), _env())
+        self.entries[key] = _Entry(kernel, compiled)
 
     def clear(self) -> None:
         self.entries.clear()
