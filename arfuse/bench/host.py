@@ -712,8 +712,9 @@ def _stub_flashinfer_workspace(cfg: HostConfig, dtype, specs: Dict[FusionSpec, i
     ws.probe = types.SimpleNamespace(version="0.7.4")  # a release that size-checks MoE by its token rows
     ws.scratch = torch.empty(max(cfg.tokens, 16), cfg.hidden, dtype=dtype)
     ws.zeros = torch.zeros_like(ws.scratch)
-    ws.routes = {spec: patterns.Route(fi_api.UNIFIED_FUSION, patterns.member(spec), code)
+    ws.routes = {spec.code: patterns.Route(fi_api.UNIFIED_FUSION, patterns.member(spec), code)
                  for spec, code in specs.items()}
+    ws.rows = {}
     return ws
 
 

@@ -127,10 +127,6 @@ class _Entry:
         self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
 
 
-def _env() -> tuple:
-    return _knobs.runtime.debug, _knobs.compilation.instrumentation_mode
-
-
 LAUNCHERS: list = []  # every Launcher made (one per kernel), for clear_all
 
 
@@ -159,17 +155,20 @@ class Launcher:
         key = None
         if ENABLED and self.key is not None:
             try:
-                key = (_driver.active.get_current_device(), _env(), self.key(args), tuple(consts.values()),
-                       tuple(options.values()))
+                drv = _driver.active
+                rt = _knobs.runtime
+                values = tuple(consts.values())
+                key = (drv.get_current_device(), rt.debug, _knobs.compilation.instrumentation_mode, self.key(args),
+                       values, tuple(options.values()))
             except (AttributeError, TypeError, IndexError, RuntimeError):
                 key = None  # an argument of another kind than the key expects, or no active Triton driver
-        entry = self.entries.get(key) if key is not None else None
-        if entry is not None and entry.kernel is kernel:
-            rt = _knobs.runtime
-            if _hook_idle(rt.launch_enter_hook) and _hook_idle(rt.launch_exit_hook) and not kernel.pre_run_hooks:
-                entry.run(grid, 1, 1, _driver.active.get_current_stream(key[0]), entry.function, entry.metadata,
-                          None, None, None, *args, *consts.values())
-                return
+            else:
+                entry = self.entries.get(key)
+                if entry is not None and entry.kernel is kernel and _hook_idle(rt.launch_enter_hook) \
+                        and _hook_idle(rt.launch_exit_hook) and not kernel.pre_run_hooks:
+                    entry.run(grid, 1, 1, drv.get_current_stream(key[0]), entry.function, entry.metadata, None, None,
+                              None, *args, *values)
+                    return
         compiled = kernel[(grid,)](*args, **consts, **options)
         if key is not None:
             self._remember(key, kernel, compiled, len(args), consts)

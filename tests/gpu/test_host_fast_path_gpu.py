@@ -63,7 +63,8 @@ def checked_launches(monkeypatch):
     def launch(self, grid, args, consts, options):
         kernel = getattr(self.module, self.name)
         device = torch.cuda.current_device()
-        key = (device, _launch._env(), self.key(args), tuple(consts.values()), tuple(options.values()))
+        key = (device, knobs.runtime.debug, knobs.compilation.instrumentation_mode, self.key(args),
+               tuple(consts.values()), tuple(options.values()))
         entry = self.entries.get(key)
         if entry is not None:
             cache, key_cache, _, _, binder = kernel.device_caches[device]
