@@ -45,7 +45,7 @@ def finite_float(value) -> bool:
 class FastChecks:
     """One fusion object's fast path (see the module docstring)."""
 
-    __slots__ = ("dtype", "device", "hidden", "max_tokens", "weight_shape", "cuda", "scales")
+    __slots__ = ("dtype", "device", "hidden", "max_tokens", "weight_shape", "cuda", "scales", "facts")
 
     def __init__(self, capacity: Capacity):
         self.dtype, self.device = capacity.dtype, capacity.device
@@ -53,6 +53,7 @@ class FastChecks:
         self.weight_shape = torch.Size((capacity.hidden_size,))
         self.cuda = capacity.device.type == "cuda"
         self.scales: Dict[float, tuple] = {}
+        self.facts: Dict[int, tuple] = {}  # spec code -> what call() reads of the spec
 
     def call(self, spec: FusionSpec, x, residual, weight, eps, weight_offset: float, scale, inplace, out,
              residual_out, norm_out, scale_out, idx=None, escales=None, shared=None) -> Optional[FusedCall]:
@@ -61,11 +62,14 @@ class FastChecks:
         ``shared``: the MoE finalize inputs (``x`` is then ``expert_out``)."""
         if _is_compiling() or type(x) is not Tensor:
             return None
+        facts = self.facts.get(spec.code) or self._facts(spec)
+        moe, has_residual, norm, groups_ok, static, quant, also_norm, layout, groups = facts
         dtype, device, hidden = self.dtype, self.device, self.hidden
         xs = x.shape
-        if len(xs) != 2 or xs[1] != hidden or x.dtype is not dtype or not x.is_contiguous() or x.device != device:
+        if len(xs) != 2 or xs[1] != hidden or x.dtype is not dtype or not x.is_contiguous() or x.device != device \
+                or not groups_ok:
             return None
-        if spec.moe:
+        if moe:
             n = self._moe_tokens(x, idx, escales, shared)
             if n < 0:
                 return None
@@ -76,13 +80,13 @@ class FastChecks:
             n, shape = xs[0], xs
             if n > self.max_tokens:
                 return None
-        if spec.residual:
+        if has_residual:
             if not (type(residual) is Tensor or type(residual) is Parameter) or residual.dtype is not dtype \
                     or residual.shape != shape or not residual.is_contiguous() or residual.device != device:
                 return None
         elif residual is not None:
             return None
-        if spec.norm:
+        if norm:
             if not (type(weight) is Tensor or type(weight) is Parameter) or weight.dtype is not dtype \
                     or weight.shape != self.weight_shape or not weight.is_contiguous() or weight.device != device:
                 return None
@@ -90,26 +94,24 @@ class FastChecks:
                 return None
         elif weight is not None:
             return None
-        if spec.group_size and hidden % spec.group_size:
-            return None
         scale_t = None
-        if spec.quant is Quant.FP8_STATIC:
+        if static:
             scale_t = self._scale(scale)
             if scale_t is None:
                 return None
         elif scale is not None:
             return None
-        if inplace is not False and (inplace is not True or residual_out is not None or not spec.residual):
+        if inplace is not False and (inplace is not True or residual_out is not None or not has_residual):
             return None
         given = None if out is None and residual_out is None and norm_out is None and scale_out is None else \
             [t for t in (out, residual_out, norm_out, scale_out) if t is not None]
         # -- outputs: the caller's, checked as check_given does, else one empty tensor each
         if out is None:
-            out = _empty_like(residual if spec.moe else x) if spec.quant is Quant.NONE else \
-                _empty(n, hidden, dtype=FP8_DTYPE, device=device)
-        elif not _plain(out, FP8_DTYPE if spec.quant else dtype, shape, device):
+            out = _empty(n, hidden, dtype=FP8_DTYPE, device=device) if quant else \
+                _empty_like(residual if moe else x)
+        elif not _plain(out, FP8_DTYPE if quant else dtype, shape, device):
             return None
-        if spec.residual:
+        if has_residual:
             if inplace:
                 residual_out = residual
             elif residual_out is None:
@@ -118,16 +120,15 @@ class FastChecks:
                 return None
         elif residual_out is not None:
             return None
-        if spec.also_norm:
+        if also_norm:
             if norm_out is None:
-                norm_out = _empty_like(residual if spec.moe else x)  # (tokens, hidden) in the input dtype
+                norm_out = _empty_like(residual if moe else x)  # (tokens, hidden) in the input dtype
             elif not _plain(norm_out, dtype, shape, device):
                 return None
         elif norm_out is not None:
             return None
-        if spec.scale_layout is not ScaleLayout.NONE:
-            groups = spec.groups(hidden)
-            if spec.scale_layout is ScaleLayout.UE8M0:
+        if layout:
+            if layout is ScaleLayout.UE8M0:
                 if scale_out is not None:
                     return None  # its packed layout's strides: the checked path
                 scale_out = ue8m0_empty(n, groups, device)
@@ -140,8 +141,16 @@ class FastChecks:
         if (given is not None or inplace) and self._may_overlap(given or (), inplace, x, residual, weight, idx,
                                                                   escales, shared):
             return None
-        return FusedCall.make(x, out, residual, weight, eps if spec.norm else 1.0, weight_offset, scale_t, idx,
+        return FusedCall.make(x, out, residual, weight, eps if norm else 1.0, weight_offset, scale_t, idx,
                               escales, shared, residual_out, norm_out, scale_out, n)
+
+    def _facts(self, spec: FusionSpec) -> tuple:
+        """What :meth:`call` reads of ``spec``, as plain values (enum and property reads cost ~0.1 µs each)."""
+        facts = (spec.moe, spec.residual, spec.norm, not (spec.group_size and self.hidden % spec.group_size),
+                 spec.quant is Quant.FP8_STATIC, spec.quant is not Quant.NONE, spec.also_norm,
+                 spec.scale_layout if spec.scale_layout is not ScaleLayout.NONE else None, spec.groups(self.hidden))
+        self.facts[spec.code] = facts
+        return facts
 
     def _moe_tokens(self, expert_out, idx, escales, shared) -> int:
         """The token count if the MoE inputs pass ``check_moe`` (``expert_out`` already checked), else -1."""
