@@ -17,8 +17,9 @@ floor any Python caller has). ``unfused`` is clone + ``dist.all_reduce`` + the t
 
 ``--profile`` runs each case under :mod:`cProfile` and attributes every function's own time to a part of the
 call (validation, plan lookup, output allocation, FusedCall build, counters, launcher, kernel launch, ...): a
-builtin or a function outside arfuse counts for the part of its caller. Profiling slows every Python call, so the
-table gives each part's share of the profiled total, scaled to the unprofiled time. ``plan lookup`` is the
+builtin or a function outside arfuse counts for the part of its caller. Profiling slows every call: its cost per
+call (measured on an empty function) is taken off each function's own time, and the table gives each part's
+share of that total scaled to the unprofiled time (``profile_us`` in the JSON: the deflated µs as profiled). ``plan lookup`` is the
 executor's own time (route lookup, fallback check, the call counted in its slot); ``kernel launch`` is Triton's
 Python and arfuse's compiled-kernel launcher; ``torch ops`` is ``torch_ref``'s own work.
 
@@ -383,10 +384,16 @@ def _own_part(func: Tuple[str, int, str]) -> Optional[str]:
     return None
 
 
-def attribute(stats: pstats.Stats) -> Dict[str, float]:
+def attribute(stats: pstats.Stats, overhead_s: float = 0.0) -> Dict[str, float]:
     """Seconds of own time per part (see :data:`PARTS`): a function without a part of its own counts for its
-    callers', in proportion to the time each caller spent in it."""
-    table = stats.stats  # func -> (cc, nc, tt, ct, callers{caller: (cc, nc, tt, ct)})
+    callers', in proportion to the time each caller spent in it. ``overhead_s``: what the profiler adds per call
+    (:func:`profiler_overhead`), taken off the own time of the function making the call."""
+    made: Dict[tuple, int] = {}
+    for _, (_, _, _, _, callers) in stats.stats.items():
+        for caller, v in callers.items():
+            made[caller] = made.get(caller, 0) + v[1]
+    table = {f: (cc, nc, max(0.0, tt - made.get(f, 0) * overhead_s), ct, callers)
+             for f, (cc, nc, tt, ct, callers) in stats.stats.items()}  # func -> (cc, nc, tt, ct, callers)
     memo: Dict[tuple, Dict[str, float]] = {}
 
     def shares(func, seen) -> Dict[str, float]:
@@ -422,8 +429,38 @@ def attribute(stats: pstats.Stats) -> Dict[str, float]:
     return result
 
 
+_OVERHEAD: List[float] = []
+
+
+def profiler_overhead() -> float:
+    """Seconds cProfile adds to a run per profiled call (measured once per process: a loop calling an empty
+    function, profiled and not)."""
+    if not _OVERHEAD:
+        def empty():
+            return None
+
+        def loop(n):
+            for _ in range(n):
+                empty()
+
+        n = 50_000
+        t0 = time.perf_counter()
+        loop(n)
+        plain = time.perf_counter() - t0
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        loop(n)
+        prof.disable()
+        profiled = time.perf_counter() - t0
+        _OVERHEAD.append(max(0.0, (profiled - plain) / n))
+    return _OVERHEAD[0]
+
+
 def profile_call(fn: Callable, calls: int, device: torch.device) -> Dict[str, float]:
-    """µs per call per part of ``fn``, under cProfile (inflated: see :func:`scaled`)."""
+    """µs per call per part of ``fn`` under cProfile, the profiler's own cost per call taken off (roughly: see
+    :func:`scaled`)."""
+    overhead = profiler_overhead()
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(calls):
@@ -431,12 +468,12 @@ def profile_call(fn: Callable, calls: int, device: torch.device) -> Dict[str, fl
     prof.disable()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    parts = attribute(pstats.Stats(prof))
+    parts = attribute(pstats.Stats(prof), overhead)
     return {p: s * 1e6 / calls for p, s in parts.items() if s > 0}
 
 
 def scaled(parts: Dict[str, float], measured_us: float) -> Dict[str, float]:
-    """Each part's share of the profiled total, times the unprofiled µs per call."""
+    """Each part's share of the (deflated) profiled total, times the unprofiled µs per call."""
     total = sum(parts.values()) or 1.0
     return {p: measured_us * v / total for p, v in parts.items()}
 
