@@ -18,14 +18,19 @@ floor any Python caller has). ``unfused`` is clone + ``dist.all_reduce`` + the t
 ``--profile`` runs each case under :mod:`cProfile` and attributes every function's own time to a part of the
 call (validation, plan lookup, output allocation, FusedCall build, counters, launcher, kernel launch, ...): a
 builtin or a function outside arfuse counts for the part of its caller. Profiling slows every call: its cost per
-call (measured on an empty function) is taken off each function's own time, and the table gives each part's
-share of that total scaled to the unprofiled time (``profile_us`` in the JSON: the deflated µs as profiled). ``plan lookup`` is the
-executor's own time (route lookup, fallback check, the call counted in its slot); ``kernel launch`` is Triton's
-Python and arfuse's compiled-kernel launcher; ``torch ops`` is ``torch_ref``'s own work.
+call (measured on a loop of empty calls) is taken off the calling function's own time, and the table gives each
+part's share of that total scaled to the unprofiled time (``profile_us`` in the JSON: the deflated µs as
+profiled; approximate). ``plan lookup`` is the executor's own time (route lookup, fallback check, the call counted
+in its slot); ``kernel launch`` is Triton's Python and arfuse's compiled-kernel launcher; ``torch ops`` is
+``torch_ref``'s own work.
 
-:func:`stubbed_launchers` times the ``triton_symm`` and ``flashinfer`` launch paths (and the ``nccl`` one) on the
-CPU with the kernel call stubbed (no GPU needed, nothing launched): the host work from ``Backend.run`` to the
-kernel call, which the first two cannot be constructed for on one GPU.
+:func:`stubbed_launchers` times the ``nccl``, ``triton_symm`` and ``flashinfer`` launch paths on the CPU with the
+kernel call stubbed (no GPU needed, nothing launched; :func:`triton_stubbed`): the host work from ``Backend.run``
+to the compiled kernel's launcher, next to the same launches through ``kernel[grid]`` - the first way to time the
+last two, which cannot be constructed on one GPU.
+
+CPU timings on a shared host are indicative (the rounds' spread is in the JSON); at world size 2 on a few cores
+gloo's own latency and the ranks' scheduling dominate, so compare overheads at world size 1.
 """
 from __future__ import annotations
 

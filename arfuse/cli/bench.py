@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "next to the bare launch and the unfused torch; the triton_symm/flashinfer launch paths "
                         "timed on the CPU with the kernel stubbed (one --hidden/--tokens/--dtype, default 8192/8 on "
                         "GPU, 256/8 on CPU; world sizes default 1 on GPU, 1,2 on CPU; honours --backends, --json, "
-                        "--warmup) (default: off)")
+                        "--warmup as tens of warm-up calls) (default: off)")
     p.add_argument("--calls", type=args_.positive_int, default=200,
                    help="--host: back-to-back calls per timed sample (default: 200)")
     p.add_argument("--samples", type=args_.positive_int, default=10,
