@@ -14,7 +14,8 @@ from arfuse.core import outputs as out_specs
 from arfuse.core import validate as v
 from arfuse.core.counters import StatsView, logger, resolve_strict
 from arfuse.core.errors import FallbackError
-from arfuse.core.quant import QUANT_TYPES, FP8Static
+from arfuse.core.fast import FastChecks, finite_float
+from arfuse.core.quant import QUANT_TYPES, FP8PerToken, FP8PerTokenGroup, FP8Static
 from arfuse.core.spec import FusionSpec, Prologue, Quant
 from arfuse.core.types import Capacity, FusedCall, FusedOutput, GroupCaps, Pattern, Plan
 from arfuse.probe import vote
@@ -24,6 +25,8 @@ from arfuse.select import policy
 
 Tensor = torch.Tensor
 DEFAULT_TIMEOUT_S = 10.0
+# The eager fast path (arfuse.core.fast): on unless ARFUSE_FAST_PATH=0 (read when a fusion object is built).
+FAST_PATH_ENV = "ARFUSE_FAST_PATH"
 
 
 def _default_device(group) -> torch.device:
@@ -88,6 +91,38 @@ def spec_of(**fields) -> FusionSpec:
     spec = _SPECS.get(key)
     if spec is None:
         spec = _SPECS[key] = FusionSpec(**fields)
+    return spec
+
+
+_RR, _RR_OFFSET = spec_of(weight_offset=False), spec_of(weight_offset=True)
+_R8, _R8_OFFSET = (spec_of(weight_offset=False, quant=Quant.FP8_STATIC),
+                   spec_of(weight_offset=True, quant=Quant.FP8_STATIC))
+_RN, _RN_OFFSET = spec_of(residual=False, weight_offset=False), spec_of(residual=False, weight_offset=True)
+_AR = spec_of(residual=False, norm=False)
+_QUANT_SPECS: Dict[tuple, FusionSpec] = {}
+
+
+def _fast_quant_spec(quant, offset: bool, also_norm, moe: bool, shared: bool) -> Optional[FusionSpec]:
+    """The spec the checked path derives for a quantizing call (the same interned object), or None when
+    ``quant`` or ``also_norm`` is not one the fast path recognises."""
+    kind = type(quant)
+    if kind is FP8PerTokenGroup:
+        q = (quant.group_size, quant.packed_ue8m0)
+    elif kind is FP8PerToken or kind is FP8Static:
+        q = kind
+    elif quant is None and moe:
+        q = None
+    else:
+        return None
+    if also_norm is not False and also_norm is not True:
+        return None
+    key = (q, offset, also_norm, moe, shared)
+    spec = _QUANT_SPECS.get(key)
+    if spec is None:
+        fields = quant.spec_fields() if quant is not None else {}
+        if moe:
+            fields.update(prologue=Prologue.MOE_FINALIZE, shared_expert=shared)
+        spec = _QUANT_SPECS[key] = spec_of(weight_offset=offset, also_norm=also_norm, **fields)
     return spec
 
 
@@ -181,6 +216,8 @@ class AllReduceFusion:
             raise
         self._handle = register_executor(self._executor)
         self._finalizer = weakref.finalize(self, _close_at_exit, self._executor)
+        fast = os.environ.get(FAST_PATH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+        self._fast: Optional[FastChecks] = FastChecks(self.capacity) if fast else None
 
     # -- the ops ---------------------------------------------------------------------------------------------
     def residual_rmsnorm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6, *,
@@ -193,6 +230,14 @@ class AllReduceFusion:
         writes ``residual_out`` into ``residual`` (what engines do). Optional ``norm_out``/``residual_out`` are
         written instead of new tensors. Returns ``(norm_out, residual_out)``. Collective; graph-capturable.
         """
+        fast, executor = self._fast, self._executor
+        if fast is not None and not executor.closed and finite_float(weight_offset):
+            spec = _RR_OFFSET if weight_offset else _RR
+            call = fast.call(spec, x, residual, weight, eps, weight_offset, None, inplace, norm_out, residual_out,
+                             None, None)
+            if call is not None:
+                executor.run(spec, call)
+                return call.out, call.residual_out
         op = "residual_rmsnorm"
         offset = v.check_weight_offset(op, weight_offset)
         call = self._fused(op, spec_of(weight_offset=offset != 0.0), x, residual=residual, weight=weight, eps=eps,
@@ -209,6 +254,14 @@ class AllReduceFusion:
         float32 tensor). Returns ``(quant_out, residual_out)``. Collective; graph-capturable. The general form
         is :meth:`residual_rmsnorm_quant` with :class:`arfuse.FP8Static`.
         """
+        fast, executor = self._fast, self._executor
+        if fast is not None and not executor.closed and finite_float(weight_offset):
+            spec = _R8_OFFSET if weight_offset else _R8
+            call = fast.call(spec, x, residual, weight, eps, weight_offset, scale, inplace, quant_out, residual_out,
+                             None, None)
+            if call is not None:
+                executor.run(spec, call)
+                return call.out, call.residual_out
         op = "residual_rmsnorm_fp8"
         offset = v.check_weight_offset(op, weight_offset)
         call = self._fused(op, spec_of(weight_offset=offset != 0.0, quant=Quant.FP8_STATIC), x, residual=residual,
@@ -231,6 +284,16 @@ class AllReduceFusion:
         (``quant_out``, ``scale_out``, ``residual_out``, ``norm_out``) are written instead of new tensors.
         Collective; graph-capturable.
         """
+        fast, executor = self._fast, self._executor
+        if fast is not None and not executor.closed and finite_float(weight_offset):
+            spec = _fast_quant_spec(quant, weight_offset != 0.0, also_norm, False, False)
+            if spec is not None:
+                call = fast.call(spec, x, residual, weight, eps, weight_offset,
+                                 quant.scale if type(quant) is FP8Static else None, inplace, quant_out, residual_out,
+                                 norm_out, scale_out)
+                if call is not None:
+                    executor.run(spec, call)
+                    return _quant_output(call)
         op = "residual_rmsnorm_quant"
         offset = v.check_weight_offset(op, weight_offset)
         fields, scale = _quant_fields(op, quant)
@@ -260,6 +323,19 @@ class AllReduceFusion:
         next call does not: only the ranks that saw the index would raise, leaving the others in the collective).
         Returns :class:`arfuse.FusedOutput`. Collective; graph-capturable.
         """
+        fast, executor = self._fast, self._executor
+        if fast is not None and not executor.closed and finite_float(weight_offset):
+            spec = _fast_quant_spec(quant, weight_offset != 0.0, also_norm, True, shared_expert_out is not None)
+            if spec is not None:
+                call = fast.call(spec, expert_out, residual, weight, eps, weight_offset,
+                                 quant.scale if type(quant) is FP8Static else None, inplace,
+                                 quant_out if quant is not None else norm_out, residual_out,
+                                 norm_out if quant is not None else None, scale_out, permuted_idx, expert_scales,
+                                 shared_expert_out)
+                if call is not None:
+                    executor.run(spec, call)
+                    return _quant_output(call) if quant is not None else FusedOutput(None, None, call.residual_out,
+                                                                                     call.out)
         op = "moe_finalize_residual_rmsnorm"
         offset = v.check_weight_offset(op, weight_offset)
         fields, scale = _quant_fields(op, quant) if quant is not None else ({}, None)
@@ -278,6 +354,13 @@ class AllReduceFusion:
     def rmsnorm(self, x: Tensor, weight: Tensor, eps: float = 1e-6, *, weight_offset: float = 0.0,
                 out: Optional[Tensor] = None) -> Tensor:
         """``rmsnorm(allreduce(x)) * (weight + weight_offset)`` (no residual). Collective; graph-capturable."""
+        fast, executor = self._fast, self._executor
+        if fast is not None and not executor.closed and finite_float(weight_offset):
+            spec = _RN_OFFSET if weight_offset else _RN
+            call = fast.call(spec, x, None, weight, eps, weight_offset, None, False, out, None, None, None)
+            if call is not None:
+                executor.run(spec, call)
+                return call.out
         op = "rmsnorm"
         offset = v.check_weight_offset(op, weight_offset)
         return self._fused(op, spec_of(residual=False, weight_offset=offset != 0.0), x, weight=weight, eps=eps,
@@ -285,6 +368,12 @@ class AllReduceFusion:
 
     def all_reduce(self, x: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
         """Plain sum-allreduce of ``x`` into a new tensor (or ``out``). Collective; graph-capturable."""
+        fast, executor = self._fast, self._executor
+        if fast is not None and not executor.closed:
+            call = fast.call(_AR, x, None, None, 1.0, 0.0, None, False, out, None, None, None)
+            if call is not None:
+                executor.run(_AR, call)
+                return call.out
         return self._fused("all_reduce", spec_of(residual=False, norm=False), x, outputs={"out": out}).out
 
     def _fused(self, op: str, spec: FusionSpec, x, *, residual=None, weight=None, eps=1.0, weight_offset=0.0,

@@ -26,6 +26,9 @@ def _fusion_for(op: str, group, x, backend: str, name: str = "x") -> AllReduceFu
         raise TypeError(f"{op}: backend must be a str, got {type(backend).__name__}")
     key = (vote.group_ranks(group), x.shape[1], x.dtype, x.device, backend)
     tokens = max(x.shape[0], 1)
+    old = _cache.get(key)  # the hit needs no lock: a dict read is atomic, and a cached object stays open
+    if old is not None and old.capacity.max_tokens >= tokens:
+        return old
     with _lock:
         old = _cache.get(key)
         if old is not None and old.capacity.max_tokens >= tokens:

@@ -54,17 +54,24 @@ class FusedAddRMSNorm(nn.Module):
         if x.dim() < 1:
             raise ValueError("FusedAddRMSNorm: x must have shape (..., hidden), got a 0-D tensor")
         shape = x.shape
-        flat = x.reshape(-1, shape[-1])
+        flat = len(shape) == 2  # (tokens, hidden) already: no views to make and undo
         if residual is None:
-            return self.fusion.rmsnorm(flat, self.weight, self.eps, weight_offset=self.weight_offset).view(shape)
+            out = self.fusion.rmsnorm(x if flat else x.reshape(-1, shape[-1]), self.weight, self.eps,
+                                      weight_offset=self.weight_offset)
+            return out if flat else out.view(shape)
         if not isinstance(residual, torch.Tensor) or residual.shape != shape:
             got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
             raise ValueError(f"FusedAddRMSNorm: residual must have x's shape {tuple(shape)}, got {got}")
         if self.inplace_residual and not residual.is_contiguous():
             raise ValueError("FusedAddRMSNorm: with inplace_residual=True, residual must be contiguous (a strided "
                              "residual would be updated in a copy)")
-        normed, res = self.fusion.residual_rmsnorm(flat, residual.reshape(-1, shape[-1]), self.weight, self.eps,
-                                                   weight_offset=self.weight_offset, inplace=self.inplace_residual)
+        if flat:
+            normed, res = self.fusion.residual_rmsnorm(x, residual, self.weight, self.eps,
+                                                       weight_offset=self.weight_offset, inplace=self.inplace_residual)
+            return normed, (residual if self.inplace_residual else res)
+        normed, res = self.fusion.residual_rmsnorm(x.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1]),
+                                                   self.weight, self.eps, weight_offset=self.weight_offset,
+                                                   inplace=self.inplace_residual)
         return normed.view(shape), (residual if self.inplace_residual else res.view(shape))
 
     def extra_repr(self) -> str:

@@ -2,7 +2,7 @@
 # Everything the GPU machine runs, by stage, in one device call:
 #   bash bench/gpu_session.sh STAGE...      (carry .gpu-deps, built by ../shared/tools/gpu-deps.sh, for FlashInfer)
 # Stages: env link kernels fp8 flashinfer models reliability timing lamport_sweep benchtest bench e2e (4 GPUs);
-# demo e2e_rank patterns epilogue autofuse e2e_hf (one GPU is enough); each bounded by its own timeout.
+# demo e2e_rank patterns epilogue autofuse e2e_hf host (one GPU is enough); each bounded by its own timeout.
 # Results land in $OUT/r and are packed into $OUT/results.tgz after every stage (the device returns at most 8
 # files, so unpack that one). NVLink multicast stays off: the guards below are exported before anything runs.
 set -u
@@ -61,6 +61,12 @@ for stage in "$@"; do
     epilogue) timeout "${T_EPILOGUE:-270}" python3 -m arfuse.cli.main bench --epilogue --no-progress --warmup 2 \
                 --replays 10 ${EPILOGUE_HIDDEN:+--hidden "$EPILOGUE_HIDDEN"} --json "$R/epilogue_h200.json" \
                 > "$R/epilogue_h200.txt" 2>&1; tail -c 4000 "$R/epilogue_h200.txt" ;;
+    host) python3 -m pytest -p no:cacheprovider tests/gpu --co -q > "$R/pytest_collect_gpu.log" 2>&1  # all import
+          tail -1 "$R/pytest_collect_gpu.log"
+          gpu_tests host_fast_path tests/gpu/test_host_fast_path_gpu.py "${T_HOST_TESTS:-150}"
+          ARFUSE_ALLOW_UNVERIFIED=1 timeout "${T_HOST:-150}" python3 -m arfuse.cli.main bench --host --device cuda \
+            --world-sizes 1 --profile --json "$R/host_h200.json" > "$R/host_h200.txt" 2>&1
+          tail -c 6000 "$R/host_h200.txt" ;;
     e2e_hf) timeout "${T_E2E_HF:-600}" python3 -m arfuse.cli.main e2e --model hf:llama --preset llama3-8b \
               --layers "${E2E_HF_LAYERS:-4}" --tp 1 --prompt-lens 128,512 --batches 1,8 --kv-len 512 \
               --json "$R/e2e_hf_llama3-8b_tp1.json" > "$R/e2e_hf.txt" 2>&1; tail -c 2500 "$R/e2e_hf.txt" ;;

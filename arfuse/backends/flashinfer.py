@@ -104,23 +104,32 @@ class FlashInferWorkspace(Workspace):
         self.scratch = torch.empty(shape, dtype=capacity.dtype, device=capacity.device)
         self.zeros = torch.zeros(shape, dtype=capacity.dtype, device=capacity.device)
         self.probe = probe
-        self.routes: dict = {}
+        self.routes: dict = {}  # spec code -> Route
+        self.rows: dict = {}  # (buffer name, tokens) -> that buffer's first rows (a view made once)
         if capacity.device.type == "cuda":
             self.index_guard = IndexGuard(capacity.device)
 
     def route(self, spec: FusionSpec) -> patterns.Route:
         """The FlashInfer call for ``spec`` on this workspace's API path (checked by ``check``; cached)."""
-        found = self.routes.get(spec)
+        found = self.routes.get(spec.code)
         if found is None:
             found, why = patterns.route(spec, self.probe, self.handle.path)
             if found is None:
                 raise RuntimeError(f"flashinfer: {spec.name} cannot run here: {why}")
-            self.routes[spec] = found
+            self.routes[spec.code] = found
         return found
+
+    def first_rows(self, name: str, n: int) -> torch.Tensor:
+        """``scratch[:n]`` or ``zeros[:n]`` (``name``), the view made on first use (a view per call costs ~1 µs)."""
+        view = self.rows.get((name, n))
+        if view is None:
+            view = self.rows[(name, n)] = getattr(self, name)[:n]
+        return view
 
     def _release(self) -> None:
         self.manager.release(self.shared)
         self.scratch = self.zeros = None
+        self.rows = {}
 
 
 class FlashInferBackend(Backend):
@@ -203,12 +212,12 @@ class FlashInferBackend(Backend):
 def _outputs(ws: FlashInferWorkspace, spec: FusionSpec, call: FusedCall) -> dict:
     """Where FlashInfer writes each output of ``spec``: arfuse's tensors, or workspace scratch for what arfuse
     does not return (the allreduced sum of a norm pattern, the residual of a spec without one)."""
-    n = call.num_tokens
-    scratch = ws.scratch[:n]
     if not spec.norm:
         return dict(allreduce_out=call.out, residual_in=None, residual_out=None, norm_out=None, quant_out=None)
+    n = call.num_tokens
+    scratch = ws.first_rows("scratch", n)
     residual = dict(residual_in=call.residual, residual_out=call.residual_out) if spec.residual else \
-        dict(residual_in=ws.zeros[:n], residual_out=scratch)
+        dict(residual_in=ws.first_rows("zeros", n), residual_out=scratch)
     norm_out = call.out if spec.quant is Quant.NONE else (call.norm_out if spec.also_norm else None)
     return dict(residual, allreduce_out=scratch, norm_out=norm_out,
                 quant_out=call.out if spec.quant is not Quant.NONE else None)

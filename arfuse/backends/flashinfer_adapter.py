@@ -73,12 +73,23 @@ def _shape(info: FunctionInfo, names: frozenset) -> _Shape:
     return _Shape(tuple(positional), tuple(keywords))
 
 
+_SHAPES: Dict[tuple, Tuple[FunctionInfo, _Shape]] = {}  # (id(info), value names in order) -> (info, shape)
+
+
 def build_call(info: FunctionInfo, values: Mapping[str, Any]) -> Tuple[tuple, Dict[str, Any]]:
     """``(args, kwargs)`` calling ``info``'s function with ``values``: names it does not accept are dropped,
     leading required parameters go by position in its declared order, the rest by keyword. Raises TypeError
     naming a required parameter arfuse has no value for."""
-    shape = _shape(info, frozenset(values))
-    return tuple(values[n] for n in shape.positional), {n: values[n] for n in shape.keywords}
+    key = (id(info), tuple(values))  # per call only the names' tuple is hashed (a FunctionInfo hash walks it all)
+    found = _SHAPES.get(key)
+    if found is not None and found[0] is info:
+        shape = found[1]
+    else:
+        shape = _shape(info, frozenset(values))
+        if len(_SHAPES) >= 512:
+            _SHAPES.clear()
+        _SHAPES[key] = (info, shape)
+    return tuple([values[n] for n in shape.positional]), {n: values[n] for n in shape.keywords}
 
 
 def resolve(name: str) -> Callable:

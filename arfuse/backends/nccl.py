@@ -60,12 +60,11 @@ class NcclNormBackend(Backend):
         return NcclWorkspace(group, caps.world_size, scratch, IndexGuard(capacity.device))
 
     def run(self, ws: NcclWorkspace, variant: str, spec: FusionSpec, call: FusedCall) -> None:
-        from arfuse.kernels.nccl_epilogue import moe_finalize, rmsnorm_epilogue
-
+        kernels = _kernels or _import_kernels()
         x, out, n = call.x, call.out, call.num_tokens
         if spec.moe:
             summed = out if out.dtype == x.dtype else ws.scratch[:n]
-            moe_finalize(call, spec, ws.index_guard.ptr, summed)
+            kernels.moe_finalize(call, spec, ws.index_guard.ptr, summed)
         elif ws.world_size == 1 and spec.norm:
             summed = x  # nothing to reduce: the epilogue reads the input where it is
         else:
@@ -74,7 +73,18 @@ class NcclNormBackend(Backend):
         if ws.world_size > 1:
             dist.all_reduce(summed, group=ws.group)
         if spec.norm:
-            rmsnorm_epilogue(summed, call, spec)
+            kernels.rmsnorm_epilogue(summed, call, spec)
+
+
+_kernels = None  # arfuse.kernels.nccl_epilogue once imported (it needs Triton; an import per call costs ~1 µs)
+
+
+def _import_kernels():
+    global _kernels
+    from arfuse.kernels import nccl_epilogue
+
+    _kernels = nccl_epilogue
+    return _kernels
 
 
 register(NcclNormBackend())

@@ -81,22 +81,23 @@ class TritonSymmBackend(Backend):
 
     def run(self, ws: SymmWorkspace, variant: str, spec: FusionSpec, call: FusedCall) -> None:
         ws.raise_if_failed()
-        if variant == "lamport":
-            from arfuse.kernels.lamport import lamport
-
-            lamport(ws.args, call, spec)
-        elif variant == "one_shot":
-            from arfuse.kernels.one_shot import one_shot
-
-            one_shot(ws.args, call, spec, copy_in=spec.moe or not ws.is_zero_copy(call.x))
-        elif variant == "two_shot":
-            from arfuse.kernels.two_shot import two_shot
-
-            two_shot(ws.args, call, spec)
+        module = (_modules or _import_launchers())[variant]
+        if variant == "one_shot":
+            module.one_shot(ws.args, call, spec, copy_in=spec.moe or not ws.is_zero_copy(call.x))
         else:
-            from arfuse.kernels.lamport_two_shot import lamport_two_shot
+            getattr(module, variant)(ws.args, call, spec)
 
-            lamport_two_shot(ws.args, call, spec)
+
+_modules: dict = {}  # variant -> its kernel module (named like its launcher), imported on first use: the modules
+#                      need Triton, and an import per call costs ~1 µs
+
+
+def _import_launchers() -> dict:
+    import importlib
+
+    for variant in TritonSymmBackend.variants:
+        _modules[variant] = importlib.import_module(f"arfuse.kernels.{variant}")
+    return _modules
 
 
 register(TritonSymmBackend())

@@ -66,6 +66,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one GPU: the nccl path's epilogue (and MoE prologue) kernels per fusion kind vs "
                         "torch.compile, %% of HBM bandwidth, plus a launch-config sweep (tokens default 1..16384; "
                         "honours --hidden, --tokens, --dtype, --json, --warmup, --replays) (default: off)")
+    p.add_argument("--host", action="store_true",
+                   help="the host cost of one eager call per public op and spec kind, per backend that runs here, "
+                        "next to the bare launch and the unfused torch; the triton_symm/flashinfer launch paths "
+                        "timed on the CPU with the kernel stubbed (one --hidden/--tokens/--dtype, default 8192/8 on "
+                        "GPU, 256/8 on CPU; world sizes default 1 on GPU, 1,2 on CPU; honours --backends, --json, "
+                        "--warmup as tens of warm-up calls) (default: off)")
+    p.add_argument("--calls", type=args_.positive_int, default=200,
+                   help="--host: back-to-back calls per timed sample (default: 200)")
+    p.add_argument("--samples", type=args_.positive_int, default=10,
+                   help="--host: timed rounds; the figure is their median (default: 10)")
+    p.add_argument("--profile", action="store_true",
+                   help="--host: also where each call's microseconds go (cProfile, by part of the call) "
+                        "(default: off)")
 
 
 def check_paths(flag: str, requested, peers: bool, auto: bool) -> None:
@@ -181,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         tokens = None if tuple(args.tokens) == DEFAULT_TOKENS else args.tokens
         return command(args.hidden, tokens, args.dtype[0], args.json, args.warmup, args.replays,
                        progress=not args.no_progress)
+    if getattr(args, "host", False):
+        return run_host(args)
     if args.from_json:
         try:
             doc = json.loads(Path(args.from_json).read_text())
@@ -220,6 +235,57 @@ def run(args: argparse.Namespace) -> int:
         print(f"arfuse bench: stopped early: {error}", file=sys.stderr)
         return 1
     return 1 if any(m["status"] == "FAILED" for m in doc["measurements"]) else 0
+
+
+def host_config(args: argparse.Namespace, device: str):
+    """The ``--host`` run's configuration, its flags checked (UsageError) before anything is measured."""
+    from arfuse.backends import base
+    from arfuse.bench.host import HostConfig
+
+    for flag, values in (("--hidden", args.hidden), ("--tokens", None if tuple(args.tokens) == DEFAULT_TOKENS
+                                                     else args.tokens), ("--dtype", args.dtype)):
+        if values is not None and len(values) != 1:
+            raise UsageError(f"{flag}: --host takes one value, got {','.join(map(str, values))}")
+    names = [b.name for b in base.registered()]
+    args_.check_choices("--backends", args.backends, names)
+    hidden = args.hidden[0] if args.hidden else (8192 if device == "cuda" else 256)
+    tokens = 8 if tuple(args.tokens) == DEFAULT_TOKENS else args.tokens[0]
+    return HostConfig(hidden=hidden, tokens=tokens, dtype=args.dtype[0], calls=args.calls, samples=args.samples,
+                      warmup=max(args.warmup, 1) * 10, backends=tuple(args.backends), profile=args.profile)
+
+
+def run_host(args: argparse.Namespace) -> int:
+    """``arfuse bench --host``: every world size (a spawn each; under torchrun the current world), then the
+    stubbed launch paths on this process's CPU; the tables, and ``--json``."""
+    from arfuse.bench import host
+    from arfuse.bench.report import machine_info
+
+    device = resolve_device(args)
+    cfg = host_config(args, device)
+    if not args.world_sizes:
+        args.world_sizes = (1, 2) if device == "cpu" else (1,)
+    from arfuse.launch import under_torchrun
+
+    if not under_torchrun():
+        for world in args.world_sizes:
+            args_.check_ranks("--world-sizes", world, device)
+    runs, error = launch_each(host.host_rank, args, device, cfg, device)
+    if not runs and not error:
+        return 0  # a torchrun rank other than 0: rank 0 reports
+    stubbed = None
+    try:
+        import triton  # noqa: F401 - the stubbed launchers import the kernel modules
+
+        stubbed = host.stubbed_launchers(cfg)
+    except ImportError:
+        print("arfuse bench --host: Triton is not installed: the stubbed launch paths are left out", file=sys.stderr)
+    doc = host.document(machine_info(), cfg, device, runs, stubbed)
+    host.print_report(doc, output.console(200))
+    write_outputs(doc, args.json, None)
+    if error:
+        print(f"arfuse bench --host: stopped early: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def write_outputs(doc: dict, json_path: Optional[str], plot_path: Optional[str], quiet: bool = False) -> None:

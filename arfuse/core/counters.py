@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import weakref
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 logger = logging.getLogger("arfuse")
 
@@ -76,32 +76,59 @@ _retired: Dict[str, collections.Counter] = {kind: collections.Counter() for kind
 _registry_lock = threading.Lock()
 
 
-def _retire(*tables: Dict[str, int]) -> None:
+def _retire(calls: Dict[str, int], fallbacks: Dict[str, int], errors: Dict[str, int], slot_names=(),
+            slot_counts=()) -> None:
     """Fold a collected (or reset) Counters' tables into the process-wide totals."""
     with _registry_lock:
-        for kind, table in zip(_KINDS, tables):
+        for kind, table in zip(_KINDS, (calls, fallbacks, errors)):
             _retired[kind].update(table)
+        for name, n in zip(slot_names, slot_counts):
+            if n:
+                _retired["calls"][name] += n
 
 
 class Counters:
     """Calls per path (``backend/variant``), fallbacks per reason and backend errors per reason.
 
     Every instance counts towards :func:`process_stats`; counting itself does no extra work (the sum is taken
-    when asked for, and a collected instance's tables are folded into retired totals).
+    when asked for, and a collected instance's tables are folded into retired totals). The executor counts its
+    calls in preallocated slots (:meth:`slot`: one integer increment per call); ``calls`` merges them with what
+    :meth:`count_call` counted.
     """
 
-    __slots__ = ("calls", "fallbacks", "errors", "__weakref__")
+    __slots__ = ("_calls", "fallbacks", "errors", "slot_names", "slot_counts", "__weakref__")
 
     def __init__(self) -> None:
-        self.calls: Dict[str, int] = collections.Counter()
+        self._calls: Dict[str, int] = collections.Counter()
         self.fallbacks: Dict[str, int] = collections.Counter()
         self.errors: Dict[str, int] = collections.Counter()
+        self.slot_names: List[str] = []  # slot i counts calls of path slot_names[i]
+        self.slot_counts: List[int] = []  # ... in slot_counts[i] (the list object never changes)
         with _registry_lock:
             _live.add(self)
-        weakref.finalize(self, _retire, self.calls, self.fallbacks, self.errors)
+        weakref.finalize(self, _retire, self._calls, self.fallbacks, self.errors, self.slot_names, self.slot_counts)
+
+    @property
+    def calls(self) -> Dict[str, int]:
+        """Calls per path (a new dict)."""
+        merged = dict(self._calls)
+        for name, n in zip(self.slot_names, list(self.slot_counts)):
+            if n:
+                merged[name] = merged.get(name, 0) + n
+        return merged
+
+    def slot(self, path: str) -> int:
+        """The index of ``path``'s slot in :attr:`slot_counts` (made on first use); ``slot_counts[i] += 1``
+        counts one call."""
+        with _registry_lock:
+            if path in self.slot_names:
+                return self.slot_names.index(path)
+            self.slot_names.append(path)
+            self.slot_counts.append(0)
+            return len(self.slot_names) - 1
 
     def count_call(self, path: str) -> None:
-        self.calls[path] += 1
+        self._calls[path] += 1
 
     def count_fallback(self, reason: str, n: int = 1) -> None:
         self.fallbacks[reason] += n
@@ -110,12 +137,15 @@ class Counters:
         self.errors[reason] += 1
 
     def snapshot(self) -> StatsView:
-        return StatsView(calls=dict(self.calls), fallbacks=dict(self.fallbacks), errors=dict(self.errors))
+        return StatsView(calls=self.calls, fallbacks=dict(self.fallbacks), errors=dict(self.errors))
 
     def reset(self) -> None:
         """Zero this object's counters; the process-wide totals keep what they counted."""
-        _retire(self.calls, self.fallbacks, self.errors)
-        self.calls.clear()
+        counts = list(self.slot_counts)
+        for i in range(len(counts)):
+            self.slot_counts[i] -= counts[i]  # in place: calls counted meanwhile are kept
+        _retire(self._calls, self.fallbacks, self.errors, list(self.slot_names), counts)
+        self._calls.clear()
         self.fallbacks.clear()
         self.errors.clear()
 

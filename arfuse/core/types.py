@@ -152,6 +152,18 @@ class FusedCall:
         self.shared, self.residual_out, self.norm_out, self.scale_out = shared, residual_out, norm_out, scale_out
         self.num_tokens = (expert_idx if expert_idx is not None else x).shape[0]
 
+    @classmethod
+    def make(cls, x, out, residual, weight, eps, weight_offset, scale, expert_idx, expert_scales, shared,
+             residual_out, norm_out, scale_out, num_tokens: int) -> "FusedCall":
+        """The same call as ``FusedCall(...)`` from positional values (the eager fast path's constructor)."""
+        call = cls.__new__(cls)
+        call.x, call.out, call.residual, call.weight, call.eps, call.weight_offset = (x, out, residual, weight, eps,
+                                                                                      weight_offset)
+        call.scale, call.expert_idx, call.expert_scales, call.shared = scale, expert_idx, expert_scales, shared
+        call.residual_out, call.norm_out, call.scale_out, call.num_tokens = residual_out, norm_out, scale_out, \
+            num_tokens
+        return call
+
     @property
     def inplace(self) -> bool:
         return self.residual is not None and self.residual is self.residual_out

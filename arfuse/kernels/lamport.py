@@ -14,6 +14,8 @@ which it reaches only after this rank's next push, i.e. after this rank's reset 
 the weight are loaded before polling, and the call counter is bumped before polling, so their latency hides
 behind the wait.
 """
+import sys
+
 import triton
 import triton.language as tl
 
@@ -21,7 +23,10 @@ from arfuse.kernels._epilogue import finish_row, load_residual, load_weight
 from arfuse.kernels._prologue import input_row
 from arfuse.kernels._sync import (OP_LAMPORT, bump_epoch, first_missing_slot, globaltimer, load_epoch,
                                   no_negative_zero, peer_base, poll, record_error, sentinel_of)
-from arfuse.kernels.launch_config import RUNTIME_ARGS
+from arfuse.kernels import launch_config
+from arfuse.kernels._launch import SYMM_INTS, ArgKey, Launcher
+from arfuse.kernels.launch_config import (RUNTIME_ARGS, block_config, epilogue_args, lamport_grid, lamport_push_split,
+                                          next_power_of_2, prologue_args)
 
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS)
@@ -74,19 +79,19 @@ def lamport_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, x_ptr, id
             finish_row(acc, res, w, offs, mask, row, row < n_rows, outs, eps, H, EPI)
 
 
+_LAMPORT = Launcher(sys.modules[__name__], "lamport_kernel", ArgKey.of(lamport_kernel, ints=SYMM_INTS))
+
+
 def lamport(a, call, spec) -> None:
     """Launch the barrier-free one-shot kernel for ``call`` (a ``FusedCall`` of ``spec``) with workspace args
     ``a``. Collective over the workspace's ranks; graph-safe."""
-    from arfuse.kernels import launch_config
-    from arfuse.kernels.launch_config import (block_config, epilogue_args, lamport_grid, lamport_push_split,
-                                              next_power_of_2, prologue_args)
-
     n, hidden = call.num_tokens, call.x.shape[1]
     block_h, num_warps = block_config(hidden)
     num_warps = launch_config.LAMPORT_NUM_WARPS or num_warps
     split = lamport_push_split(n, block_h, a.sms)
-    lamport_kernel[(lamport_grid(n, split, a.sms),)](
-        *a.peer_ptrs, a.err_ptr, a.lamport_state, call.x, *prologue_args(call, a.guard_ptr),
-        *epilogue_args(call, spec), n, a.timeout_ns, a.lamport_off, a.lamport_slot, a.lamport_buffer,
-        RANK=a.rank, WS=a.world_size, WS_P2=next_power_of_2(a.world_size), H=hidden, BLOCK_H=block_h,
-        SPLIT=split, EPI=spec.code, BITS=8 * call.x.element_size(), num_warps=num_warps)
+    _LAMPORT.launch(
+        lamport_grid(n, split, a.sms),
+        (*a.peer_ptrs, a.err_ptr, a.lamport_state, call.x, *prologue_args(call, a.guard_ptr),
+         *epilogue_args(call, spec), n, a.timeout_ns, a.lamport_off, a.lamport_slot, a.lamport_buffer),
+        {"RANK": a.rank, "WS": a.world_size, "WS_P2": next_power_of_2(a.world_size), "H": hidden, "BLOCK_H": block_h,
+         "SPLIT": split, "EPI": spec.code, "BITS": 8 * call.x.element_size()}, {"num_warps": num_warps})

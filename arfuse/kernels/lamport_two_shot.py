@@ -21,6 +21,8 @@ call sites (own rows, gathered rows), so FMA contraction is off and both must re
 the same thread split (Triton chose another one for the owner's rows under the FP8 epilogue: those rows now take
 the gathered rows' layout, see :func:`gathered_layout`; checked in tests/unit/test_kernels_compile.py).
 """
+import sys
+
 import triton
 import triton.language as tl
 
@@ -29,7 +31,9 @@ from arfuse.kernels._prologue import input_row
 from arfuse.kernels._spec import QUANT_NONE, field
 from arfuse.kernels._sync import (OP_LAMPORT_TWO_SHOT, bump_epoch, first_missing_slot, globaltimer, load_epoch,
                                   no_negative_zero, peer_base, poll, record_error, sentinel_of)
-from arfuse.kernels.launch_config import RUNTIME_ARGS
+from arfuse.kernels._launch import SYMM_INTS, ArgKey, Launcher
+from arfuse.kernels.launch_config import (MAX_GRID, RUNTIME_ARGS, block_config, epilogue_args, grid_size,
+                                          next_power_of_2, prologue_args)
 
 
 @triton.jit
@@ -129,17 +133,19 @@ def lamport_two_shot_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, 
                         finish_row(acc, res, w, offs, mask, row, row < n_rows, outs, eps, H, EPI)
 
 
+_LAMPORT_TWO_SHOT = Launcher(sys.modules[__name__], "lamport_two_shot_kernel",
+                             ArgKey.of(lamport_two_shot_kernel, ints=SYMM_INTS))
+
+
 def lamport_two_shot(a, call, spec) -> None:
     """Launch the barrier-free two-shot kernel for ``call`` (a ``FusedCall`` of ``spec``) with workspace args
     ``a``. Collective over the workspace's ranks; graph-safe."""
-    from arfuse.kernels.launch_config import (MAX_GRID, block_config, epilogue_args, grid_size, next_power_of_2,
-                                              prologue_args)
-
     n, hidden = call.num_tokens, call.x.shape[1]
     block_h, num_warps = block_config(hidden)
     chunk = -(-n // a.world_size)
-    lamport_two_shot_kernel[(grid_size(chunk, MAX_GRID),)](
-        *a.peer_ptrs, a.err_ptr, a.lts_state, call.x, *prologue_args(call, a.guard_ptr), *epilogue_args(call, spec),
-        n, a.timeout_ns, a.lts_rs_off, a.two_shot_slot, a.lts_rs_buffer, a.lts_gather_off, a.lts_gather_buffer,
-        RANK=a.rank, WS=a.world_size, WS_P2=next_power_of_2(a.world_size), H=hidden, BLOCK_H=block_h,
-        EPI=spec.code, BITS=8 * call.x.element_size(), num_warps=num_warps, enable_fp_fusion=False)
+    _LAMPORT_TWO_SHOT.launch(
+        grid_size(chunk, MAX_GRID),
+        (*a.peer_ptrs, a.err_ptr, a.lts_state, call.x, *prologue_args(call, a.guard_ptr), *epilogue_args(call, spec),
+         n, a.timeout_ns, a.lts_rs_off, a.two_shot_slot, a.lts_rs_buffer, a.lts_gather_off, a.lts_gather_buffer),
+        {"RANK": a.rank, "WS": a.world_size, "WS_P2": next_power_of_2(a.world_size), "H": hidden, "BLOCK_H": block_h,
+         "EPI": spec.code, "BITS": 8 * call.x.element_size()}, {"num_warps": num_warps, "enable_fp_fusion": False})

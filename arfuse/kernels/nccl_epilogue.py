@@ -11,11 +11,14 @@ One epilogue kernel instead of several, so "NCCL all_reduce + this" is the best 
 path). The epilogue takes ROWS rows per tile (2-D tiles for more bytes in flight per CTA) and loops over tiles
 (persistent grid); ``launch_config.epilogue_launch`` picks both.
 """
+import sys
+
 import torch
 import triton
 import triton.language as tl
 
 from arfuse.kernels._epilogue import finish_row, load_residual, load_weight
+from arfuse.kernels._launch import ArgKey, Launcher
 from arfuse.kernels._prologue import moe_finalize_row
 from arfuse.kernels.launch_config import (EpilogueLaunch, block_config, epilogue_args, epilogue_grid,
                                           epilogue_launch, grid_size, prologue_args)
@@ -63,13 +66,18 @@ def moe_finalize_kernel(x_ptr, idx_ptr, esc_ptr, shared_ptr, guard_ptr, n_expert
         tl.store(out_ptr + tl.cast(row, tl.int64) * H + cols, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_EPILOGUE = Launcher(sys.modules[__name__], "rmsnorm_epilogue_kernel", ArgKey.of(rmsnorm_epilogue_kernel))
+_PROLOGUE = Launcher(sys.modules[__name__], "moe_finalize_kernel",
+                     ArgKey.of(moe_finalize_kernel, ints=("guard_ptr",)))
+
+
 def moe_finalize(call, spec, guard_ptr: int, out: torch.Tensor) -> None:
     """Write this rank's MoE finalize rows (``call.num_tokens`` x hidden, input dtype) into ``out``; an index
     outside ``[0, P)`` adds nothing and is recorded at ``guard_ptr``. Graph-safe."""
     n, hidden = call.num_tokens, call.x.shape[1]
     block_h, num_warps = block_config(hidden)
-    moe_finalize_kernel[(grid_size(n),)](call.x, *prologue_args(call, guard_ptr), out, n, H=hidden,
-                                         BLOCK_H=block_h, EPI=spec.code, num_warps=num_warps)
+    _PROLOGUE.launch(grid_size(n), (call.x, *prologue_args(call, guard_ptr), out, n),
+                     {"H": hidden, "BLOCK_H": block_h, "EPI": spec.code}, {"num_warps": num_warps})
 
 
 def rmsnorm_epilogue(summed: torch.Tensor, call, spec, launch: EpilogueLaunch = None) -> None:
@@ -77,6 +85,6 @@ def rmsnorm_epilogue(summed: torch.Tensor, call, spec, launch: EpilogueLaunch = 
     outputs. ``launch`` overrides ``epilogue_launch``'s choice (benchmarks). Graph-safe (no allocation, no sync)."""
     n, hidden = summed.shape
     launch = launch or epilogue_launch(hidden, n)
-    rmsnorm_epilogue_kernel[(epilogue_grid(n, launch),)](
-        summed, *epilogue_args(call, spec), n, H=hidden, BLOCK_H=launch.block_h, ROWS=launch.rows, EPI=spec.code,
-        num_warps=launch.num_warps)
+    _EPILOGUE.launch(epilogue_grid(n, launch), (summed, *epilogue_args(call, spec), n),
+                     {"H": hidden, "BLOCK_H": launch.block_h, "ROWS": launch.rows, "EPI": spec.code},
+                     {"num_warps": launch.num_warps})

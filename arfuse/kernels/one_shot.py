@@ -13,13 +13,16 @@ barrier is needed: a peer can only overwrite a half after a later collective pro
 it. With ``COPY_IN=False`` the input already sits in the zero-copy region, which has no second half, so a closing
 barrier protects it instead.
 """
+import sys
+
 import triton
 import triton.language as tl
 
 from arfuse.kernels._epilogue import finish_row, load_residual, load_weight
 from arfuse.kernels._prologue import input_row
 from arfuse.kernels._sync import OP_ONE_SHOT, block_barrier, bump_epoch, load_epoch, peer_base
-from arfuse.kernels.launch_config import RUNTIME_ARGS
+from arfuse.kernels._launch import SYMM_INTS, ArgKey, Launcher
+from arfuse.kernels.launch_config import RUNTIME_ARGS, block_config, epilogue_args, grid_size, prologue_args
 
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS)
@@ -66,18 +69,21 @@ def one_shot_kernel(P0, P1, P2, P3, P4, P5, P6, P7, S0, S1, S2, S3, S4, S5, S6, 
         tl.store(gen_ptr + pid, gen + 2)
 
 
+_ONE_SHOT = Launcher(sys.modules[__name__], "one_shot_kernel", ArgKey.of(one_shot_kernel, ints=SYMM_INTS))
+
+
 def one_shot(a, call, spec, copy_in: bool) -> None:
     """Launch the one-shot kernel for ``call`` (a ``FusedCall`` of ``spec``) with workspace args ``a`` (a
     ``SymmArgs``); ``copy_in=False``: ``call.x`` is the zero-copy buffer (never with the MoE prologue, whose rows
     are built in the copy-in). Collective over the workspace's ranks; graph-safe."""
-    from arfuse.kernels.launch_config import block_config, epilogue_args, grid_size, prologue_args
-
     if spec.moe and not copy_in:
         raise ValueError("one_shot: the MoE prologue builds its rows in the copy-in; copy_in must be True")
     n, hidden = call.num_tokens, call.x.shape[1]
     block_h, num_warps = block_config(hidden)
-    one_shot_kernel[(grid_size(n, a.max_grid),)](
-        *a.peer_ptrs, *a.pad_ptrs, a.barrier_gen, a.err_ptr, a.one_shot_state, call.x,
-        *prologue_args(call, a.guard_ptr), *epilogue_args(call, spec), n, a.timeout_ns,
-        a.one_shot_off if copy_in else a.zero_copy_off, a.one_shot_half, RANK=a.rank, WS=a.world_size, H=hidden,
-        BLOCK_H=block_h, EPI=spec.code, COPY_IN=copy_in, NTHREADS=32 * num_warps, num_warps=num_warps)
+    _ONE_SHOT.launch(
+        grid_size(n, a.max_grid),
+        (*a.peer_ptrs, *a.pad_ptrs, a.barrier_gen, a.err_ptr, a.one_shot_state, call.x,
+         *prologue_args(call, a.guard_ptr), *epilogue_args(call, spec), n, a.timeout_ns,
+         a.one_shot_off if copy_in else a.zero_copy_off, a.one_shot_half),
+        {"RANK": a.rank, "WS": a.world_size, "H": hidden, "BLOCK_H": block_h, "EPI": spec.code, "COPY_IN": copy_in,
+         "NTHREADS": 32 * num_warps}, {"num_warps": num_warps})

@@ -19,13 +19,16 @@ Every rank finishes from the same rounded sums, so outputs are bitwise identical
 call sites (own rows, gathered rows), so FMA contraction is off to make both round the same way. No closing barrier: a rank's
 slots and gather rows are written again only in a later launch, after a barrier that proves it finished reading.
 """
+import sys
+
 import triton
 import triton.language as tl
 
 from arfuse.kernels._epilogue import finish_row, load_residual, load_weight
 from arfuse.kernels._prologue import input_row
 from arfuse.kernels._sync import OP_TWO_SHOT, block_barrier, peer_base
-from arfuse.kernels.launch_config import RUNTIME_ARGS
+from arfuse.kernels._launch import SYMM_INTS, ArgKey, Launcher
+from arfuse.kernels.launch_config import RUNTIME_ARGS, block_config, epilogue_args, grid_size, prologue_args
 
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS)
@@ -90,16 +93,18 @@ def two_shot_kernel(P0, P1, P2, P3, P4, P5, P6, P7, S0, S1, S2, S3, S4, S5, S6, 
     tl.store(gen_ptr + pid, gen + 2)
 
 
+_TWO_SHOT = Launcher(sys.modules[__name__], "two_shot_kernel", ArgKey.of(two_shot_kernel, ints=SYMM_INTS))
+
+
 def two_shot(a, call, spec) -> None:
     """Launch the two-shot kernel for ``call`` (a ``FusedCall`` of ``spec``) with workspace args ``a`` (a
     ``SymmArgs``). Collective over the workspace's ranks; graph-safe."""
-    from arfuse.kernels.launch_config import block_config, epilogue_args, grid_size, prologue_args
-
     n, hidden = call.num_tokens, call.x.shape[1]
     block_h, num_warps = block_config(hidden)
     chunk = -(-n // a.world_size)
-    two_shot_kernel[(grid_size(chunk, a.max_grid),)](
-        *a.peer_ptrs, *a.pad_ptrs, a.barrier_gen, a.err_ptr, call.x, *prologue_args(call, a.guard_ptr),
-        *epilogue_args(call, spec), n, a.timeout_ns, a.two_shot_off, a.two_shot_slot, a.gather_off,
-        RANK=a.rank, WS=a.world_size, H=hidden, BLOCK_H=block_h, EPI=spec.code, NTHREADS=32 * num_warps,
-        num_warps=num_warps, enable_fp_fusion=False)
+    _TWO_SHOT.launch(
+        grid_size(chunk, a.max_grid),
+        (*a.peer_ptrs, *a.pad_ptrs, a.barrier_gen, a.err_ptr, call.x, *prologue_args(call, a.guard_ptr),
+         *epilogue_args(call, spec), n, a.timeout_ns, a.two_shot_off, a.two_shot_slot, a.gather_off),
+        {"RANK": a.rank, "WS": a.world_size, "H": hidden, "BLOCK_H": block_h, "EPI": spec.code,
+         "NTHREADS": 32 * num_warps}, {"num_warps": num_warps, "enable_fp_fusion": False})

@@ -23,6 +23,17 @@ REFERENCE = policy.REFERENCE
 _CONSTRUCTED: Dict[tuple, int] = {}  # fusion objects built per rank set, in this process
 
 
+class Route:
+    """One plan as :meth:`Executor.run` dispatches it: the backend object, its workspace, the variant and the
+    counter slot of the plan's path."""
+
+    __slots__ = ("plan", "backend", "workspace", "variant", "fallback", "slot")
+
+    def __init__(self, plan: Plan, backend: base.Backend, workspace: base.Workspace, slot: int):
+        self.plan, self.backend, self.workspace, self.slot = plan, backend, workspace, slot
+        self.variant, self.fallback = plan.variant, plan.fallback
+
+
 class Executor:
     """Owns one fusion object's state. Collective to construct: every rank of ``group`` must build it together."""
 
@@ -33,6 +44,7 @@ class Executor:
         self.requested = requested
         self.strict_arg = strict
         self.counters = Counters()
+        self.slot_counts = self.counters.slot_counts  # run() counts each call here: one list item += 1
         self.closed = False
         self.backends: Dict[str, base.Backend] = {b.name: b for b in base.registered()}
         self.workspaces: Dict[str, base.Workspace] = {}
@@ -126,7 +138,7 @@ class Executor:
                 break
             for name in needed:
                 self._prepare(name)
-        self.plans: Dict[int, List[Optional[Plan]]] = {}  # by spec code
+        self._reset_plans()
 
     def never_runs(self) -> Optional[str]:
         """Why no call of any kind would run the requested path (every plan a fallback), or None."""
@@ -138,6 +150,28 @@ class Executor:
         table = self.plans.get(spec.code)
         if table is None:
             table = self.plans[spec.code] = policy.expand(self._segments(spec, True), self.capacity.max_tokens)
+        return table
+
+    def _reset_plans(self) -> None:
+        """Forget every plan and route (rebuilt on use from the live, prepared backends)."""
+        self.plans: Dict[int, List[Optional[Plan]]] = {}  # by spec code
+        self.routes: Dict[int, List[Optional[Route]]] = {}  # by spec code, then token count
+
+    def route_table(self, spec: FusionSpec) -> List[Optional["Route"]]:
+        """What :meth:`run` dispatches to, indexed by token count: each plan with its backend, workspace and
+        counter slot resolved (built with the plans, dropped with them)."""
+        made: Dict[int, Route] = {}
+        table = []
+        for plan in self.plan_table(spec):
+            if plan is None:
+                table.append(None)
+                continue
+            route = made.get(id(plan))
+            if route is None:
+                route = made[id(plan)] = Route(plan, self.backends[plan.backend], self.workspaces[plan.backend],
+                                               self.counters.slot(plan.key))
+            table.append(route)
+        self.routes[spec.code] = table
         return table
 
     def _prepare(self, name: str) -> None:
@@ -178,24 +212,26 @@ class Executor:
         n = call.num_tokens
         if n == 0:
             return
-        plan = self.plan_table(spec)[n]
-        if plan.fallback:
-            self._fallback(plan)
-        backend = self.backends[plan.backend]
+        routes = self.routes.get(spec.code)
+        if routes is None:
+            routes = self.route_table(spec)
+        route = routes[n]
+        if route.fallback:
+            self._fallback(route.plan)
         try:
-            backend.run(self.workspaces[plan.backend], plan.variant, spec, call)
+            route.backend.run(route.workspace, route.variant, spec, call)
         except PeerTimeoutError as e:
-            self.counters.count_error(f"{plan.key}: {e}")
+            self.counters.count_error(f"{route.plan.key}: {e}")
             raise
         except Exception as e:  # a backend bug or launch failure: never return its partial output as valid
-            self._on_backend_error(plan, e)
+            self._on_backend_error(route.plan, e)
             if call.inplace:
                 # In place, the failed launch may already have overwritten the residual it had to read, so a
                 # rerun could return a wrong result as valid. The backend is disabled; the caller must retry.
-                raise BackendError(f"arfuse: {plan.key} failed in place (the residual may be partly "
+                raise BackendError(f"arfuse: {route.plan.key} failed in place (the residual may be partly "
                                    f"overwritten); later calls use the fallback: {e}") from e
             return self.run(spec, call)
-        self.counters.count_call(plan.key)
+        self.slot_counts[route.slot] += 1
 
     def _fallback(self, plan: Plan) -> None:
         if resolve_strict(self.strict_arg):
@@ -218,7 +254,7 @@ class Executor:
             log_once(f"out-of-step:{reason}", self.out_of_step)
             raise BackendError(self.out_of_step) from error
         self._disable(plan.backend, reason)
-        self.plans = {}  # rebuilt on use, without the disabled backend
+        self._reset_plans()  # rebuilt on use, without the disabled backend
         logger.log(logging.DEBUG, "arfuse: plans rebuilt without %s", plan.backend)
 
     def input_buffer(self, spec: FusionSpec, num_tokens: int) -> Optional[torch.Tensor]:
@@ -237,6 +273,7 @@ class Executor:
         if self.closed:
             return
         self.closed = True
+        self._reset_plans()
         for ws in self.workspaces.values():
             ws.close()
         self.workspaces.clear()
