@@ -114,8 +114,8 @@ def _fast_quant_spec(quant, offset: bool, also_norm, moe: bool, shared: bool) ->
         q = None
     else:
         return None
-    if also_norm is not False and also_norm is not True:
-        return None
+    if also_norm is not False and (also_norm is not True or quant is None):
+        return None  # the checked path says what is wrong
     key = (q, offset, also_norm, moe, shared)
     spec = _QUANT_SPECS.get(key)
     if spec is None:

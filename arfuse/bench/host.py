@@ -228,7 +228,7 @@ def unfused_call(case: Case, inp: Inputs, group, world: int) -> Callable[[], obj
             scales = (y.abs().amax(-1, keepdim=True).float() / FP8_MAX).clamp_min(fmath.PER_TOKEN_MIN_SCALE)
             return (y.float() / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scales
         scales = fmath.dynamic_scales(spec, y)
-        q = (y.float() / fmath.expand_scales(spec, scales, y.shape[1])).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        q = (y.float() / fmath.expand_scales(scales, y.shape[1])).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         return q, (fmath.pack_ue8m0(scales) if spec.scale_layout is ScaleLayout.UE8M0 else scales)
 
     def run():
