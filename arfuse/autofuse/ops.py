@@ -41,19 +41,32 @@ def _capturing(device: torch.device) -> bool:
 
 
 def _create(group, max_tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> AllReduceFusion:
-    """Build the fusion object; on CUDA on a side stream, so that its long-lived buffers do not come from the
-    memory pool a CUDA-graph tree routes the current stream's allocations to during its warm-up run (found on one
-    H200: "Detected 3 tensor(s) in the cudagraph pool not tracked as outputs")."""
-    if device.type != "cuda":
+    """Build the fusion object; on CUDA in a helper thread, so that its long-lived buffers do not come from the
+    memory pool a CUDA-graph tree routes this thread's allocations to during its warm-up run (found on one H200,
+    torch 2.11: "Detected 3 tensor(s) in the cudagraph pool not tracked as outputs" - the nccl scratch and the two
+    index guards; a side stream did not help, the pool takes the thread's allocations on any stream)."""
+    def build() -> AllReduceFusion:
         return AllReduceFusion(group, max_tokens=max_tokens, hidden_size=hidden, dtype=dtype, device=device)
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        fusion = AllReduceFusion(group, max_tokens=max_tokens, hidden_size=hidden, dtype=dtype, device=device)
-    current.wait_stream(side)
-    side.synchronize()
-    return fusion
+
+    if device.type != "cuda":
+        return build()
+    torch.cuda.current_stream(device).synchronize()
+    made: dict = {}
+
+    def target() -> None:
+        try:
+            torch.cuda.set_device(device)
+            made["fusion"] = build()
+            torch.cuda.synchronize(device)
+        except BaseException as e:  # re-raised in the caller's thread
+            made["error"] = e
+
+    worker = threading.Thread(target=target, name="arfuse-compile-fusion", daemon=True)
+    worker.start()
+    worker.join()
+    if "error" in made:
+        raise made["error"]
+    return made["fusion"]
 
 
 def fusion_for(group_name: str, hidden: int, dtype: torch.dtype, device: torch.device,
