@@ -82,18 +82,9 @@ class Case:
 
 
 def reference(case: Case, world_size: int, pattern: Pattern) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(out, residual_out) in float64 for ``pattern`` (out before FP8 rounding for the FP8 pattern)."""
-    s = sum(case.x(r).double() for r in range(world_size))
-    if pattern is Pattern.ALLREDUCE:
-        return s, None
-    res_out = None
-    if pattern.has_residual:
-        s = s + case.residual().double()
-        res_out = s
-    norm = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + case.eps) * case.weight().double()
-    if pattern is Pattern.RESIDUAL_RMSNORM_FP8:
-        norm = (norm / case.scale).clamp(-FP8_MAX, FP8_MAX)
-    return norm, res_out
+    """(out, residual_out) in float64 for a classic ``pattern`` (out before FP8 rounding for the FP8 pattern)."""
+    ref = reference_outputs(case, world_size, pattern.spec)
+    return ref["out"], ref.get("residual_out")
 
 
 def reference_outputs(case: Case, world_size: int, spec: FusionSpec) -> Dict[str, torch.Tensor]:
@@ -292,8 +283,8 @@ def digest(*tensors: torch.Tensor) -> str:
 
 
 def out_dtype(pattern: Pattern, dtype: torch.dtype) -> torch.dtype:
-    """The dtype of ``pattern``'s main output for inputs of ``dtype``."""
-    return torch.float8_e4m3fn if pattern is Pattern.RESIDUAL_RMSNORM_FP8 else dtype
+    """The dtype of a classic ``pattern``'s main output for inputs of ``dtype``."""
+    return out_specs.out_dtype(pattern.spec, dtype)
 
 
 def call_pattern(fusion, pattern: Pattern, case: Case, x: torch.Tensor, residual: torch.Tensor,
