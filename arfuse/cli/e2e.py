@@ -182,7 +182,7 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
             if ref_logits is None:
                 ref_logits, ref_tokens = logits, tokens
             check = generate.compare(ref_logits, logits, dtype)
-            check["ranks_identical"] = _identical_across_ranks(logits)
+            check["ranks_identical"] = identical_across_ranks(logits)
             check["ok"] = check["ok"] and check["ranks_identical"]
             bar.update(1)
             samples = each(path, spec.prompt_lens, "TTFT P=", lambda p: timing.prefill_samples(model, p, cfg))
@@ -212,7 +212,7 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
     return {"results": results, "device": _device_info(device), "method": method, "model": dataclasses.asdict(args)}
 
 
-def _identical_across_ranks(logits) -> bool:
+def identical_across_ranks(logits) -> bool:
     """Whether every rank computed bitwise the same logits. Collective."""
     import torch.distributed as dist
 

@@ -36,6 +36,12 @@ class HFSpec:
     check_steps: int
     check_batch: int = 2
     check_prompt_len: int = 16
+    progress: bool = True
+
+    @property
+    def steps_per_path(self) -> int:
+        """What one path runs, for the progress bar: the check, then each TTFT and TPOT point."""
+        return 1 + len(self.prompt_lens) + len(self.batches)
 
     @property
     def max_tokens(self) -> int:
@@ -83,6 +89,8 @@ def _rank_main(rank: int, world_size: int, spec: HFSpec, checkpoint: str) -> dic
     import torch
 
     import arfuse
+    from arfuse.cli import output
+    from arfuse.cli.e2e import identical_across_ranks
     from arfuse.models import generate, hf, hf_timing, timing
 
     device = torch.device("cuda", torch.cuda.current_device()) if spec.device == "cuda" else torch.device("cpu")
@@ -94,19 +102,38 @@ def _rank_main(rank: int, world_size: int, spec: HFSpec, checkpoint: str) -> dic
     prompt = timing.random_tokens((spec.check_batch, spec.check_prompt_len), vocab, spec.seed, device)
     results: Dict[str, dict] = {}
     ref_logits = None
-    with torch.no_grad():
+    bar = output.progress(len(PATHS) * spec.steps_per_path, f"rank 0 of {world_size}: loading the model",
+                          enabled=spec.progress and rank == 0)
+
+    def each(path: str, points, what: str, fn) -> Dict[str, object]:
+        """``{str(point): fn(point)}``, one progress step per point (a compiled path's first call compiles)."""
+        out = {}
+        for point in points:
+            bar.set_description(f"rank 0 of {world_size}: {path}: {what}{point}")
+            out[str(point)] = fn(point)
+            bar.update(1)
+        return out
+
+    with bar, torch.no_grad():
         for name, runner in _paths(model, spec).items():
+            bar.set_description(f"rank 0 of {world_size}: {name}: agreement check"
+                                + (" (compiling)" if name != REFERENCE else ""))
             before = _fused_calls(arfuse.stats())
             logits, _ = hf.greedy(runner, prompt, spec.check_steps)
             check_calls = _fused_calls(arfuse.stats()) - before
             ref_logits = logits if ref_logits is None else ref_logits
-            samples = {str(p): hf_timing.prefill_samples(runner, p, vocab, cfg, device) for p in spec.prompt_lens}
+            bar.update(1)
+            samples = each(name, spec.prompt_lens, "TTFT P=",
+                           lambda p: hf_timing.prefill_samples(runner, p, vocab, cfg, device))
+            tpot = each(name, spec.batches, "TPOT B=",
+                        lambda b: hf_timing.time_decode(runner, b, spec.kv_len, vocab, cfg, device))
+            check = generate.compare(ref_logits, logits, dtype)
+            check["ranks_identical"] = identical_across_ranks(logits)
+            check["ok"] = check["ok"] and check["ranks_identical"]
             results[name] = {
-                "check": generate.compare(ref_logits, logits, dtype),
+                "check": check,
                 "ttft_ms": {p: statistics.median(v) for p, v in samples.items()}, "ttft_samples_ms": samples,
-                "tpot_ms": {str(b): hf_timing.time_decode(runner, b, spec.kv_len, vocab, cfg, device)
-                            for b in spec.batches},
-                "fused_calls_per_forward": check_calls / spec.check_steps}
+                "tpot_ms": tpot, "fused_calls_per_forward": check_calls / spec.check_steps}
     record = {"results": results, "stats": arfuse.stats(), "model": model.config.to_dict(),
               "method": {"ttft": f"prefill without a cache, median of {cfg.prefill_repeats} after "
                                  f"{cfg.prefill_warmup} warm-up (wall clock, max over ranks)",
@@ -176,7 +203,8 @@ def run(args, environment) -> int:
     args.preset = preset
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     spec = HFSpec(family, args.preset, args.layers, args.prompt_lens, args.batches, args.kv_len, dtype, device,
-                  args.seed, args.prefill_repeats, args.decode_replays, args.check_steps)
+                  args.seed, args.prefill_repeats, args.decode_replays, args.check_steps,
+                  progress=not args.no_progress)
     with tempfile.TemporaryDirectory(prefix="arfuse-e2e-hf-") as tmp:
         checkpoint = hf.save_random(cfg, os.path.join(tmp, family), seed=args.seed, dtype=getattr(torch, dtype))
         outs = launch.run_ranks(_rank_main, tp, spec, checkpoint, device=device, timeout_s=args.timeout)

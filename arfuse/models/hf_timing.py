@@ -14,9 +14,9 @@ Collective under TP: call on every rank with the same arguments.
 from __future__ import annotations
 
 import copy
+import inspect
 import statistics
 import time
-import warnings
 from typing import List
 
 import torch
@@ -51,20 +51,29 @@ def prefill_samples(model, prompt_len: int, vocab_size: int, config: TimingConfi
             for _ in range(config.prefill_repeats)]
 
 
+def cache_keyword(model) -> str:
+    """The forward keyword that takes the KV cache: ``cache`` from transformers 5.2x (which warns on the old
+    name), ``past_key_values`` before (5.17 takes only that)."""
+    forward = getattr(model, "_orig_mod", model).forward  # a torch.compile'd module wraps the model
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _returned_cache(output):
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 @torch.no_grad()
 def time_decode(model, batch: int, kv_len: int, vocab_size: int, config: TimingConfig,
                 device: torch.device) -> float:
     """TPOT (ms, max over ranks): the mean decode step at ``batch`` on a cache of ``kv_len`` tokens."""
+    keyword = cache_keyword(model)
     prompt = random_tokens((batch, kv_len), vocab_size, config.seed, device)
-    cache = model(input_ids=prompt, use_cache=True).past_key_values
+    cache = _returned_cache(model(input_ids=prompt, use_cache=True))
     token = random_tokens((batch, 1), vocab_size, config.seed + 1, device)
     samples = []
-    with warnings.catch_warnings():
-        # transformers 5.17 takes the cache as past_key_values only; later releases also as cache= and warn
-        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-        for i in range(config.decode_warmup + config.decode_replays):
-            fresh = copy.deepcopy(cache)
-            ms = _timed(lambda: model(input_ids=token, past_key_values=fresh, use_cache=True), device)
-            if i >= config.decode_warmup:
-                samples.append(ms)
+    for i in range(config.decode_warmup + config.decode_replays):
+        step = {keyword: copy.deepcopy(cache)}
+        ms = _timed(lambda: model(input_ids=token, use_cache=True, **step), device)
+        if i >= config.decode_warmup:
+            samples.append(ms)
     return max_over_ranks(statistics.mean(samples), device)

@@ -57,6 +57,16 @@ def test_timing_helpers_time_prefill_and_decode(tiny):
     assert hf_timing.time_decode(tiny, 2, 8, tiny.config.vocab_size, cfg, torch.device("cpu")) > 0
 
 
+def test_decode_passes_the_cache_under_the_keyword_the_model_takes(tiny):
+    class OldForward(torch.nn.Module):  # transformers 5.17's spelling: past_key_values only
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return {"past_key_values": past_key_values, "logits": None}
+
+    assert hf_timing.cache_keyword(OldForward()) == "past_key_values"
+    assert hf_timing.cache_keyword(tiny) in ("cache", "past_key_values")
+    assert hf_timing.cache_keyword(torch.compile(tiny)) == hf_timing.cache_keyword(tiny)  # looks through the wrapper
+
+
 @pytest.mark.parametrize("text", ["llama", "hf:gpt2", "vllm:llama", "hf:"])
 def test_model_option_must_name_an_hf_family(text):
     with pytest.raises(ValueError, match="--model"):
