@@ -68,10 +68,11 @@ for stage in "$@"; do
             --world-sizes 1 --profile --json "$R/host_h200.json" > "$R/host_h200.txt" 2>&1
           tail -c 6000 "$R/host_h200.txt" ;;
     e2e_hf) hp=${E2E_HF_PRESET:-llama3-8b}  # one GPU: TP1, so arfuse.compile has nothing to fuse (a smoke)
-            timeout "${T_E2E_HF:-420}" python3 -m arfuse.cli.main e2e --model hf:llama --preset "$hp" \
-              --layers "${E2E_HF_LAYERS:-4}" --tp 1 --prompt-lens "${E2E_HF_P:-128,512}" --batches "${E2E_HF_B:-1,8}" \
-              --kv-len 512 --json "$R/e2e_hf_${hp}_tp1.json" > "$R/e2e_hf_$hp.txt" 2>&1
-            echo "rc $?"; tail -c 3000 "$R/e2e_hf_$hp.txt" ;;
+            for mode in ${E2E_HF_MODES:-default}; do
+              timeout "${T_E2E_HF:-300}" python3 -m arfuse.cli.main e2e --model hf:llama --preset "$hp" \
+                --layers "${E2E_HF_LAYERS:-2}" --tp 1 --prompt-lens "${E2E_HF_P:-128,512}" --batches "${E2E_HF_B:-1,8}" \
+                --kv-len 512 --compile-mode "$mode" --json "$R/e2e_hf_${hp}_tp1_$mode.json" > "$R/e2e_hf_${hp}_$mode.txt" 2>&1
+              echo "rc $?"; tail -c 2200 "$R/e2e_hf_${hp}_$mode.txt"; done ;;
     *) echo "unknown stage $stage" ;;
   esac
   (cd "$OUT" && tar -czf results.tgz r)

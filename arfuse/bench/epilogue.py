@@ -295,8 +295,10 @@ def _passes(doc, kind, spec, hidden, cfg, launch, guard, device) -> bool:
 
 
 def command(hidden: Optional[Tuple[int, ...]], tokens: Optional[Tuple[int, ...]], dtype: str,
-            json_path: Optional[str], warmup: int, replays: int, progress: bool = True) -> int:
-    """``arfuse bench --epilogue``: run, print the tables, write ``json_path`` (after every hidden size too).
+            json_path: Optional[str], warmup: int, replays: int, progress: bool = True,
+            kinds: Optional[Tuple[str, ...]] = None) -> int:
+    """``arfuse bench --epilogue``: run, print the tables, write ``json_path`` (after every hidden size too);
+    ``kinds``: the kinds to time (default: all of ``KINDS``).
     Returns the exit code: 1 if a launch FAILED its check, 2 without a CUDA device, else 0."""
     import json
     import sys
@@ -308,7 +310,9 @@ def command(hidden: Optional[Tuple[int, ...]], tokens: Optional[Tuple[int, ...]]
     if not torch.cuda.is_available():
         print("arfuse bench --epilogue: needs a CUDA device", file=sys.stderr)
         return 2
-    cfg = EpilogueConfig(hidden=tuple(hidden or DEFAULT_HIDDEN), tokens=tuple(tokens or DEFAULT_TOKENS),
+    kinds = tuple(kinds or KINDS)
+    cfg = EpilogueConfig(hidden=tuple(hidden or DEFAULT_HIDDEN), tokens=tuple(tokens or DEFAULT_TOKENS), kinds=kinds,
+                         sweep_kinds=tuple(k for k in SWEEP_KINDS if k in kinds),
                          dtype=getattr(torch, dtype), timing=TimingConfig(calls_per_graph=20, warmup=warmup,
                                                                           replays=replays))
     machine = machine_info()

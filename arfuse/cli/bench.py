@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one GPU: the nccl path's epilogue (and MoE prologue) kernels per fusion kind vs "
                         "torch.compile, %% of HBM bandwidth, plus a launch-config sweep (tokens default 1..16384; "
                         "honours --hidden, --tokens, --dtype, --json, --warmup, --replays) (default: off)")
+    p.add_argument("--kinds", type=args_.name_list, default=None,
+                   help="with --epilogue: comma-separated kinds to time (the launch sweep runs only for the kinds "
+                        "it sweeps that are listed) (default: all)")
     p.add_argument("--host", action="store_true",
                    help="the host cost of one eager call per public op and spec kind, per backend that runs here, "
                         "next to the bare launch and the unfused torch; the triton_symm/flashinfer launch paths "
@@ -184,16 +187,21 @@ def run(args: argparse.Namespace) -> int:
     check_plot(args.plot)
     args_.check_writable("--json", args.json)
     args_.check_writable("--plot", args.plot)
+    if getattr(args, "kinds", None) is not None and not getattr(args, "epilogue", False):
+        raise UsageError("--kinds applies to --epilogue only")
     if getattr(args, "epilogue", False):
         import torch
 
-        from arfuse.bench.epilogue import command
+        from arfuse.bench.epilogue import KINDS, command
 
+        unknown = [k for k in args.kinds or () if k not in KINDS]
+        if unknown:
+            raise UsageError(f"--kinds: unknown {', '.join(unknown)}; choose from {', '.join(KINDS)}")
         if not torch.cuda.is_available():
             raise UsageError("--epilogue: times GPU kernels and needs a CUDA device; none is visible here")
         tokens = None if tuple(args.tokens) == DEFAULT_TOKENS else args.tokens
         return command(args.hidden, tokens, args.dtype[0], args.json, args.warmup, args.replays,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, kinds=args.kinds)
     if getattr(args, "host", False):
         return run_host(args)
     if args.from_json:

@@ -29,6 +29,9 @@ COMPILE_MODES = {"eager": "no torch.compile", "pointwise": "rotary + SwiGLU torc
 DECODE_ATTENTION = {"sdpa": "scaled_dot_product_attention", "triton": "split-KV Triton kernel"}
 UNFUSED = "unfused"  # arfuse.models.tp.UNFUSED (not imported here: that would import the model at parse time)
 DEFAULT_PRESET = {"cpu": "tiny", "cuda": "llama3-8b"}  # each finishes on one device of its kind
+HF_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+OWN_MODEL_ONLY = ("backends", "compile", "decode_attention", "rank_shapes_of", "graph_prefill", "profile")
+"""The flags of arfuse's own model that an HF model (``--model``) has no use for: an error there, not ignored."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="an HF transformers model (hf:llama or hf:qwen2, random weights from --preset) with "
                         "transformers' own TP, timed eager, torch.compile'd and arfuse.compile'd (default: arfuse's "
                         "own Llama-style model)")
+    p.add_argument("--compile-mode", choices=HF_COMPILE_MODES, default=None,
+                   help="with --model: torch.compile's mode for both compiled paths: default, reduce-overhead "
+                        "(CUDA graphs; CUDA only) or max-autotune-no-cudagraphs (default: default)")
     p.add_argument("--preset", choices=PRESETS, default=None,
                    help=f"model shapes: {', '.join(PRESETS)} (default: {DEFAULT_PRESET['cpu']} on CPU, "
                         f"{DEFAULT_PRESET['cuda']} on GPU)")
@@ -309,6 +315,8 @@ def _spec(args) -> Tuple[Spec, int]:
     """(the run, its rank count), every flag checked (UsageError naming it) before any rank is spawned."""
     from arfuse.models import llama
 
+    if args.compile_mode is not None:
+        raise UsageError("--compile-mode applies to an HF model (--model hf:...); arfuse's own model takes --compile")
     device = args_.resolve_device(args.device or "auto")
     args_.check_backends("--backends", args.backends, extra=(UNFUSED,))
     args_.check_writable("--json", args.json)

@@ -4,11 +4,13 @@ transformers' own tensor parallelism, for three paths: ``hf_eager`` (HF TP as is
 
 The model has random weights from a config preset (``tiny`` for CPU, Llama-3-8B/70B shapes for GPUs; ``--layers``
 shortens it), saved once as a local checkpoint that every rank loads with ``DistributedConfig(tp_size=N)``. Each
-path is checked against the reference (greedy logits and tokens, full recompute), then timed as
+path is checked against the reference (greedy logits and picks, full recompute, teacher-forced on the reference's
+tokens), then timed as
 :mod:`arfuse.models.hf_timing` describes. Exit 1 if a path disagrees or ``arfuse_compile`` fused nothing at TP>1.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -37,6 +39,7 @@ class HFSpec:
     check_batch: int = 2
     check_prompt_len: int = 16
     progress: bool = True
+    compile_mode: str = "default"
 
     @property
     def steps_per_path(self) -> int:
@@ -76,8 +79,9 @@ def _paths(model, spec: HFSpec) -> Dict[str, object]:
     for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
         if hasattr(dynamo, name):
             setattr(dynamo, name, max(getattr(dynamo, name), RECOMPILE_LIMIT))
-    return {"hf_eager": model, "hf_compile": torch.compile(model, dynamic=True),
-            "arfuse_compile": arfuse.compile(model, max_tokens=spec.max_tokens, dynamic=True)}
+    mode = {} if spec.compile_mode == "default" else {"mode": spec.compile_mode}
+    return {"hf_eager": model, "hf_compile": torch.compile(model, dynamic=True, **mode),
+            "arfuse_compile": arfuse.compile(model, max_tokens=spec.max_tokens, dynamic=True, **mode)}
 
 
 def _fused_calls(stats) -> int:
@@ -101,7 +105,7 @@ def _rank_main(rank: int, world_size: int, spec: HFSpec, checkpoint: str) -> dic
                               seed=spec.seed)
     prompt = timing.random_tokens((spec.check_batch, spec.check_prompt_len), vocab, spec.seed, device)
     results: Dict[str, dict] = {}
-    ref_logits = None
+    ref_logits = ref_tokens = None
     bar = output.progress(len(PATHS) * spec.steps_per_path, f"rank 0 of {world_size}: loading the model",
                           enabled=spec.progress and rank == 0)
 
@@ -119,9 +123,10 @@ def _rank_main(rank: int, world_size: int, spec: HFSpec, checkpoint: str) -> dic
             bar.set_description(f"rank 0 of {world_size}: {name}: agreement check"
                                 + (" (compiling)" if name != REFERENCE else ""))
             before = _fused_calls(arfuse.stats())
-            logits, _ = hf.greedy(runner, prompt, spec.check_steps)
+            logits, tokens = hf.greedy(runner, prompt, spec.check_steps, forced=ref_tokens)
             check_calls = _fused_calls(arfuse.stats()) - before
-            ref_logits = logits if ref_logits is None else ref_logits
+            if ref_logits is None:
+                ref_logits, ref_tokens = logits, tokens
             bar.update(1)
             samples = each(name, spec.prompt_lens, "TTFT P=",
                            lambda p: hf_timing.prefill_samples(runner, p, vocab, cfg, device))
@@ -153,7 +158,7 @@ def render(record: dict) -> None:
     results = record["results"]
     table = Table(title=f"arfuse e2e: hf:{record['family']} {record['preset']} "
                         f"({record['model']['num_hidden_layers']} layers), TP{record['tp']}, {record['dtype']}, "
-                        f"{record['device']}")
+                        f"{record['device']}, compile mode {record.get('compile_mode', 'default')}")
     table.add_column("metric")
     for path in results:
         table.add_column(path + (" (ref)" if path == REFERENCE else ""), justify="right")
@@ -186,9 +191,17 @@ def run(args, environment) -> int:
 
     from arfuse.cli import args as args_
     from arfuse.cli.args import UsageError
-    from arfuse.cli.e2e import DEFAULT_PRESET
+    from arfuse.cli.e2e import DEFAULT_PRESET, OWN_MODEL_ONLY, add_arguments
 
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    for name in OWN_MODEL_ONLY:
+        if getattr(args, name) != defaults.get_default(name):
+            raise UsageError(f"--{name.replace('_', '-')} applies to arfuse's own model, not to --model {args.model}")
     device = args_.resolve_device(args.device or "auto")
+    compile_mode = args.compile_mode or "default"
+    if compile_mode == "reduce-overhead" and device != "cuda":
+        raise UsageError(f"--compile-mode reduce-overhead needs CUDA (CUDA graphs); this run is on {device}")
     preset = args.preset or DEFAULT_PRESET[device]
     if preset not in hf.PRESETS:
         raise UsageError(f"--preset: with --model, one of {', '.join(hf.PRESETS)}, got {preset!r}")
@@ -204,12 +217,13 @@ def run(args, environment) -> int:
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     spec = HFSpec(family, args.preset, args.layers, args.prompt_lens, args.batches, args.kv_len, dtype, device,
                   args.seed, args.prefill_repeats, args.decode_replays, args.check_steps,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, compile_mode=compile_mode)
     with tempfile.TemporaryDirectory(prefix="arfuse-e2e-hf-") as tmp:
         checkpoint = hf.save_random(cfg, os.path.join(tmp, family), seed=args.seed, dtype=getattr(torch, dtype))
         outs = launch.run_ranks(_rank_main, tp, spec, checkpoint, device=device, timeout_s=args.timeout)
     first = outs[0]
     record = dict(environment(), family=family, preset=args.preset, tp=tp, dtype=dtype, device=device,
+                  compile_mode=compile_mode,
                   kv_len=args.kv_len, reference=REFERENCE, **first)
     render(record)
     print(CompileReport(record.get("report", {})))

@@ -75,16 +75,31 @@ def load(path: str, *, dtype: torch.dtype = torch.float32, tp_size: int = 1, dev
     return model.eval().requires_grad_(False)
 
 
+def forward(model, **kwargs):
+    """``model(**kwargs)`` as one step: under ``torch.compile(mode="reduce-overhead")`` the CUDA graphs of the
+    previous call may be overwritten from here on (their outputs must already be copied out, as callers here do)."""
+    mark = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
+    if mark is not None:
+        mark()
+    return model(**kwargs)
+
+
 @torch.no_grad()
-def greedy(model, prompt: torch.Tensor, steps: int):
+def greedy(model, prompt: torch.Tensor, steps: int, forced: Optional[torch.Tensor] = None):
     """``steps`` greedy tokens by full recompute (no KV cache: every step one forward of the whole sequence).
 
     Returns ``(logits, tokens)``: float32 logits of each step's last position (steps, batch, vocab) on the CPU
-    and the picks (steps, batch). Collective under TP."""
+    and the picks (steps, batch). ``forced`` (steps, batch) extends the sequence with those tokens instead of the
+    model's own picks (teacher forcing: two models compared on the same sequences, so one near-tie that flips a
+    pick does not make every later step incomparable). Collective under TP."""
+    if forced is not None and tuple(forced.shape) != (steps, prompt.shape[0]):
+        raise ValueError(f"hf.greedy: forced must have shape ({steps}, {prompt.shape[0]}), got "
+                         f"{tuple(forced.shape)}")
     seq, logits = prompt, []
-    for _ in range(steps):
-        last = model(input_ids=seq, use_cache=False).logits[:, -1].float()
+    for i in range(steps):
+        last = forward(model, input_ids=seq, use_cache=False).logits[:, -1].float()
         logits.append(last.cpu())
-        seq = torch.cat([seq, last.argmax(-1, keepdim=True).to(seq.device)], dim=1)
+        fed = forced[i] if forced is not None else last.argmax(-1)
+        seq = torch.cat([seq, fed.view(-1, 1).to(seq.device)], dim=1)
     stacked = torch.stack(logits)
     return stacked, stacked.argmax(-1)

@@ -21,6 +21,7 @@ from typing import List
 
 import torch
 
+from arfuse.models.hf import forward
 from arfuse.models.timing import TimingConfig, max_over_ranks, random_tokens, start_together
 
 
@@ -46,8 +47,8 @@ def prefill_samples(model, prompt_len: int, vocab_size: int, config: TimingConfi
     """TTFT samples (ms, each the max over ranks) of a batch-1 prefill of ``prompt_len`` tokens."""
     ids = random_tokens((1, prompt_len), vocab_size, config.seed, device)
     for _ in range(config.prefill_warmup):
-        model(input_ids=ids, use_cache=False)
-    return [max_over_ranks(_timed(lambda: model(input_ids=ids, use_cache=False), device), device)
+        forward(model, input_ids=ids, use_cache=False)
+    return [max_over_ranks(_timed(lambda: forward(model, input_ids=ids, use_cache=False), device), device)
             for _ in range(config.prefill_repeats)]
 
 
@@ -68,12 +69,13 @@ def time_decode(model, batch: int, kv_len: int, vocab_size: int, config: TimingC
     """TPOT (ms, max over ranks): the mean decode step at ``batch`` on a cache of ``kv_len`` tokens."""
     keyword = cache_keyword(model)
     prompt = random_tokens((batch, kv_len), vocab_size, config.seed, device)
-    cache = _returned_cache(model(input_ids=prompt, use_cache=True))
+    # copied out: a CUDA-graph output (mode="reduce-overhead") is overwritten by the graphs' next run
+    cache = copy.deepcopy(_returned_cache(forward(model, input_ids=prompt, use_cache=True)))
     token = random_tokens((batch, 1), vocab_size, config.seed + 1, device)
     samples = []
     for i in range(config.decode_warmup + config.decode_replays):
         step = {keyword: copy.deepcopy(cache)}
-        ms = _timed(lambda: model(input_ids=token, use_cache=True, **step), device)
+        ms = _timed(lambda: forward(model, input_ids=token, use_cache=True, **step), device)
         if i >= config.decode_warmup:
             samples.append(ms)
     return max_over_ranks(statistics.mean(samples), device)

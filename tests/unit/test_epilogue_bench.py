@@ -85,3 +85,31 @@ def test_cli_flag_needs_a_gpu(capsys):
         main(["bench", "--epilogue", "--hidden", "256"])
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and "--epilogue" in err and "needs a CUDA device" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "--kinds", "moe_prologue"], "--kinds applies to --epilogue"),
+    (["bench", "--epilogue", "--kinds", "moe_prologue,mxfp8"], "--kinds: unknown mxfp8"),  # checked before the GPU
+])
+def test_kinds_flag_errors_are_one_line(argv, words, capsys):
+    from arfuse.cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and words in err and len(err.splitlines()) == 1, err
+
+
+def test_a_kinds_subset_sweeps_only_the_listed_sweep_kinds(monkeypatch):
+    import arfuse.bench.epilogue as E
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("arfuse.bench.report.machine_info", lambda: {})
+    monkeypatch.setattr(E, "run", lambda cfg, device, **kw: seen.setdefault("cfg", cfg) and {"failed": ["stop"]})
+    monkeypatch.setattr("arfuse.bench.epilogue_report.print_report", lambda doc: None)
+    assert E.command((4096,), None, "bfloat16", None, 1, 1, progress=False, kinds=("moe_prologue",)) == 1
+    assert seen["cfg"].kinds == ("moe_prologue",) and seen["cfg"].sweep_kinds == ()
+    seen.clear()
+    E.command((4096,), None, "bfloat16", None, 1, 1, progress=False, kinds=None)
+    assert seen["cfg"].kinds == tuple(E.KINDS) and seen["cfg"].sweep_kinds == E.SWEEP_KINDS

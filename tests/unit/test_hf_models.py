@@ -42,6 +42,18 @@ def test_build_is_deterministic_and_greedy_has_the_documented_shape(tiny):
     assert torch.equal(tokens, logits.argmax(-1))
 
 
+def test_greedy_can_be_teacher_forced(tiny):
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    logits, tokens = hf.greedy(tiny, prompt, 4)
+    forced_logits, forced_tokens = hf.greedy(tiny, prompt, 4, forced=tokens)  # its own picks: the same run
+    assert torch.equal(forced_logits, logits) and torch.equal(forced_tokens, tokens)
+    other = (tokens + 1) % tiny.config.vocab_size
+    steered, _ = hf.greedy(tiny, prompt, 4, forced=other)
+    assert torch.equal(steered[0], logits[0]) and not torch.equal(steered[1:], logits[1:])  # fed, not picked
+    with pytest.raises(ValueError, match="forced"):
+        hf.greedy(tiny, prompt, 4, forced=tokens[:2])
+
+
 def test_saved_checkpoint_loads_to_the_same_model(tiny, tmp_path):
     path = hf.save_random(tiny.config, str(tmp_path / "m"), seed=0)
     loaded = hf.load(path)
@@ -89,6 +101,23 @@ def test_e2e_rejects_a_bad_model_or_preset_before_launching(capsys):
         err = capsys.readouterr().err.strip()
         assert info.value.code == 2 and flag in err and len(err.splitlines()) == 1, err
     assert _args().model is None  # the default: arfuse's own model, as before
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--model", "hf:llama", "--backends", "auto"], "--backends"),
+    (["--model", "hf:llama", "--compile", "pointwise"], "--compile"),
+    (["--model", "hf:llama", "--profile"], "--profile"),
+    (["--model", "hf:llama", "--rank-shapes-of", "4"], "--rank-shapes-of"),
+    (["--model", "hf:llama", "--compile-mode", "reduce-overhead"], "--compile-mode"),  # CUDA graphs: not on CPU
+    (["--compile-mode", "default"], "--compile-mode"),  # an HF model's option, not arfuse's own model's
+])
+def test_e2e_flags_that_do_not_apply_are_errors_not_ignored(argv, flag, capsys):
+    from arfuse.cli.main import main as cli_main
+
+    with pytest.raises(SystemExit) as info:
+        cli_main(["e2e", *argv, "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and flag in err and len(err.splitlines()) == 1, err
 
 
 def test_readme_fuse_example_is_the_documented_script():
