@@ -24,7 +24,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, tor
 class Case:
     """One call's inputs: ``x`` per rank (fresh random each), shared ``residual`` and ``weight``; for the MoE
     prologue, per rank ``expert_out`` (``expert_rows`` x hidden; default tokens * top_k rows), ``permuted_idx``,
-    ``expert_scales`` and ``shared_expert_out``."""
+    ``expert_scales`` and ``shared_expert_out``. ``on``: the device the inputs are drawn on and the float64
+    reference is computed on (the CPU by default; a GPU for large checks: other random values, same seeds)."""
 
     tokens: int
     hidden: int
@@ -35,19 +36,22 @@ class Case:
     weight_offset: float = 0.0
     top_k: int = 2
     expert_rows: int = 0
+    on: str = "cpu"
 
     def _gen(self, salt: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
+        return torch.Generator(self.on).manual_seed(self.seed * 1_000_003 + salt)
+
+    def _randn(self, *shape: int, salt: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self._gen(salt), device=self.on)
 
     def x(self, rank: int, device="cpu") -> torch.Tensor:
-        g = self._gen(17 + rank)
-        return torch.randn(self.tokens, self.hidden, generator=g).to(self.dtype).to(device)
+        return self._randn(self.tokens, self.hidden, salt=17 + rank).to(self.dtype).to(device)
 
     def residual(self, device="cpu") -> torch.Tensor:
-        return torch.randn(self.tokens, self.hidden, generator=self._gen(1)).to(self.dtype).to(device)
+        return self._randn(self.tokens, self.hidden, salt=1).to(self.dtype).to(device)
 
     def weight(self, device="cpu") -> torch.Tensor:
-        w = 1.0 + 0.1 * torch.randn(self.hidden, generator=self._gen(2))
+        w = 1.0 + 0.1 * self._randn(self.hidden, salt=2)
         if self.weight_offset:  # Gemma-style weights sit near 0 and the offset adds 1
             w = w - self.weight_offset
         return w.to(self.dtype).to(device)
@@ -57,28 +61,31 @@ class Case:
         return self.expert_rows or max(1, self.tokens * self.top_k)
 
     def expert_out(self, rank: int, device="cpu") -> torch.Tensor:
-        g = self._gen(1000 + rank)
-        return torch.randn(self.rows, self.hidden, generator=g).to(self.dtype).to(device)
+        return self._randn(self.rows, self.hidden, salt=1000 + rank).to(self.dtype).to(device)
 
     def permuted_idx(self, rank: int, device="cpu") -> torch.Tensor:
         g = self._gen(2000 + rank)
-        return torch.randint(0, self.rows, (self.tokens, self.top_k), generator=g, dtype=torch.int32).to(device)
+        return torch.randint(0, self.rows, (self.tokens, self.top_k), generator=g, dtype=torch.int32,
+                             device=self.on).to(device)
 
     def expert_scales(self, rank: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
         g = self._gen(3000 + rank)
-        return torch.rand(self.tokens, self.top_k, generator=g).softmax(dim=-1).to(dtype).to(device)
+        return torch.rand(self.tokens, self.top_k, generator=g, device=self.on).softmax(dim=-1).to(dtype).to(device)
 
     def shared_expert_out(self, rank: int, device="cpu") -> torch.Tensor:
-        g = self._gen(4000 + rank)
-        return (0.5 * torch.randn(self.tokens, self.hidden, generator=g)).to(self.dtype).to(device)
+        return (0.5 * self._randn(self.tokens, self.hidden, salt=4000 + rank)).to(self.dtype).to(device)
 
-    def rank_input(self, rank: int, spec: FusionSpec) -> torch.Tensor:
-        """This rank's allreduce input in float64 (the MoE finalize of its expert rows for the MoE prologue)."""
+    def rank_input(self, rank: int, spec: FusionSpec, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This rank's allreduce input in float64 (the MoE finalize of its expert rows for the MoE prologue;
+        ``idx`` replaces its indices, and an index outside ``[0, P)`` adds nothing, as the kernels promise)."""
         if not spec.moe:
-            return self.x(rank).double()
-        rows = self.expert_out(rank).double()[self.permuted_idx(rank).long()]
-        x = (rows * self.expert_scales(rank).double().unsqueeze(-1)).sum(dim=1)
-        return x + self.shared_expert_out(rank).double() if spec.shared_expert else x
+            return self.x(rank, self.on).double()
+        idx = (self.permuted_idx(rank, self.on) if idx is None else idx.to(self.on)).long()
+        valid = (idx >= 0) & (idx < self.rows)
+        rows = self.expert_out(rank, self.on).double()[idx.clamp(0, self.rows - 1)]
+        weights = self.expert_scales(rank, self.on).double() * valid
+        x = (rows * weights.unsqueeze(-1)).sum(dim=1)
+        return x + self.shared_expert_out(rank, self.on).double() if spec.shared_expert else x
 
 
 def reference(case: Case, world_size: int, pattern: Pattern) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -87,48 +94,63 @@ def reference(case: Case, world_size: int, pattern: Pattern) -> Tuple[torch.Tens
     return ref["out"], ref.get("residual_out")
 
 
-def reference_outputs(case: Case, world_size: int, spec: FusionSpec) -> Dict[str, torch.Tensor]:
-    """The float64 reference of every output ``spec`` writes: ``out`` (the sum, the norm or, for a
-    quantization, the quantized value before FP8 rounding), ``residual_out``, ``norm`` (the norm, whenever there is
-    one) and, for dynamic quantizations, ``scale_out`` (float64 (tokens, groups), before any UE8M0 rounding)."""
-    s = sum(case.rank_input(r, spec) for r in range(world_size))
+def reference_outputs(case: Case, world_size: int, spec: FusionSpec,
+                      rank_idx: Optional[Dict[int, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """The float64 reference of every output ``spec`` writes for ``case``'s inputs (see :func:`reference_from_sum`).
+    ``rank_idx``: MoE indices that replace some ranks' own (see :meth:`Case.rank_input`). On ``case.on``."""
+    rank_idx = rank_idx or {}
+    s = sum(case.rank_input(r, spec, rank_idx.get(r)) for r in range(world_size))
+    return reference_from_sum(spec, s, case.residual(case.on) if spec.residual else None,
+                              case.weight(case.on) if spec.norm else None, case.eps,
+                              case.weight_offset if spec.weight_offset else 0.0, case.scale)
+
+
+def reference_from_sum(spec: FusionSpec, s: torch.Tensor, residual: Optional[torch.Tensor],
+                       weight: Optional[torch.Tensor], eps: float, weight_offset: float = 0.0,
+                       scale: float = 1.0) -> Dict[str, torch.Tensor]:
+    """The float64 reference of every output ``spec`` writes, from the allreduced sum ``s`` (tokens, hidden) of the
+    ranks' float64 inputs: ``out`` (the sum, the norm or, for a quantization, the quantized value before FP8
+    rounding), ``residual_out``, ``norm`` (the norm, whenever there is one) and, for dynamic quantizations,
+    ``scale_out`` (float64 (tokens, groups), before any UE8M0 rounding). ``scale``: the static FP8 scale."""
+    s = s.double()
     if not spec.norm:
         return {"out": s}
     ref = {}
     if spec.residual:
-        s = s + case.residual().double()
+        s = s + residual.to(s.device).double()
         ref["residual_out"] = s
-    w = case.weight().double() + (case.weight_offset if spec.weight_offset else 0.0)
-    norm = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + case.eps) * w
+    w = weight.to(s.device).double() + weight_offset
+    norm = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * w
     ref["norm"] = norm
     if spec.quant is Quant.NONE:
         ref["out"] = norm
     elif spec.quant is Quant.FP8_STATIC:
-        ref["out"] = (norm / case.scale).clamp(-FP8_MAX, FP8_MAX)
+        ref["out"] = (norm / scale).clamp(-FP8_MAX, FP8_MAX)
     else:
-        groups = spec.groups(case.hidden)
-        amax = norm.reshape(case.tokens, groups, -1).abs().amax(dim=-1)
+        tokens, hidden = s.shape
+        amax = norm.reshape(tokens, spec.groups(hidden), -1).abs().amax(dim=-1)
         floor = PER_TOKEN_MIN_SCALE if spec.quant is Quant.FP8_PER_TOKEN else GROUP_MIN_SCALE
         ref["scale_out"] = (amax / FP8_MAX).clamp_min(floor)
         ref["out"] = norm
     return ref
 
 
-def decoded_scales(spec: FusionSpec, scale_out: torch.Tensor, hidden: int) -> torch.Tensor:
-    """A call's dynamic scales as float64 (tokens, groups), UE8M0 ones decoded."""
+def decoded_scales(spec: FusionSpec, scale_out: torch.Tensor, hidden: int, device="cpu") -> torch.Tensor:
+    """A call's dynamic scales as float64 (tokens, groups) on ``device``, UE8M0 ones decoded."""
     if spec.scale_layout is ScaleLayout.UE8M0:
-        return unpack_ue8m0(scale_out.cpu(), spec.groups(hidden)).double()
-    return scale_out.detach().cpu().double()
+        return unpack_ue8m0(scale_out.to(device), spec.groups(hidden)).double()
+    return scale_out.detach().to(device).double()
 
 
-def output_errors(spec: FusionSpec, case: Case, world_size: int, got: Dict[str, torch.Tensor]
-                  ) -> Dict[str, Tuple[float, float]]:
-    """``{output: (error, tolerance)}`` of a call's outputs against the float64 reference.
+def output_errors(spec: FusionSpec, case: Case, world_size: int, got: Dict[str, torch.Tensor],
+                  ref: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Tuple[float, float]]:
+    """``{output: (error, tolerance)}`` of a call's outputs against the float64 reference (``ref``: from
+    :func:`reference_outputs`, computed here when not given).
 
     Quantized outputs are checked by their dequantized error (``quant * scale`` against the norm); dynamic scales
     by their formula: float32 scales by relative error, UE8M0 ones must be powers of two covering the group's
     ``amax / 448`` and less than twice it (each within the input dtype's tolerance)."""
-    ref = reference_outputs(case, world_size, spec)
+    ref = reference_outputs(case, world_size, spec) if ref is None else ref
     tol, tol_q = TOLERANCE[case.dtype], TOLERANCE[torch.float8_e4m3fn]
     errors = {}
     if "residual_out" in got:
@@ -138,7 +160,7 @@ def output_errors(spec: FusionSpec, case: Case, world_size: int, got: Dict[str, 
     if spec.quant in (Quant.NONE, Quant.FP8_STATIC):
         errors["out"] = (rel_err(got["out"].float(), ref["out"]), tol_q if spec.quant else tol)
         return errors
-    scales = decoded_scales(spec, got["scale_out"], case.hidden)
+    scales = decoded_scales(spec, got["scale_out"], case.hidden, ref["out"].device)
     want = ref["scale_out"]
     if spec.scale_layout is ScaleLayout.UE8M0:
         power_of_two = torch.equal(torch.frexp(scales)[0], torch.full_like(scales, 0.5))
@@ -148,7 +170,7 @@ def output_errors(spec: FusionSpec, case: Case, world_size: int, got: Dict[str, 
     else:
         errors["scale_out"] = (rel_err(scales.float(), want), tol)
     groups = scales.shape[1]
-    dequant = got["out"].detach().cpu().double() * scales.repeat_interleave(case.hidden // groups, dim=1)
+    dequant = got["out"].detach().to(scales.device).double() * scales.repeat_interleave(case.hidden // groups, dim=1)
     errors["out"] = (rel_err(dequant, ref["out"]), tol_q)
     return errors
 
@@ -258,8 +280,9 @@ def checked_spec_call(fusion, spec: FusionSpec, case: Case, rank: int, world_siz
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` in float64; inf if ``out`` has a NaN (e.g. an unwritten poisoned element)."""
-    out = out.detach().to("cpu", torch.float64)
+    """``||out - ref|| / ||ref||`` in float64 on ``ref``'s device; inf if ``out`` has a NaN (e.g. an unwritten
+    poisoned element)."""
+    out = out.detach().to(ref.device, torch.float64)
     if torch.isnan(out).any():
         return float("inf")
     denom = ref.norm().item()

@@ -2,7 +2,8 @@
 # Everything the GPU machine runs, by stage, in one device call:
 #   bash bench/gpu_session.sh STAGE...      (carry .gpu-deps, built by ../shared/tools/gpu-deps.sh, for FlashInfer)
 # Stages: env link kernels fp8 flashinfer models reliability timing lamport_sweep benchtest bench e2e (4 GPUs);
-# demo e2e_rank patterns epilogue autofuse e2e_hf host (one GPU is enough); each bounded by its own timeout.
+# demo e2e_rank patterns epilogue autofuse e2e_hf host virtual virtualtest (one GPU is enough); each bounded by its
+# own timeout.
 # Results land in $OUT/r and are packed into $OUT/results.tgz after every stage (the device returns at most 8
 # files, so unpack that one). NVLink multicast stays off: the guards below are exported before anything runs.
 set -u
@@ -10,6 +11,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 if [ -f .gpu-deps/install-on-gpu.sh ]; then source .gpu-deps/install-on-gpu.sh > "$OUT/fi_install.log" 2>&1; fi
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export CUDA_DEVICE_MAX_CONNECTIONS=32  # virtual ranks: one hardware queue per rank's stream
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 R=$OUT/r
 mkdir -p "$R"
@@ -73,6 +75,12 @@ for stage in "$@"; do
                 --layers "${E2E_HF_LAYERS:-2}" --tp 1 --prompt-lens "${E2E_HF_P:-128,512}" --batches "${E2E_HF_B:-1,8}" \
                 --kv-len 512 --compile-mode "$mode" --json "$R/e2e_hf_${hp}_tp1_$mode.json" > "$R/e2e_hf_${hp}_$mode.txt" 2>&1
               echo "rc $?"; tail -c 2200 "$R/e2e_hf_${hp}_$mode.txt"; done ;;
+    virtual) vp=${VIRTUAL_PLAN:-smoke}  # the kernels on virtual ranks: results for bench/verify_kernels.py record
+             timeout "${T_VIRTUAL:-540}" python3 bench/verify_kernels.py run --plan "$vp" --deadline \
+               "${VIRTUAL_DEADLINE:-420}" --workers "${VIRTUAL_WORKERS:-14}" --json "$R/virtual_$vp.json" \
+               > "$R/virtual_$vp.txt" 2>&1
+             echo "rc $?"; tail -c 3000 "$R/virtual_$vp.txt" ;;
+    virtualtest) gpu_tests virtual_ranks tests/gpu/test_virtual_ranks_gpu.py "${T_VIRTUAL_TESTS:-300}" ;;
     *) echo "unknown stage $stage" ;;
   esac
   (cd "$OUT" && tar -czf results.tgz r)

@@ -25,8 +25,9 @@ from arfuse.core.spec import CLASSIC_FEATURES, FEATURES, FusionSpec
 from arfuse.core.types import Capacity, FusedCall, GroupCaps, Problem
 
 ALL_FEATURES = FEATURES
-# Features a backend implements but has not yet run on GPUs are refused unless this is set (for the verification
-# run itself): a kernel that compiled is not a kernel that was checked against the float64 reference.
+# A path the verification record does not vouch for on the code here now (see backends/verification.py) is
+# refused unless this is set (for the verification run itself): a kernel that compiled is not a kernel that was
+# checked against the float64 reference.
 ALLOW_UNVERIFIED_ENV = "ARFUSE_ALLOW_UNVERIFIED"
 
 
@@ -39,20 +40,18 @@ class Support:
     """What a backend declares it can do; :meth:`Backend.check` tests a problem against it.
 
     ``features``: the :attr:`FusionSpec.features <arfuse.core.spec.FusionSpec.features>` it implements (a spec
-    needing one it lacks is refused); the default is what the first four patterns need. ``verified``: those of
-    them already checked on GPUs against the float64 reference (None: all); the others are refused unless
-    ``ARFUSE_ALLOW_UNVERIFIED=1``."""
+    needing one it lacks is refused); the default is what the first four patterns need. Which of them are verified
+    is not declared here: see :meth:`Backend.verified_sources`."""
 
     devices: FrozenSet[str]
     dtypes: FrozenSet[torch.dtype]
     features: FrozenSet[str] = CLASSIC_FEATURES
-    verified: Optional[FrozenSet[str]] = None
     world_sizes: Optional[FrozenSet[int]] = None  # None: any
     max_bytes: Optional[int] = None  # per call (tokens * hidden * itemsize); None: unlimited
     hidden_multiple: int = 1
     max_hidden: Optional[int] = None
 
-    def reason(self, problem: Problem, allow_unverified_features: Optional[bool] = None) -> Optional[str]:
+    def reason(self, problem: Problem) -> Optional[str]:
         if problem.device_type not in self.devices:
             return f"device {problem.device_type} not supported (needs {'/'.join(sorted(self.devices))})"
         if problem.dtype not in self.dtypes:
@@ -61,12 +60,6 @@ class Support:
         missing = problem.spec.features - self.features
         if missing:
             return f"{problem.spec.name}: {', '.join(sorted(missing))} not supported"
-        if self.verified is not None:
-            unverified = problem.spec.features - self.verified
-            allowed = allow_unverified() if allow_unverified_features is None else allow_unverified_features
-            if unverified and not allowed:
-                return (f"{problem.spec.name}: {', '.join(sorted(unverified))} not yet verified on GPUs "
-                        f"({ALLOW_UNVERIFIED_ENV}=1 runs it)")
         if self.world_sizes is not None and problem.world_size not in self.world_sizes:
             return f"world size {problem.world_size} not supported (needs one of {sorted(self.world_sizes)})"
         if problem.hidden_size % self.hidden_multiple:
@@ -153,7 +146,29 @@ class Backend(abc.ABC):
         """
         if variant not in self.variants:
             return f"unknown variant {variant!r} (has {', '.join(self.variants)})"
-        return self.support.reason(problem, caps.allow_unverified) or self.check_group(caps) or self.check_variant(problem, caps, variant)
+        return (self.support.reason(problem) or self.check_group(caps) or self.check_variant(problem, caps, variant)
+                or self.unverified_reason(problem, caps, variant))
+
+    def verified_sources(self, variant: str) -> Optional[Tuple[str, ...]]:
+        """The modules whose code the verification record's evidence for ``variant`` must have checked (their
+        ``arfuse.kernels`` imports are followed); None for a path that needs no GPU evidence (the torch
+        reference)."""
+        return None
+
+    def unverified_reason(self, problem: Problem, caps: GroupCaps, variant: str) -> Optional[str]:
+        """Why the verification record does not vouch for ``problem`` on ``variant`` with the code here now, or None
+        (also None when ``ARFUSE_ALLOW_UNVERIFIED`` is set, as agreed in ``caps``)."""
+        modules = self.verified_sources(variant)
+        if modules is None:
+            return None
+        allowed = allow_unverified() if caps.allow_unverified is None else caps.allow_unverified
+        if allowed:
+            return None
+        from arfuse.backends import verification
+
+        key = self.name if variant in ("", "default") else f"{self.name}/{variant}"
+        reason = verification.verdict(key, modules).reason(problem.spec.features, problem.spec.name)
+        return f"{reason} ({ALLOW_UNVERIFIED_ENV}=1 runs it)" if reason else None
 
     def check_group(self, caps: GroupCaps) -> Optional[str]:
         """Group-level requirements (P2P, arch, installed packages). Pure."""

@@ -34,9 +34,8 @@ Where FlashInfer's semantics differ from arfuse's (:mod:`arfuse.core.math`), and
   nothing, and ``check_health()`` reports it). MoE runs one-shot only; FP8 after MoE finalize is refused
   (FlashInfer runs it only on its mnnvl-cutedsl backend, which needs NVLink multicast).
 
-Verification: the features beyond the classic four are implemented here but have not yet run on GPUs (FlashInfer
-needs 2+ GPUs); :data:`VERIFIED` holds what has, and the multi-GPU run of issue 16
-(``tests/gpu/test_flashinfer_gpu.py``) flips it to ``FEATURES``.
+Verification: what has run on GPUs, and on which code, is the verification record's (``backends/verification.py``;
+FlashInfer needs 2+ GPUs, so only a run on real ranks can add to it).
 
 Nothing here imports flashinfer at module import; the probe and the adapter import it when first used.
 """
@@ -51,7 +50,7 @@ from arfuse.backends import flashinfer_adapter as adapter
 from arfuse.backends import flashinfer_patterns as patterns
 from arfuse.backends.base import Backend, IndexGuard, Support, Workspace, register
 from arfuse.backends.flashinfer_workspace import MANAGER, NAME, WorkspaceManager
-from arfuse.core.spec import CLASSIC_FEATURES, FEATURES, FusionSpec, Quant, ScaleLayout
+from arfuse.core.spec import FEATURES, FusionSpec, Quant, ScaleLayout
 from arfuse.core.types import Capacity, FusedCall, GroupCaps, Problem
 
 SUPPORTED_SM_MAJORS = (9, 10)  # SM90 (H100/H200), SM100 (B200/GB200): the archs TRT-LLM's fusion kernels target
@@ -67,10 +66,6 @@ MAX_BYTES = {
     (10, 2): 64 << 20, (10, 4): 64 << 20, (10, 8): 32 << 20, (10, 16): 16 << 20,
 }
 
-# The features of FusionSpec this backend has run on GPUs against the float64 reference: the classic four
-# patterns' (4x H200, 2026-11-28). Issue 16's multi-GPU run of tests/gpu/test_flashinfer_gpu.py checks the others
-# (weight offset, dynamic and per-token-group FP8, also-norm, MoE finalize); when it passes, set this to FEATURES.
-VERIFIED = CLASSIC_FEATURES
 # FlashInfer releases before this one size-check MoE finalize by the permuted expert rows P (expert_out.numel() *
 # 2 * world_size against MAX_COMM_SIZE) instead of the token rows; arfuse checks the same before calling them.
 MOE_ROWS_FIXED_IN = (0, 6, 15)
@@ -139,9 +134,14 @@ class FlashInferBackend(Backend):
     variants = ("auto", "oneshot", "twoshot")
     support = Support(devices=frozenset({"cuda"}),
                       dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}),
-                      features=FEATURES, verified=VERIFIED, world_sizes=frozenset({2, 4, 8, 16}),
-                      max_hidden=MAX_HIDDEN)
+                      features=FEATURES, world_sizes=frozenset({2, 4, 8, 16}), max_hidden=MAX_HIDDEN)
     priority = 50
+    # arfuse's side of the path (FlashInfer's kernels are its release's; the record names the release it ran)
+    SOURCES = ("arfuse.backends.flashinfer", "arfuse.backends.flashinfer_adapter", "arfuse.backends.flashinfer_patterns",
+               "arfuse.backends.flashinfer_workspace", "arfuse.probe.flashinfer_api")
+
+    def verified_sources(self, variant: str):
+        return self.SOURCES
 
     def __init__(self, manager: WorkspaceManager = MANAGER):
         self.manager = manager

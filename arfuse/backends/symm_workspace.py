@@ -10,7 +10,7 @@ Multicast is never used: only the peers' own pointers (peer-to-peer NVLink).
 """
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from arfuse.backends.base import IndexGuard, Workspace
 from arfuse.core.errors import BackendError, PeerTimeoutError
 from arfuse.core.types import Capacity
-from arfuse.kernels.launch_config import OP_NAMES, SymmArgs
+from arfuse.kernels.launch_config import MAX_GRID, OP_NAMES, SymmArgs
 from arfuse.probe import vote
 
 DEFAULT_SIGNAL_PAD_BYTES = 9216  # torch's default; read from torch when it can tell
@@ -73,59 +73,108 @@ def layout(hidden: int, world_size: int, one_shot_tokens: int, lamport_tokens: i
     return Layout(offsets, cursor, one_shot_half, two_shot_slot, gather, lamport_slot)
 
 
+class GridLimits(NamedTuple):
+    """How many CTAs one rank's launches may use: ``max_grid`` caps every persistent grid, ``barrier_slots`` is how
+    many block ids the signal pad holds (the barrier kernels' grids stay within it) and ``sms`` is how many SMs a
+    grid that needs every CTA resident at once (the split Lamport push) may span."""
+
+    max_grid: int
+    barrier_slots: int
+    sms: int
+
+
+def barrier_slots(world_size: int, pad_bytes: int) -> int:
+    """Block ids a signal pad of ``pad_bytes`` holds: one int32 flag per rank per block id."""
+    return pad_bytes // (4 * world_size)
+
+
+def gpu_limits(device, world_size: int) -> GridLimits:
+    """The limits of a rank that has its GPU to itself (real ranks)."""
+    return GridLimits(MAX_GRID, barrier_slots(world_size, _signal_pad_bytes()), _sm_count(device))
+
+
+class RankMemory:
+    """What one rank owns: its symmetric ``buffer`` (laid out by :func:`layout`), its kernels' device-side call
+    counters and barrier generations (``state``), the host-mapped timeout record (``err``) and the MoE index guard.
+    ``empty`` allocates the buffer (torch symmetric memory for real ranks, plain memory for virtual ones)."""
+
+    def __init__(self, capacity: Capacity, lay: Layout, limits: GridLimits, empty: Callable = torch.empty):
+        dev = torch.device(capacity.device)
+        self.buffer = empty(lay.total, dtype=capacity.dtype, device=dev)
+        self.state = torch.zeros(6 + limits.barrier_slots, dtype=torch.int32, device=dev)
+        self.err = torch.zeros(4, dtype=torch.int32, pin_memory=dev.type == "cuda")
+        self.index_guard = IndexGuard(dev)
+        fill_sentinel(self.buffer, lay.offsets["lamport"])
+
+
+def fill_sentinel(buffer: torch.Tensor, start: int) -> None:
+    """Fill ``buffer[start:]`` (the barrier-free kernels' regions) with -0.0, their "not yet written" mark."""
+    tail = buffer[start:]
+    bits = tail.view(torch.int16 if tail.element_size() == 2 else torch.int32)
+    bits.fill_(-32768 if tail.element_size() == 2 else -(2 ** 31))
+
+
+def symm_args(capacity: Capacity, lay: Layout, memory: RankMemory, peer_ptrs: Sequence[int],
+              pad_ptrs: Sequence[int], rank: int, world_size: int, limits: GridLimits) -> SymmArgs:
+    """Rank ``rank``'s launch arguments from every rank's buffer and signal-pad addresses (in rank order) and its
+    own memory: what both the real rendezvous and the virtual ranks of :mod:`arfuse.testing.virtual_ranks` build."""
+    if len(peer_ptrs) != world_size or len(pad_ptrs) != world_size:
+        raise ValueError(f"symm_args: {world_size} ranks need {world_size} buffer and signal-pad addresses, got "
+                         f"{len(peer_ptrs)} and {len(pad_ptrs)}")
+    state, off = memory.state, lay.offsets
+    return SymmArgs(
+        peer_ptrs=_padded(peer_ptrs), pad_ptrs=_padded(pad_ptrs), err_ptr=memory.err.data_ptr(),
+        guard_ptr=memory.index_guard.ptr, lamport_state=state[0:2], one_shot_state=state[2:4], lts_state=state[4:6],
+        barrier_gen=state[6:], rank=rank, world_size=world_size, timeout_ns=int(capacity.timeout_s * 1e9),
+        max_grid=limits.max_grid, barrier_slots=limits.barrier_slots, sms=limits.sms,
+        one_shot_off=off["one_shot"], one_shot_half=lay.one_shot_half, zero_copy_off=off["zero_copy"],
+        two_shot_off=off["two_shot"], two_shot_slot=lay.two_shot_slot, gather_off=off["gather"],
+        lamport_off=off["lamport"], lamport_slot=lay.lamport_slot, lamport_buffer=world_size * lay.lamport_slot,
+        lts_rs_off=off["lts_rs"], lts_rs_buffer=world_size * lay.two_shot_slot, lts_gather_off=off["lts_gather"],
+        lts_gather_buffer=lay.gather)
+
+
 class SymmWorkspace(Workspace):
-    """Buffers and handles for ``triton_symm``. Collective to create (rendezvous + a real P2P check).
+    """Buffers and launch arguments of one rank for ``triton_symm``: its :class:`RankMemory` and the
+    :class:`SymmArgs` that hold every rank's addresses. :meth:`rendezvous` builds it for real ranks (collective);
+    :mod:`arfuse.testing.virtual_ranks` builds W of them in one process."""
 
-    Every rank runs the same collectives whatever fails on it: an allocation failure is voted on before the
-    rendezvous (which would wait for the failed rank), and the P2P check votes after its last barrier.
-    """
-
-    def __init__(self, capacity: Capacity, group, rank: int, world_size: int, one_shot_tokens: int,
-                 lamport_tokens: int, two_shot_tokens: int):
+    def __init__(self, capacity: Capacity, lay: Layout, memory: RankMemory, args: SymmArgs, one_shot_tokens: int,
+                 handle=None):
         super().__init__()
+        self.capacity, self.offsets, self.memory, self.args = capacity, lay.offsets, memory, args
+        self.rank, self.world_size, self.one_shot_tokens = args.rank, args.world_size, one_shot_tokens
+        self.buffer, self.state, self.err, self.index_guard = memory.buffer, memory.state, memory.err, \
+            memory.index_guard
+        self.handle = handle
+        self.failed: Optional[str] = None
+        self._err_view = self.err.numpy()
+
+    @classmethod
+    def rendezvous(cls, capacity: Capacity, group, rank: int, world_size: int, one_shot_tokens: int,
+                   lamport_tokens: int, two_shot_tokens: int) -> "SymmWorkspace":
+        """Allocate this rank's memory in torch symmetric memory, exchange addresses with every rank of ``group``
+        and check P2P access for real. Collective: every rank runs the same collectives whatever fails on it (an
+        allocation failure is voted on before the rendezvous, which would wait for the failed rank; the P2P check
+        votes after its last barrier)."""
         import torch.distributed._symmetric_memory as symm_mem
 
-        self.capacity = capacity
-        self.rank, self.world_size = rank, world_size
-        self.one_shot_tokens = one_shot_tokens
-        self.failed: Optional[str] = None
-        dev = capacity.device
         lay = layout(capacity.hidden_size, world_size, one_shot_tokens, lamport_tokens, two_shot_tokens)
-        self.offsets = offsets = lay.offsets
-        max_grid = _signal_pad_bytes() // (4 * world_size)
-        failed = None
+        limits = gpu_limits(capacity.device, world_size)
+        memory, failed = None, None
         try:
-            self.buffer = symm_mem.empty(lay.total, dtype=capacity.dtype, device=dev)
-            self.state = torch.zeros(6 + max_grid, dtype=torch.int32, device=dev)
-            self.err = torch.zeros(4, dtype=torch.int32, pin_memory=True)
-            self.index_guard = IndexGuard(dev)
+            memory = RankMemory(capacity, lay, limits, empty=symm_mem.empty)
         except RuntimeError as e:  # e.g. out of memory on one rank: its peers must not wait for it in the rendezvous
             failed = f"{type(e).__name__}: {e}"
         ok, reason = vote.agree(failed is None, failed, group)
         if not ok:
             raise BackendError(f"triton_symm: workspace allocation failed on {reason}")
-        self.handle = symm_mem.rendezvous(self.buffer, group if group is not None else dist.group.WORLD)
-        self._fill_sentinel(offsets["lamport"])
-        self._err_view = self.err.numpy()
-        self.args = SymmArgs(
-            peer_ptrs=_padded(self.handle.buffer_ptrs), pad_ptrs=_padded(self.handle.signal_pad_ptrs),
-            err_ptr=self.err.data_ptr(), guard_ptr=self.index_guard.ptr, lamport_state=self.state[0:2],
-            one_shot_state=self.state[2:4], lts_state=self.state[4:6], barrier_gen=self.state[6:], rank=rank,
-            world_size=world_size,
-            timeout_ns=int(capacity.timeout_s * 1e9), max_grid=max_grid, sms=_sm_count(dev),
-            one_shot_off=offsets["one_shot"], one_shot_half=lay.one_shot_half, zero_copy_off=offsets["zero_copy"],
-            two_shot_off=offsets["two_shot"], two_shot_slot=lay.two_shot_slot, gather_off=offsets["gather"],
-            lamport_off=offsets["lamport"], lamport_slot=lay.lamport_slot,
-            lamport_buffer=world_size * lay.lamport_slot, lts_rs_off=offsets["lts_rs"],
-            lts_rs_buffer=world_size * lay.two_shot_slot, lts_gather_off=offsets["lts_gather"],
-            lts_gather_buffer=lay.gather)
-        self._check_peer_access(group)
-
-    def _fill_sentinel(self, start: int) -> None:
-        """Fill the barrier-free kernels' buffers with -0.0, their "not yet written" mark."""
-        tail = self.buffer[start:]
-        bits = tail.view(torch.int16 if tail.element_size() == 2 else torch.int32)
-        bits.fill_(-32768 if tail.element_size() == 2 else -(2 ** 31))
+        handle = symm_mem.rendezvous(memory.buffer, group if group is not None else dist.group.WORLD)
+        args = symm_args(capacity, lay, memory, list(handle.buffer_ptrs), list(handle.signal_pad_ptrs), rank,
+                         world_size, limits)
+        ws = cls(capacity, lay, memory, args, one_shot_tokens, handle)
+        ws._check_peer_access(group)
+        return ws
 
     def _check_peer_access(self, group) -> None:
         """Write a rank-specific pattern, then read every peer's through its P2P mapping (the driver's answer
@@ -167,10 +216,8 @@ class SymmWorkspace(Workspace):
             raise PeerTimeoutError(self.failed)
 
     def _release(self) -> None:
-        self.args = None
-        self.handle = None
-        self.buffer = None
-        self.state = None
+        self.args = self.handle = self.memory = None
+        self.buffer = self.state = None
 
 
 def tokens_within(capacity: Capacity, max_bytes: int) -> int:

@@ -12,8 +12,8 @@ All waits on peers are bounded by ``Capacity.timeout_s``; a timeout is recorded 
 
 Every variant runs every spec: the same epilogue (``kernels/_epilogue``), and the MoE finalize prologue fused into
 the read of this rank's rows (the push or copy-in; each row is built once), an index outside ``[0, P)`` recorded
-in the workspace's IndexGuard. Only the classic features are verified on GPUs so far (the rest: the multi-GPU
-issue); the others need ``ARFUSE_ALLOW_UNVERIFIED=1``.
+in the workspace's IndexGuard. What is verified, and on which code, is the verification record's
+(``backends/verification.py``); the rest needs ``ARFUSE_ALLOW_UNVERIFIED=1``.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 
 from arfuse.backends.base import ALL_FEATURES, Backend, Support, register
 from arfuse.backends.symm_workspace import SymmWorkspace, tokens_within
-from arfuse.core.spec import CLASSIC_FEATURES, FusionSpec, Quant
+from arfuse.core.spec import FusionSpec, Quant
 from arfuse.core.types import Capacity, FusedCall, GroupCaps, Problem
 
 NAME = "triton_symm"
@@ -40,8 +40,11 @@ class TritonSymmBackend(Backend):
     support = Support(devices=frozenset({"cuda"}),
                       dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}),
                       world_sizes=frozenset(range(2, 9)), hidden_multiple=8, max_hidden=16384,
-                      features=ALL_FEATURES, verified=CLASSIC_FEATURES)  # the others: the multi-GPU issue (16)
+                      features=ALL_FEATURES)
     priority = 10
+
+    def verified_sources(self, variant: str):
+        return (f"arfuse.kernels.{variant}", "arfuse.backends.symm_workspace")
 
     def check_group(self, caps: GroupCaps) -> Optional[str]:
         if not caps.single_host:
@@ -68,16 +71,16 @@ class TritonSymmBackend(Backend):
         reason = kernel_group_size_reason(problem.spec)
         if reason:
             return reason
-        limit = {"lamport": LAMPORT_MAX_BYTES, "one_shot": ONE_SHOT_MAX_BYTES}.get(variant, TWO_SHOT_MAX_BYTES)
+        limit = max_bytes(variant)
         if problem.nbytes > limit:
             return f"{variant} is limited to {limit} bytes per call, got {problem.nbytes}"
         return None
 
     def prepare(self, capacity: Capacity, caps: GroupCaps, group) -> SymmWorkspace:
-        return SymmWorkspace(capacity, group, caps.rank, caps.world_size,
-                             one_shot_tokens=tokens_within(capacity, ONE_SHOT_MAX_BYTES),
-                             lamport_tokens=tokens_within(capacity, LAMPORT_MAX_BYTES),
-                             two_shot_tokens=tokens_within(capacity, TWO_SHOT_MAX_BYTES))
+        return SymmWorkspace.rendezvous(capacity, group, caps.rank, caps.world_size,
+                                        one_shot_tokens=tokens_within(capacity, ONE_SHOT_MAX_BYTES),
+                                        lamport_tokens=tokens_within(capacity, LAMPORT_MAX_BYTES),
+                                        two_shot_tokens=tokens_within(capacity, TWO_SHOT_MAX_BYTES))
 
     def run(self, ws: SymmWorkspace, variant: str, spec: FusionSpec, call: FusedCall) -> None:
         ws.raise_if_failed()
@@ -86,6 +89,11 @@ class TritonSymmBackend(Backend):
             module.one_shot(ws.args, call, spec, copy_in=spec.moe or not ws.is_zero_copy(call.x))
         else:
             getattr(module, variant)(ws.args, call, spec)
+
+
+def max_bytes(variant: str) -> int:
+    """The most bytes (tokens * hidden * itemsize) one call of ``variant`` takes."""
+    return {"lamport": LAMPORT_MAX_BYTES, "one_shot": ONE_SHOT_MAX_BYTES}.get(variant, TWO_SHOT_MAX_BYTES)
 
 
 _modules: dict = {}  # variant -> its kernel module (named like its launcher), imported on first use: the modules

@@ -721,7 +721,7 @@ def _symm_args(cfg: HostConfig, world: int = 4):
     slot = -(-cfg.tokens * cfg.hidden // 64) * 64
     return SymmArgs(peer_ptrs=ptrs, pad_ptrs=pads, err_ptr=0x10000, guard_ptr=0x20000, lamport_state=state[0:2],
                     one_shot_state=state[2:4], lts_state=state[4:6], barrier_gen=state[6:], rank=0, world_size=world,
-                    timeout_ns=10 ** 10, max_grid=288, sms=132, one_shot_off=0, one_shot_half=slot,
+                    timeout_ns=10 ** 10, max_grid=528, barrier_slots=288, sms=132, one_shot_off=0, one_shot_half=slot,
                     zero_copy_off=2 * slot, two_shot_off=3 * slot, two_shot_slot=slot, gather_off=8 * slot,
                     lamport_off=16 * slot, lamport_slot=slot, lamport_buffer=world * slot, lts_rs_off=32 * slot,
                     lts_rs_buffer=world * slot, lts_gather_off=48 * slot, lts_gather_buffer=slot)

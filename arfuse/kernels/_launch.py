@@ -23,11 +23,17 @@ against Triton's own binder (launches that share a key share Triton's specializa
 
 Thread-safe (a cache miss in two threads only compiles or inserts twice). Graph-capturable: both paths launch on
 the current stream.
+
+Inside :func:`compile_only`, a launch compiles its kernel (Triton's ``warmup``, with the same arguments, so the same
+specialization) and remembers it, but runs nothing: ranks that share one process compile every rank's kernel this
+way before any of them launches, so none waits on a peer that is still compiling.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
+import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
 try:
@@ -128,6 +134,19 @@ class _Entry:
 
 
 LAUNCHERS: list = []  # every Launcher made (one per kernel), for clear_all
+_MODE = threading.local()
+
+
+@contextlib.contextmanager
+def compile_only():
+    """Within this context (in this thread), every :meth:`Launcher.launch` compiles its kernel for the given
+    arguments and returns without launching it."""
+    before = getattr(_MODE, "compile_only", False)
+    _MODE.compile_only = True
+    try:
+        yield
+    finally:
+        _MODE.compile_only = before
 
 
 def clear_all() -> None:
@@ -152,6 +171,7 @@ class Launcher:
         """``kernel[(grid,)](*args, **consts, **options)``; ``consts``: the constexpr parameters after ``args``,
         in the kernel's order; ``options``: ``num_warps`` and the like."""
         kernel = getattr(self.module, self.name)
+        compiling = getattr(_MODE, "compile_only", False)
         key = None
         if ENABLED and self.key is not None:
             try:
@@ -166,11 +186,16 @@ class Launcher:
                 entry = self.entries.get(key)
                 if entry is not None and entry.kernel is kernel and _hook_idle(rt.launch_enter_hook) \
                         and _hook_idle(rt.launch_exit_hook) and not kernel.pre_run_hooks:
+                    if compiling:
+                        return
                     entry.run(grid, 1, 1, drv.get_current_stream(key[0]), entry.function, entry.metadata, None, None,
                               None, *args, *values)
                     return
-        compiled = kernel[(grid,)](*args, **consts, **options)
-        if key is not None:
+        if compiling:
+            compiled = kernel.warmup(*args, grid=(grid,), **consts, **options)
+        else:
+            compiled = kernel[(grid,)](*args, **consts, **options)
+        if key is not None and compiled is not None:
             self._remember(key, kernel, compiled, len(args), consts)
 
     def _remember(self, key, kernel, compiled, n_args: int, consts: Dict[str, Any]) -> None:

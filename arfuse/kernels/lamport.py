@@ -90,7 +90,7 @@ def lamport(a, call, spec) -> None:
     num_warps = launch_config.LAMPORT_NUM_WARPS or num_warps
     split = lamport_push_split(n, block_h, a.sms)
     _LAMPORT.launch(
-        lamport_grid(n, split, a.sms),
+        lamport_grid(n, split, a.sms, a.max_grid),
         (*a.peer_ptrs, a.err_ptr, a.lamport_state, call.x, *prologue_args(call, a.guard_ptr),
          *epilogue_args(call, spec), n, a.timeout_ns, a.lamport_off, a.lamport_slot, a.lamport_buffer),
         {"RANK": a.rank, "WS": a.world_size, "WS_P2": next_power_of_2(a.world_size), "H": hidden, "BLOCK_H": block_h,

@@ -14,7 +14,10 @@ arrives (overlapping the traffic of other rows):
   2. for its rows of this rank's chunk it polls the peers' slots, sums them with its own ``x`` (fp32), rounds to
      the input dtype, pushes the sums into every peer's gather buffer and runs the epilogue at once;
   3. for its rows of the other chunks it polls its own gather buffer and runs the epilogue.
-Consumed rows are reset to the sentinel. Buffers alternate by a device-side call counter; a rank can be two calls
+Consumed rows are reset to the sentinel. An owner that timed out waiting for a peer's rows pushes no sums for them
+(its peers then time out on that chunk instead of finishing from a wrong sum), and a rank records such a
+gather-phase timeout (naming the chunk's owner) only if it recorded none before: a rank that waited for rows of its
+own chunk names the peer that did not send them. Buffers alternate by a device-side call counter; a rank can be two calls
 ahead only after every rank finished the older call (each call needs every rank's contribution to chunk 0).
 Every rank finishes from the same rounded sums, so outputs are bitwise identical; the epilogue is inlined at two
 call sites (own rows, gathered rows), so FMA contraction is off and both must reduce the row's mean square over
@@ -32,8 +35,15 @@ from arfuse.kernels._spec import QUANT_NONE, field
 from arfuse.kernels._sync import (OP_LAMPORT_TWO_SHOT, bump_epoch, first_missing_slot, globaltimer, load_epoch,
                                   no_negative_zero, peer_base, poll, record_error, sentinel_of)
 from arfuse.kernels._launch import SYMM_INTS, ArgKey, Launcher
-from arfuse.kernels.launch_config import (MAX_GRID, RUNTIME_ARGS, block_config, epilogue_args, grid_size,
+from arfuse.kernels.launch_config import (RUNTIME_ARGS, block_config, epilogue_args, grid_size,
                                           next_power_of_2, prologue_args)
+
+
+@triton.jit
+def record_if_first(err_ptr, peer, OP: tl.constexpr, RANK: tl.constexpr):
+    """``record_error`` unless this rank already recorded one."""
+    if tl.load(err_ptr.to(tl.pointer_type(tl.int32)), volatile=True) == 0:
+        record_error(err_ptr, peer, OP, RANK)
 
 
 @triton.jit
@@ -104,10 +114,11 @@ def lamport_two_shot_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, 
             summed = tl.sum(bits.to(dtype, bitcast=True).to(tl.float32), axis=0) + mine
             tl.store(ptrs, tl.full([WS_P2, BLOCK_H], sentinel, bits_ty), mask=mask2)
             summed = no_negative_zero(summed.to(dtype))
-            for p in tl.static_range(WS):
-                if p != RANK:
-                    peer = peer_base(p, P0, P1, P2, P3, P4, P5, P6, P7, dtype, g_base)
-                    tl.store(peer + offs, summed, mask=mask)
+            if ok != 0:
+                for p in tl.static_range(WS):
+                    if p != RANK:
+                        peer = peer_base(p, P0, P1, P2, P3, P4, P5, P6, P7, dtype, g_base)
+                        tl.store(peer + offs, summed, mask=mask)
             if field(EPI, "quant") != QUANT_NONE:
                 own_gather = peer_base(RANK, P0, P1, P2, P3, P4, P5, P6, P7, bits_ty, g_base)
                 acc = gathered_layout(summed, own_gather + offs, mask, sentinel, dtype, bits_ty)
@@ -126,7 +137,7 @@ def lamport_two_shot_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, 
                     res = load_residual(res_ptr, offs, mask, EPI)
                     bits, ok = poll(gathered + offs, mask, sentinel, start, timeout_ns)
                     if ok == 0:
-                        record_error(err_ptr, c, OP_LAMPORT_TWO_SHOT, RANK)
+                        record_if_first(err_ptr, c, OP_LAMPORT_TWO_SHOT, RANK)
                     tl.store(gathered + offs, tl.full([BLOCK_H], sentinel, bits_ty), mask=mask)
                     if ok != 0:
                         acc = bits.to(dtype, bitcast=True).to(tl.float32)
@@ -144,7 +155,7 @@ def lamport_two_shot(a, call, spec) -> None:
     block_h, num_warps = block_config(hidden)
     chunk = -(-n // a.world_size)
     _LAMPORT_TWO_SHOT.launch(
-        grid_size(chunk, MAX_GRID),
+        grid_size(chunk, a.max_grid),
         (*a.peer_ptrs, a.err_ptr, a.lts_state, call.x, *prologue_args(call, a.guard_ptr), *epilogue_args(call, spec),
          n, a.timeout_ns, a.lts_rs_off, a.two_shot_slot, a.lts_rs_buffer, a.lts_gather_off, a.lts_gather_buffer),
         {"RANK": a.rank, "WS": a.world_size, "WS_P2": next_power_of_2(a.world_size), "H": hidden, "BLOCK_H": block_h,

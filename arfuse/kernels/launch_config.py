@@ -9,7 +9,8 @@ OP_NAMES = {1: "lamport one-shot", 2: "one-shot", 3: "two-shot", 4: "lamport two
 # Runtime ints and floats the symmetric-memory kernels never specialise on (token counts, strides, scalars).
 RUNTIME_ARGS = ["n_rows", "eps", "weight_offset", "n_expert_rows", "top_k", "scale_row_stride", "scale_col_stride"]
 
-# A CTA handles whole rows; rows beyond the grid are looped over (persistent grid).
+# A CTA handles whole rows; rows beyond the grid are looped over (persistent grid). A rank with its own GPU caps
+# its persistent grids here (SymmArgs.max_grid); ranks sharing one GPU take a share of its SMs instead.
 MAX_GRID = 528  # 4 CTAs per SM on a 132-SM H100/H200
 
 
@@ -50,26 +51,28 @@ def lamport_push_split(rows: int, block_h: int, sms: int) -> int:
     return 1 << (limit.bit_length() - 1)
 
 
-def lamport_grid(rows: int, split: int, sms: int) -> int:
+def lamport_grid(rows: int, split: int, sms: int, max_grid: int = MAX_GRID) -> int:
     """CTAs for the Lamport kernel. With a split push the CTA polling a row waits for chunks pushed by other CTAs of
     its own and every peer's grid, so every CTA must be resident at once: the grid stays within one CTA per SM.
     (Like every spinning kernel, and FlashInfer's, it assumes no other work holds the SMs indefinitely; if some
     does, the bounded wait turns it into a PeerTimeoutError, not a hang.)"""
     if split == 1:
-        return grid_size(rows, MAX_GRID)
-    return grid_size(rows * split, sms)
+        return grid_size(rows, max_grid)
+    return grid_size(rows * split, min(sms, max_grid))
 
 
 class SymmArgs:
     """What the symmetric-memory launchers need from a workspace: the peers' buffer and signal-pad addresses
     (8-tuples, unused entries 0), the host-mapped records a kernel writes (``err_ptr``: a peer timeout;
     ``guard_ptr``: a MoE index out of range), rank layout, region offsets (in elements of the workspace dtype), the
-    per-family call counters (int32 device tensors ``[epoch, arrivals]``) and the per-block barrier generations
-    (int32, one per signal-pad block slot)."""
+    per-family call counters (int32 device tensors ``[epoch, arrivals]``), the per-block barrier generations
+    (int32, one per signal-pad block slot) and the grid limits: ``max_grid`` (the most CTAs of any launch),
+    ``barrier_slots`` (block ids the signal pad holds) and ``sms`` (the SMs a grid that needs all its CTAs resident
+    may span)."""
 
     __slots__ = ("peer_ptrs", "pad_ptrs", "err_ptr", "guard_ptr", "lamport_state", "one_shot_state", "lts_state",
-                 "barrier_gen", "rank", "world_size", "timeout_ns", "max_grid", "sms", "one_shot_off", "one_shot_half",
-                 "zero_copy_off",
+                 "barrier_gen", "rank", "world_size", "timeout_ns", "max_grid", "barrier_slots", "sms", "one_shot_off",
+                 "one_shot_half", "zero_copy_off",
                  "two_shot_off", "two_shot_slot", "gather_off", "lamport_off", "lamport_slot", "lamport_buffer",
                  "lts_rs_off", "lts_rs_buffer", "lts_gather_off", "lts_gather_buffer")
 

@@ -81,7 +81,7 @@ def one_shot(a, call, spec, copy_in: bool) -> None:
     n, hidden = call.num_tokens, call.x.shape[1]
     block_h, num_warps = block_config(hidden)
     _ONE_SHOT.launch(
-        grid_size(n, a.max_grid),
+        grid_size(n, min(a.max_grid, a.barrier_slots)),
         (*a.peer_ptrs, *a.pad_ptrs, a.barrier_gen, a.err_ptr, a.one_shot_state, call.x,
          *prologue_args(call, a.guard_ptr), *epilogue_args(call, spec), n, a.timeout_ns,
          a.one_shot_off if copy_in else a.zero_copy_off, a.one_shot_half),

@@ -103,7 +103,7 @@ def two_shot(a, call, spec) -> None:
     block_h, num_warps = block_config(hidden)
     chunk = -(-n // a.world_size)
     _TWO_SHOT.launch(
-        grid_size(chunk, a.max_grid),
+        grid_size(chunk, min(a.max_grid, a.barrier_slots)),
         (*a.peer_ptrs, *a.pad_ptrs, a.barrier_gen, a.err_ptr, call.x, *prologue_args(call, a.guard_ptr),
          *epilogue_args(call, spec), n, a.timeout_ns, a.two_shot_off, a.two_shot_slot, a.gather_off),
         {"RANK": a.rank, "WS": a.world_size, "H": hidden, "BLOCK_H": block_h, "EPI": spec.code,

@@ -22,6 +22,7 @@ from arfuse.core.math import ue8m0_empty
 from arfuse.core.spec import CLASSIC_FEATURES, FusionSpec, Prologue, Quant, ScaleLayout, catalogue
 from arfuse.core.types import Capacity, FusedCall, GroupCaps, Problem
 from arfuse.probe import flashinfer_api as fa
+from tests import _records
 from tests.unit import fake_flashinfer as ff
 
 BF16 = torch.bfloat16
@@ -112,11 +113,11 @@ def test_every_spec_maps_or_is_refused_with_its_reason(tmp_path, monkeypatch, ve
 
 
 @pytest.mark.parametrize("version", ["0.6.12", "0.7.4"])
-def test_new_features_are_refused_until_verified(tmp_path, monkeypatch, version):
+def test_features_the_record_does_not_vouch_for_are_refused(tmp_path, monkeypatch, version):
     monkeypatch.delenv(ALLOW_UNVERIFIED_ENV, raising=False)
     backend = FlashInferBackend(WorkspaceManager())
-    assert fib.VERIFIED == CLASSIC_FEATURES  # flip to FEATURES after issue 16's multi-GPU run
-    with ff.loaded(ff.write(tmp_path, version)) as p:
+    evidence = ("flashinfer/auto", _records.entry("flashinfer/auto", CLASSIC_FEATURES, kind="real_ranks"))
+    with _records.installed(monkeypatch, tmp_path, evidence), ff.loaded(ff.write(tmp_path, version)) as p:
         for spec in catalogue():
             why = backend.check(Problem(spec, 8, 4096, BF16, "cuda", 4), _caps(p), "auto")
             if spec.features <= CLASSIC_FEATURES:

@@ -68,9 +68,9 @@ def fake_cuda(monkeypatch):
 
 def _workspace(world=1, rank=0):
     cap = Capacity(TOKENS, HIDDEN, torch.bfloat16, torch.device("cpu"))
-    return sw.SymmWorkspace(cap, None, rank, world, one_shot_tokens=sw.tokens_within(cap, ONE_SHOT_MAX_BYTES),
-                            lamport_tokens=sw.tokens_within(cap, LAMPORT_MAX_BYTES),
-                            two_shot_tokens=sw.tokens_within(cap, TWO_SHOT_MAX_BYTES))
+    return sw.SymmWorkspace.rendezvous(cap, None, rank, world, one_shot_tokens=sw.tokens_within(cap, ONE_SHOT_MAX_BYTES),
+                                       lamport_tokens=sw.tokens_within(cap, LAMPORT_MAX_BYTES),
+                                       two_shot_tokens=sw.tokens_within(cap, TWO_SHOT_MAX_BYTES))
 
 
 def test_setup_builds_every_launch_argument_and_fills_the_sentinel(group, fake_cuda):

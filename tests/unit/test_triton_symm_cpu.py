@@ -6,14 +6,16 @@ import torch
 from arfuse.backends import base
 from arfuse.backends.symm_workspace import layout, tokens_within
 from arfuse.backends.triton_symm import LAMPORT_MAX_BYTES, ONE_SHOT_MAX_BYTES, TWO_SHOT_MAX_BYTES
-from arfuse.core.spec import FusionSpec, Prologue, Quant, ScaleLayout
+from arfuse.core.spec import CLASSIC_FEATURES, FusionSpec, Prologue, Quant, ScaleLayout
 from arfuse.core.types import Capacity, GroupCaps, Pattern, Problem
 from arfuse.kernels import launch_config
 from arfuse.kernels.launch_config import SymmArgs, block_config, grid_size, lamport_grid, lamport_push_split
+from tests import _records
 
 SYMM = base.get("triton_symm")
+# allow_unverified: these tests are about capabilities and limits (the verification record: test_verification.py)
 GOOD = GroupCaps(world_size=4, rank=0, device_type="cuda", dist_backend="cpu:gloo,cuda:nccl", gpu_name="NVIDIA H200",
-                 sm=(9, 0), single_host=True, p2p=True, symm_mem=True, triton=True)
+                 sm=(9, 0), single_host=True, p2p=True, symm_mem=True, triton=True, allow_unverified=True)
 
 
 def problem(tokens, hidden=8192, dtype=torch.bfloat16, pattern=Pattern.RESIDUAL_RMSNORM, world=4):
@@ -119,16 +121,23 @@ NEW_SPECS = [FusionSpec(weight_offset=True), FusionSpec(quant=Quant.FP8_PER_TOKE
 
 
 @pytest.mark.parametrize("spec", NEW_SPECS, ids=str)
-def test_new_features_are_implemented_but_refused_until_verified(spec, monkeypatch):
-    """triton_symm's new epilogues wait for a multi-GPU run; the nccl path's ran on one H200 and are verified."""
+def test_features_the_record_does_not_vouch_for_are_refused(spec, monkeypatch, tmp_path):
+    """Evidence for the classic features on two_shot and for every feature on the nccl path: the new features are
+    refused on two_shot (ARFUSE_ALLOW_UNVERIFIED=1 runs them) and run on the nccl path."""
     monkeypatch.delenv(base.ALLOW_UNVERIFIED_ENV, raising=False)
-    p = Problem(spec, 64, 4096, torch.bfloat16, "cuda", GOOD.world_size)
-    assert "not yet verified on GPUs" in SYMM.check(p, GOOD, "two_shot")
-    monkeypatch.setenv(base.ALLOW_UNVERIFIED_ENV, "1")
-    assert SYMM.check(p, GOOD, "two_shot") is None
-    monkeypatch.delenv(base.ALLOW_UNVERIFIED_ENV)
-    nccl_caps = GroupCaps(**{**GOOD.__dict__, "world_size": 1})
-    assert NCCL.check(Problem(spec, 64, 4096, torch.bfloat16, "cuda", 1), nccl_caps, "default") is None
+    strict_caps = GroupCaps(**{**GOOD.__dict__, "allow_unverified": None})
+    with _records.installed(monkeypatch, tmp_path, ("triton_symm/two_shot", _records.entry("triton_symm/two_shot",
+                                                                                           CLASSIC_FEATURES)),
+                            ("nccl", _records.entry("nccl", base.ALL_FEATURES, kind="one_gpu"))):
+        p = Problem(spec, 64, 4096, torch.bfloat16, "cuda", GOOD.world_size)
+        assert "not yet verified on GPUs" in SYMM.check(p, strict_caps, "two_shot")
+        assert SYMM.check(Problem(Pattern.RESIDUAL_RMSNORM_FP8, 64, 4096, torch.bfloat16, "cuda", 4), strict_caps,
+                          "two_shot") is None
+        monkeypatch.setenv(base.ALLOW_UNVERIFIED_ENV, "1")
+        assert SYMM.check(p, strict_caps, "two_shot") is None
+        monkeypatch.delenv(base.ALLOW_UNVERIFIED_ENV)
+        nccl_caps = GroupCaps(**{**strict_caps.__dict__, "world_size": 1})
+        assert NCCL.check(Problem(spec, 64, 4096, torch.bfloat16, "cuda", 1), nccl_caps, "default") is None
 
 
 @pytest.mark.parametrize("group_size,ok", [(128, True), (64, True), (8, True), (96, False), (4, False)])

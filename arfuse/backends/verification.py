@@ -1,0 +1,242 @@
+"""Which paths are verified, as data: the record a verification run wrote (``verified.json`` beside this file),
+checked against the code that is here now.
+
+A path (``backend/variant``) is trusted for a :class:`~arfuse.core.spec.FusionSpec` only if the record holds
+evidence for it whose features cover the spec's and whose source fingerprint equals the fingerprint of the code
+that would run now. The fingerprint (:func:`fingerprint`) covers the modules the backend names for the variant
+(``Backend.verified_sources``), every module of ``arfuse.kernels`` they import, and the values those modules read
+from ``arfuse.core``; it hashes their syntax trees without docstrings, so comments, docstrings and formatting do
+not count and any change to code does. A path whose code changed since its evidence is refused again as
+unverified, with that reason, until a new run verifies it (``ARFUSE_ALLOW_UNVERIFIED=1`` runs it anyway).
+
+Evidence entries (``record["paths"][path]`` is a list of them) hold: ``kind`` (``virtual_ranks``: W ranks on one
+GPU; ``real_ranks``: one rank per GPU; ``one_gpu``: a single-rank path on one GPU), ``date``, ``device``, ``torch``,
+``triton``, ``world_sizes``, ``commit``, ``features``, ``cases``, ``results`` (where the run's files are) and
+``sources`` (the fingerprint). ``record["components"]`` holds evidence for shared code that is not a path of its
+own (the symmetric-memory sync protocol), under the same rule.
+"""
+from __future__ import annotations
+
+import ast
+import enum
+import functools
+import hashlib
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+RECORD_PATH = Path(__file__).with_name("verified.json")
+FOLLOWED = ("arfuse.kernels",)  # imports followed into the fingerprint
+READ_VALUES_FROM = ("arfuse.core",)  # modules whose imported values (constants, enums) are hashed, not their code
+KINDS = ("real_ranks", "virtual_ranks", "one_gpu")
+
+
+def _source_path(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"verification: no source for module {module!r}")
+    return Path(spec.origin)
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def _is_package(module: str) -> bool:
+    spec = importlib.util.find_spec(module)
+    return spec is not None and spec.submodule_search_locations is not None
+
+
+def _imports(tree: ast.AST) -> List[Tuple[str, Tuple[str, ...]]]:
+    """(module, names imported from it) for every import of an arfuse module in ``tree`` (names empty for a plain
+    ``import`` and for a submodule imported from its package)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, ()) for alias in node.names if alias.name.startswith("arfuse")]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("arfuse"):
+            if node.level:
+                raise ValueError("verification: relative imports are not followed; import arfuse modules by name")
+            names = [alias.name for alias in node.names]
+            subs = [n for n in names if _is_package(node.module) and
+                    importlib.util.find_spec(f"{node.module}.{n}") is not None]
+            found += [(f"{node.module}.{n}", ()) for n in subs]
+            rest = tuple(n for n in names if n not in subs)
+            if rest:
+                found.append((node.module, rest))
+    return found
+
+
+def _value_digest(value) -> str:
+    if isinstance(value, type) and issubclass(value, enum.Enum):
+        return repr([(m.name, m.value) for m in value])
+    if isinstance(value, (int, float, str, bool, tuple, frozenset, type(None))):
+        return repr(value)
+    return f"<{type(value).__name__}>"  # a class or function of core: its name, not its code
+
+
+@functools.lru_cache(maxsize=None)
+def fingerprint(modules: Tuple[str, ...], follow: bool = True) -> Tuple[str, Tuple[str, ...]]:
+    """(``sha256:...``, the files hashed) for ``modules`` and what they import (see the module docstring);
+    ``follow=False``: ``modules`` alone, without the values they import."""
+    seen: Dict[str, str] = {}
+    values: Dict[str, str] = {}
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = _source_path(name)
+        tree = _strip_docstrings(ast.parse(path.read_text(), str(path)))
+        seen[name] = ast.dump(tree, include_attributes=False)
+        for imported, names in _imports(tree) if follow else ():
+            if imported.startswith(FOLLOWED) and imported not in seen:
+                todo.append(imported)
+            elif imported.startswith(READ_VALUES_FROM) and names:
+                mod = importlib.import_module(imported)
+                for n in names:
+                    values[f"{imported}.{n}"] = _value_digest(getattr(mod, n, None))
+    h = hashlib.sha256()
+    for name in sorted(seen):
+        h.update(f"{name}\n{seen[name]}\n".encode())
+    for name in sorted(values):
+        h.update(f"{name}={values[name]}\n".encode())
+    files = tuple(sorted(str(_relative(_source_path(n))) for n in seen))
+    return f"sha256:{h.hexdigest()}", files
+
+
+def _relative(path: Path) -> Path:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return path.resolve().relative_to(root)
+    except ValueError:
+        return path
+
+
+@functools.lru_cache(maxsize=1)
+def _record_cached(path: str, mtime: float) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def load(path: Optional[Path] = None) -> dict:
+    """The record at ``path`` (default :data:`RECORD_PATH`; ``{"format": 1, "paths": {}, "components": {}}`` if
+    the file is missing)."""
+    path = RECORD_PATH if path is None else path
+    if not path.exists():
+        return {"format": 1, "paths": {}, "components": {}}
+    return _record_cached(str(path), path.stat().st_mtime)
+
+
+def current(evidence: Iterable[dict], sources: str) -> List[dict]:
+    """The entries of ``evidence`` made on code with fingerprint ``sources``."""
+    return [e for e in evidence if e.get("sources") == sources]
+
+
+class Verdict:
+    """What the record says of one path now: ``features`` verified on the current code (None: no current
+    evidence), the current ``evidence`` and the ``stale`` entries (made on other code)."""
+
+    def __init__(self, path: str, sources: str, files: Sequence[str], evidence: List[dict]):
+        self.path, self.sources, self.files = path, sources, tuple(files)
+        evidence = [e for e in evidence if e.get("ok", True)]  # a failed run's entry vouches for nothing
+        self.evidence = current(evidence, sources)
+        self.stale = [e for e in evidence if e not in self.evidence]
+        self.features = frozenset().union(*(e["features"] for e in self.evidence)) if self.evidence else None
+
+    def reason(self, features: Iterable[str], spec_name: Optional[str] = None) -> Optional[str]:
+        """Why a spec needing ``features`` (named ``spec_name``) is not verified on this path, or None."""
+        if self.features is None:
+            if self.stale:
+                newest = max(self.stale, key=lambda e: e.get("date", ""))
+                return (f"{self.path}: its code changed since it was verified ({newest.get('kind')}, "
+                        f"{newest.get('date')}, commit {newest.get('commit', '?')[:10]}); not verified since")
+            return f"{self.path}: never verified on GPUs"
+        missing = sorted(set(features) - self.features)
+        if missing:
+            return f"{self.path}: {', '.join(missing)} not yet verified on GPUs"
+        for e in self.evidence:
+            if spec_name in e.get("refused", {}):
+                return f"{self.path}: {spec_name} failed its check ({e['kind']}, {e['date']}): {e['refused'][spec_name]}"
+        return None
+
+
+def verdict(path: str, modules: Tuple[str, ...], record: Optional[dict] = None) -> Verdict:
+    """The :class:`Verdict` of ``path`` whose code is ``modules`` (and their imports)."""
+    record = load() if record is None else record
+    sources, files = fingerprint(tuple(modules))
+    return Verdict(path, sources, files, record.get("paths", {}).get(path, []))
+
+
+COMPONENTS = {"triton_symm/sync": ("arfuse.kernels._sync",)}  # shared code with evidence of its own
+
+
+def component_verdict(name: str, record: Optional[dict] = None) -> Verdict:
+    """The :class:`Verdict` of a shared component of :data:`COMPONENTS` (``record["components"]``): its own
+    modules only, imports not followed."""
+    record = load() if record is None else record
+    sources, files = fingerprint(COMPONENTS[name], follow=False)
+    return Verdict(name, sources, files, record.get("components", {}).get(name, []))
+
+
+def add(record: dict, path: str, entry: dict, section: str = "paths") -> dict:
+    """Add ``entry`` to ``record[section][path]``: it replaces the entries of its kind made on the same code, and of
+    the entries made on other code (history) the newest of each kind stays."""
+    kept = [e for e in record.setdefault(section, {}).get(path, [])
+            if not (e.get("kind") == entry["kind"] and e.get("sources") == entry["sources"])]
+    history: Dict[str, dict] = {}
+    for e in kept:
+        if e.get("sources") != entry["sources"]:
+            older = history.get(e["kind"])
+            if older is None or e.get("date", "") >= older.get("date", ""):
+                history[e["kind"]] = e
+    same_code = [e for e in kept if e.get("sources") == entry["sources"]]
+    record[section][path] = same_code + list(history.values()) + [entry]
+    return record
+
+
+def save(record: dict, path: Optional[Path] = None) -> None:
+    """Write ``record`` (sorted keys) to ``path`` (default :data:`RECORD_PATH`)."""
+    path = RECORD_PATH if path is None else path
+    record.setdefault("format", 1)
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    _record_cached.cache_clear()
+
+
+def _evidence_text(e: dict) -> str:
+    worlds = ",".join(str(w) for w in e.get("world_sizes", []))
+    return (f"{e['kind'].replace('_', ' ')}, {e.get('device', '?')}, W={worlds}, {e.get('cases', '?')} cases, "
+            f"{e.get('date', '?')} ({str(e.get('commit') or '?')[:10]})")
+
+
+def table(record: Optional[dict] = None) -> str:
+    """The verification table (markdown) of every registered path that needs evidence, and every component: what
+    is verified on the code here now, on what evidence, and what evidence went stale."""
+    from arfuse.backends.base import registered
+
+    record = load() if record is None else record
+    rows = ["| path | verified now | evidence on this code | stale evidence (code changed since) |",
+            "|---|---|---|---|"]
+    verdicts = []
+    for backend in registered():
+        for variant in backend.variants:
+            modules = backend.verified_sources(variant)
+            if modules is not None:
+                key = backend.name if variant in ("", "default") else f"{backend.name}/{variant}"
+                verdicts.append(verdict(key, modules, record))
+    verdicts += [component_verdict(name, record) for name in COMPONENTS]
+    for v in verdicts:
+        if v.features is None:
+            now = "nothing"
+        else:
+            now = ", ".join(sorted(v.features)) or "the base pattern"
+        rows.append(f"| `{v.path}` | {now} | {'; '.join(_evidence_text(e) for e in v.evidence) or '-'} | "
+                    f"{'; '.join(_evidence_text(e) for e in v.stale) or '-'} |")
+    return "\n".join(rows)

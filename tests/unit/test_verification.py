@@ -1,0 +1,149 @@
+"""The verification record (arfuse/backends/verification.py, verified.json): evidence is tied to the code it
+checked, so a change to a path's code takes its verification away, with that reason; the shipped record and the
+README's table agree with the code here now."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from arfuse.backends import base, verification
+from arfuse.core.spec import CLASSIC_FEATURES, FEATURES, RESIDUAL_RMSNORM, FusionSpec, Quant, ScaleLayout
+from arfuse.core.types import GroupCaps, Problem
+from tests import _records
+
+REPO = Path(__file__).resolve().parents[2]
+SYMM = base.get("triton_symm")
+CAPS = GroupCaps(world_size=4, rank=0, device_type="cuda", dist_backend="cpu:gloo,cuda:nccl", sm=(9, 0),
+                 single_host=True, p2p=True, symm_mem=True, triton=True)
+GROUP = FusionSpec(quant=Quant.FP8_PER_TOKEN_GROUP, group_size=128, scale_layout=ScaleLayout.UE8M0)
+
+
+def _problem(spec=RESIDUAL_RMSNORM):
+    return Problem(spec, 8, 8192, torch.bfloat16, "cuda", 4)
+
+
+@pytest.fixture(autouse=True)
+def strict_about_verification(monkeypatch):
+    monkeypatch.delenv(base.ALLOW_UNVERIFIED_ENV, raising=False)
+
+
+def test_a_path_without_evidence_is_refused_and_the_flag_runs_it(monkeypatch, tmp_path):
+    with _records.installed(monkeypatch, tmp_path):
+        why = SYMM.check(_problem(), CAPS, "lamport")
+        assert "triton_symm/lamport: never verified on GPUs" in why and base.ALLOW_UNVERIFIED_ENV in why
+        assert SYMM.check(_problem(), GroupCaps(**{**CAPS.__dict__, "allow_unverified": True}), "lamport") is None
+
+
+def test_evidence_vouches_for_its_features_only(monkeypatch, tmp_path):
+    with _records.installed(monkeypatch, tmp_path, ("triton_symm/lamport",
+                                                    _records.entry("triton_symm/lamport", CLASSIC_FEATURES))):
+        assert SYMM.check(_problem(), CAPS, "lamport") is None
+        why = SYMM.check(_problem(GROUP), CAPS, "lamport")
+        assert "fp8_group, ue8m0 not yet verified on GPUs" in why
+        assert "never verified" in SYMM.check(_problem(), CAPS, "one_shot")  # evidence is per variant
+
+
+def test_evidence_on_other_code_is_stale_and_says_so(monkeypatch, tmp_path):
+    stale = _records.entry("triton_symm/lamport", FEATURES, stale=True, date="2026-11-28")
+    with _records.installed(monkeypatch, tmp_path, ("triton_symm/lamport", stale)):
+        why = SYMM.check(_problem(), CAPS, "lamport")
+        assert "its code changed since it was verified (virtual_ranks, 2026-11-28" in why
+
+
+def test_a_spec_that_failed_is_refused_though_its_features_are_vouched_for(monkeypatch, tmp_path):
+    fp8 = FusionSpec(quant=Quant.FP8_STATIC)
+    e = dict(_records.entry("triton_symm/lamport", CLASSIC_FEATURES | {"also_norm"}),
+             refused={fp8.name: "outputs differ across ranks"})
+    with _records.installed(monkeypatch, tmp_path, ("triton_symm/lamport", e)):
+        assert "failed its check" in SYMM.check(_problem(fp8), CAPS, "lamport")
+        assert SYMM.check(_problem(FusionSpec(quant=Quant.FP8_STATIC, also_norm=True)), CAPS, "lamport") is None
+
+
+def test_a_failed_run_vouches_for_nothing(monkeypatch, tmp_path):
+    failed = _records.entry("triton_symm/lamport", FEATURES, ok=False)
+    with _records.installed(monkeypatch, tmp_path, ("triton_symm/lamport", failed)):
+        assert "never verified" in SYMM.check(_problem(), CAPS, "lamport")
+
+
+def _fingerprint_with(monkeypatch, module: str, text: str) -> str:
+    original = verification._source_path
+
+    def patched(name):
+        if name == module:
+            path = Path(monkeypatch.tmp) / "patched.py"
+            path.write_text(text)
+            return path
+        return original(name)
+
+    verification.fingerprint.cache_clear()
+    monkeypatch.setattr(verification, "_source_path", patched)
+    try:
+        return verification.fingerprint(SYMM.verified_sources("lamport"))[0]
+    finally:
+        monkeypatch.setattr(verification, "_source_path", original)
+        verification.fingerprint.cache_clear()
+
+
+def test_fingerprint_ignores_comments_and_docstrings_and_sees_code(monkeypatch, tmp_path):
+    monkeypatch.tmp = tmp_path
+    source = verification._source_path("arfuse.kernels._epilogue").read_text()
+    now = verification.fingerprint(SYMM.verified_sources("lamport"))
+    assert "arfuse/kernels/_epilogue.py" in now[1] and "arfuse/kernels/_sync.py" in now[1]
+    commented = source.replace('"""The fused epilogue', '"""Reworded: the fused epilogue', 1) + "\n# a comment\n"
+    assert _fingerprint_with(monkeypatch, "arfuse.kernels._epilogue", commented) == now[0]
+    changed = source.replace("* 0.0", "* 1.0", 1)
+    assert changed != source
+    assert _fingerprint_with(monkeypatch, "arfuse.kernels._epilogue", changed) != now[0]
+
+
+def test_fingerprint_covers_the_core_values_the_kernels_read(monkeypatch):
+    from arfuse.core import spec
+
+    verification.fingerprint.cache_clear()
+    before = verification.fingerprint(SYMM.verified_sources("lamport"))[0]
+    monkeypatch.setattr(spec, "CODE_FIELDS", spec.CODE_FIELDS[::-1])  # the bit layout the kernels decode
+    verification.fingerprint.cache_clear()
+    assert verification.fingerprint(SYMM.verified_sources("lamport"))[0] != before
+    monkeypatch.undo()
+    verification.fingerprint.cache_clear()
+
+
+def test_adding_evidence_replaces_the_same_code_and_keeps_the_newest_history():
+    record = {"paths": {}}
+    old = dict(kind="virtual_ranks", sources="sha256:a", date="2026-12-01", features=[])
+    older = dict(old, date="2026-11-01")
+    verification.add(record, "p", older)
+    verification.add(record, "p", old)
+    assert record["paths"]["p"] == [old]  # same kind, same code: replaced
+    new = dict(kind="virtual_ranks", sources="sha256:b", date="2026-12-07", features=[])
+    real = dict(kind="real_ranks", sources="sha256:b", date="2026-12-08", features=[])
+    verification.add(record, "p", new)
+    verification.add(record, "p", real)
+    assert record["paths"]["p"] == [new, old, real]
+
+
+def test_the_shipped_record_is_well_formed():
+    record = verification.load()
+    assert record["format"] == 1
+    for section in ("paths", "components"):
+        for path, entries in record[section].items():
+            for e in entries:
+                assert e["kind"] in verification.KINDS and e["sources"].startswith("sha256:"), (path, e)
+                assert re.fullmatch(r"\d{4}-\d\d-\d\d", e["date"]) and e["world_sizes"], (path, e)
+                assert set(e["features"]) <= FEATURES and isinstance(e["ok"], bool), (path, e)
+                assert len(e["commit"] or "") == 40 and e["results"], (path, e)
+
+
+def test_the_sync_protocol_keeps_its_real_rank_evidence_while_unchanged():
+    v = verification.component_verdict("triton_symm/sync")
+    assert v.files == ("arfuse/kernels/_sync.py",)
+    assert any(e["kind"] == "real_ranks" for e in v.evidence + v.stale), "the sync protocol's evidence is gone"
+
+
+def test_the_readme_table_is_the_record_on_this_code():
+    readme = (REPO / "README.md").read_text()
+    table = verification.table()
+    assert table in readme, "README's verification table is out of date: python bench/verify_kernels.py table"
