@@ -212,31 +212,47 @@ def save(record: dict, path: Optional[Path] = None) -> None:
 
 def _evidence_text(e: dict) -> str:
     worlds = ",".join(str(w) for w in e.get("world_sizes", []))
-    return (f"{e['kind'].replace('_', ' ')}, {e.get('device', '?')}, W={worlds}, {e.get('cases', '?')} cases, "
-            f"{e.get('date', '?')} ({str(e.get('commit') or '?')[:10]})")
+    cases = e.get("cases")
+    return (f"{e['kind'].replace('_', ' ')}, {e.get('device', '?')}, W={worlds}"
+            f"{f', {cases} cases' if cases else ''}, {e.get('date', '?')} ({str(e.get('commit') or '?')[:10]})")
 
 
-def table(record: Optional[dict] = None) -> str:
-    """The verification table (markdown) of every registered path that needs evidence, and every component: what
-    is verified on the code here now, on what evidence, and what evidence went stale."""
+def verdicts(record: Optional[dict] = None) -> List[Verdict]:
+    """The :class:`Verdict` of every registered path that needs evidence, then of every component."""
     from arfuse.backends.base import registered
 
     record = load() if record is None else record
-    rows = ["| path | verified now | evidence on this code | stale evidence (code changed since) |",
-            "|---|---|---|---|"]
-    verdicts = []
+    found = []
     for backend in registered():
         for variant in backend.variants:
             modules = backend.verified_sources(variant)
             if modules is not None:
                 key = backend.name if variant in ("", "default") else f"{backend.name}/{variant}"
-                verdicts.append(verdict(key, modules, record))
-    verdicts += [component_verdict(name, record) for name in COMPONENTS]
-    for v in verdicts:
-        if v.features is None:
-            now = "nothing"
-        else:
-            now = ", ".join(sorted(v.features)) or "the base pattern"
-        rows.append(f"| `{v.path}` | {now} | {'; '.join(_evidence_text(e) for e in v.evidence) or '-'} | "
-                    f"{'; '.join(_evidence_text(e) for e in v.stale) or '-'} |")
+                found.append(verdict(key, modules, record))
+    return found + [component_verdict(name, record) for name in COMPONENTS]
+
+
+def summary(v: Verdict) -> dict:
+    """One verdict as plain data: what is verified now, on what evidence, what went stale."""
+    if v.features is None:
+        now = "nothing"
+    elif v.path in COMPONENTS:
+        now = "the protocol"
+    else:
+        now = ", ".join(sorted(v.features)) or "the base pattern"
+        refused = sorted({name for e in v.evidence for name in e.get("refused", {})})
+        now += f" (except {', '.join(refused)})" if refused else ""
+    return {"path": v.path, "verified": now, "evidence": [_evidence_text(e) for e in v.evidence],
+            "stale": [_evidence_text(e) for e in v.stale], "files": list(v.files)}
+
+
+def table(record: Optional[dict] = None) -> str:
+    """The verification table (markdown): per path and component, what is verified on the code here now, on what
+    evidence, and what evidence went stale."""
+    rows = ["| path | verified now | evidence on this code | stale evidence (code changed since) |",
+            "|---|---|---|---|"]
+    for v in verdicts(record):
+        s = summary(v)
+        rows.append(f"| `{s['path']}` | {s['verified']} | {'; '.join(s['evidence']) or '-'} | "
+                    f"{'; '.join(s['stale']) or '-'} |")
     return "\n".join(rows)

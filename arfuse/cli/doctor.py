@@ -108,10 +108,12 @@ def collect(args) -> Dict[str, Any]:
     backends["flashinfer"].update(fi.as_dict(), available=backends["flashinfer"]["available"],
                                   reason=backends["flashinfer"]["reason"], installed=fi.available,
                                   probe_reason=fi.reason, fusions=flashinfer_fusions(fi))
+    from arfuse.backends import verification
     from arfuse.select.policy import group_restriction
 
     report = {
         "backends": backends,
+        "verification": [verification.summary(v) for v in verification.verdicts()],
         "group_restriction": group_restriction(caps),
         "device": {"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": no_gpu is None,
                    "no_gpu_reason": no_gpu, "device": str(device),
@@ -211,6 +213,12 @@ def _render(report: Dict[str, Any]) -> None:
         detail = b["reason"] or ", ".join(f"{v}: {r}" for v, r in b.get("variants", {}).items())
         table.add_row(name, "[green]yes[/green]" if b["available"] else "[red]no[/red]", detail)
     console.print(table)
+    checked = Table(title="arfuse doctor: verified on GPUs, for the code installed here", show_lines=True)
+    for col in ("path", "verified now", "evidence on this code", "stale evidence (code changed since)"):
+        checked.add_column(col)
+    for v in report["verification"]:
+        checked.add_row(v["path"], v["verified"], "; ".join(v["evidence"]) or "-", "; ".join(v["stale"]) or "-")
+    console.print(checked)
     for title, rows in (("FlashInfer", flashinfer_rows(report["backends"]["flashinfer"])),
                         ("device and group", device_rows(report["device"]))):
         facts = Table(title=title, show_header=False)
