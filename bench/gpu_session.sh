@@ -16,11 +16,21 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 R=$OUT/r
 mkdir -p "$R"
 
-gpu_tests() {  # name file timeout [pytest args...]
-  local name=$1 file=$2 limit=$3; shift 3
+gpu_tests() {  # name file timeout [pytest args...]; returns pytest's status
+  local name=$1 file=$2 limit=$3 rc; shift 3
   ARFUSE_RESULTS_DIR=$R ARFUSE_TIMEOUT_S=5 timeout "$limit" python3 -m pytest -p no:cacheprovider "$file" -q "$@" \
     > "$R/pytest_$name.log" 2>&1
+  rc=$?
   tail -3 "$R/pytest_$name.log"
+  return $rc
+}
+
+evidence() {  # path kind world_sizes test_file log: the verification record's entry for a path its test run checked
+  local passed
+  passed=$(grep -oE '[0-9]+ passed' "$5" | tail -1 | cut -d' ' -f1)
+  python3 bench/verify_kernels.py evidence --path "$1" --kind "$2" --world-sizes "$3" --cases "${passed:-0}" \
+    --results-dir "${RESULTS_DIR:-bench/results/}" --checked-by "$4" --json "$R/evidence_${1//\//_}.json"
+  echo "evidence for $1: $R/evidence_${1//\//_}.json"
 }
 
 for stage in "$@"; do
@@ -59,7 +69,8 @@ for stage in "$@"; do
              > "$R/e2e_rank_tp4_$attn.txt" 2>&1; tail -c 2500 "$R/e2e_rank_tp4_$attn.txt"; done ;;
     patterns) python3 -m pytest -p no:cacheprovider tests/gpu --co -q > "$R/pytest_collect_gpu.log" 2>&1  # all import
               tail -1 "$R/pytest_collect_gpu.log"
-              ARFUSE_ALLOW_UNVERIFIED=1 gpu_tests patterns tests/gpu/test_patterns_gpu.py "${T_PATTERNS:-270}" ;;
+              if ARFUSE_ALLOW_UNVERIFIED=1 gpu_tests patterns tests/gpu/test_patterns_gpu.py "${T_PATTERNS:-270}"; then
+                evidence nccl one_gpu 1 tests/gpu/test_patterns_gpu.py "$R/pytest_patterns.log"; fi ;;
     epilogue) timeout "${T_EPILOGUE:-270}" python3 -m arfuse.cli.main bench --epilogue --no-progress --warmup 2 \
                 --replays 10 ${EPILOGUE_HIDDEN:+--hidden "$EPILOGUE_HIDDEN"} --json "$R/epilogue_h200.json" \
                 > "$R/epilogue_h200.txt" 2>&1; tail -c 4000 "$R/epilogue_h200.txt" ;;
