@@ -21,7 +21,9 @@ the row's width a token's columns are split over several tiles), ``num_warps``, 
 Which entry applies (:func:`lookup`): the per-machine file's, else the shipped one's; within a file, the entry of
 this kernel and hidden size whose gpu and dtype are equal or null, an equal gpu first, then an equal dtype. None
 applies: the kernel's default launch (``launch_config``). A malformed per-machine file is reported once and
-ignored; a malformed shipped one raises.
+ignored; a malformed shipped one raises. Ranks of one job must read the same table: the MoE finalize launches
+give the same bits, but epilogue launches of other tile shapes or warp counts may sum a row's squares in another
+order (ranks on several machines: the same per-machine file, or none).
 """
 from __future__ import annotations
 
