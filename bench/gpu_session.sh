@@ -2,8 +2,8 @@
 # Everything the GPU machine runs, by stage, in one device call:
 #   bash bench/gpu_session.sh STAGE...      (carry .gpu-deps, built by ../shared/tools/gpu-deps.sh, for FlashInfer)
 # Stages: env link kernels fp8 flashinfer models reliability timing lamport_sweep benchtest bench e2e (4 GPUs);
-# demo e2e_rank patterns epilogue autofuse e2e_hf host virtual virtualtest (one GPU is enough); each bounded by its
-# own timeout.
+# demo e2e_rank patterns epilogue launches moe_prologue epilogue_ranges autofuse e2e_hf host virtual virtualtest
+# (one GPU is enough); each bounded by its own timeout.
 # Results land in $OUT/r and are packed into $OUT/results.tgz after every stage (the device returns at most 8
 # files, so unpack that one). NVLink multicast stays off: the guards below are exported before anything runs.
 set -u
@@ -35,6 +35,7 @@ evidence() {  # path kind world_sizes test_file log: the verification record's e
 
 for stage in "$@"; do
   echo "== $stage"
+  stage_start=$SECONDS
   case $stage in
     env) { nvidia-smi; nvidia-smi topo -m; python3 -c "import sys, torch, triton; print(sys.version); print('torch',
            torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(), 'triton', triton.__version__)"
@@ -74,6 +75,18 @@ for stage in "$@"; do
     epilogue) timeout "${T_EPILOGUE:-270}" python3 -m arfuse.cli.main bench --epilogue --no-progress --warmup 2 \
                 --replays 10 ${EPILOGUE_HIDDEN:+--hidden "$EPILOGUE_HIDDEN"} --json "$R/epilogue_h200.json" \
                 > "$R/epilogue_h200.txt" 2>&1; tail -c 4000 "$R/epilogue_h200.txt" ;;
+    launches) gpu_tests launches tests/gpu/test_launches_gpu.py "${T_LAUNCHES:-180}" ;;  # every swept launch vs float64
+    moe_prologue) timeout "${T_MOE:-240}" python3 -m arfuse.cli.main bench --epilogue --no-progress --warmup 2 --replays 10 \
+                    --kinds moe_prologue --hidden "${MOE_HIDDEN:-4096,7168,8192}" \
+                    --tokens "${MOE_TOKENS:-1,2,4,8,16,32,64,256,1024,16384}" --json "$R/moe_prologue.json" \
+                    --launch-table "$R/launch_table_moe.json" > "$R/moe_prologue.txt" 2>&1
+                  echo "rc $?"; tail -c 6000 "$R/moe_prologue.txt" ;;
+    epilogue_ranges) timeout "${T_EPILOGUE_RANGES:-330}" python3 -m arfuse.cli.main bench --epilogue --no-progress \
+                       --warmup 2 --replays 10 --hidden "${EPILOGUE_HIDDEN:-4096,5120,7168,8192}" \
+                       --kinds residual_rmsnorm,offset,fp8_static,fp8_per_token+norm,fp8_group128,fp8_group128_ue8m0,fp8_group128_ue8m0+norm \
+                       --json "$R/epilogue_ranges.json" --launch-table "$R/launch_table_epilogue.json" \
+                       > "$R/epilogue_ranges.txt" 2>&1
+                     echo "rc $?"; tail -c 8000 "$R/epilogue_ranges.txt" ;;
     host) python3 -m pytest -p no:cacheprovider tests/gpu --co -q > "$R/pytest_collect_gpu.log" 2>&1  # all import
           tail -1 "$R/pytest_collect_gpu.log"
           gpu_tests host_fast_path tests/gpu/test_host_fast_path_gpu.py "${T_HOST_TESTS:-150}"
@@ -94,5 +107,6 @@ for stage in "$@"; do
     virtualtest) gpu_tests virtual_ranks tests/gpu/test_virtual_ranks_gpu.py "${T_VIRTUAL_TESTS:-300}" ;;
     *) echo "unknown stage $stage" ;;
   esac
+  echo "== $stage took $((SECONDS - stage_start)) s" | tee -a "$R/stage_times.txt"
   (cd "$OUT" && tar -czf results.tgz r)
 done

@@ -10,6 +10,9 @@ import torch
 
 for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
     os.environ.setdefault(_k, _v)
+# kernel launches from the shipped launch table only, whatever this machine's user has tuned (tests of the
+# per-machine file set it themselves)
+os.environ.setdefault("ARFUSE_LAUNCH_FILE", os.path.join(os.devnull, "launch.json"))  # can never exist
 
 NO_TRITON = ("Triton is not installed (pip install -e '.[test]' brings it on Linux x86-64, or pip install "
              "triton)")

@@ -270,15 +270,16 @@ def nccl_bare_launches(spec: FusionSpec, call: FusedCall, ws) -> Dict[str, Calla
     summed = x
     if spec.moe:
         summed = call.out if call.out.dtype == x.dtype else ws.scratch[:n]
-        block_h, warps = lc.block_config(hidden)
-        launches.append((ne.moe_finalize_kernel, lc.grid_size(n),
+        moe = lc.moe_launch(hidden, n, summed.dtype, summed.get_device())
+        launches.append((ne.moe_finalize_kernel, lc.moe_grid(n, hidden, moe),
                          (x, *lc.prologue_args(call, ws.index_guard.ptr), summed, n),
-                         dict(H=hidden, BLOCK_H=block_h, EPI=spec.code, num_warps=warps)))
-    launch = lc.epilogue_launch(hidden, n)
+                         dict(H=hidden, BLOCK_H=moe.block_h, SLOTS=moe.slots, EPI=spec.code,
+                              num_warps=moe.num_warps)))
+    launch = lc.epilogue_launch(hidden, n, summed.dtype, summed.get_device())
     launches.append((ne.rmsnorm_epilogue_kernel, lc.epilogue_grid(n, launch),
                      (summed, *lc.epilogue_args(call, spec), n),
-                     dict(H=hidden, BLOCK_H=launch.block_h, ROWS=launch.rows, EPI=spec.code,
-                          num_warps=launch.num_warps)))
+                     dict(H=hidden, BLOCK_H=launch.block_h, ROWS=launch.rows, EVICT_FIRST=launch.evict_first,
+                          EPI=spec.code, num_warps=launch.num_warps)))
 
     def bare():
         for kernel, grid, args, kwargs in launches:

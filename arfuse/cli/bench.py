@@ -64,11 +64,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "measure)")
     p.add_argument("--epilogue", action="store_true",
                    help="one GPU: the nccl path's epilogue (and MoE prologue) kernels per fusion kind vs "
-                        "torch.compile, %% of HBM bandwidth, plus a launch-config sweep (tokens default 1..16384; "
+                        "torch.compile, %% of HBM bandwidth, after sweeping their launches per token count (tokens "
+                        "default 1..16384; "
                         "honours --hidden, --tokens, --dtype, --json, --warmup, --replays) (default: off)")
     p.add_argument("--kinds", type=args_.name_list, default=None,
-                   help="with --epilogue: comma-separated kinds to time (the launch sweep runs only for the kinds "
-                        "it sweeps that are listed) (default: all)")
+                   help="with --epilogue: comma-separated kinds to time (the launch sweeps run only for the kinds "
+                        "they sweep that are listed) (default: all)")
+    p.add_argument("--launch-table", default=None, metavar="PATH",
+                   help="with --epilogue: write the launches chosen per hidden size and token range as a launch "
+                        "table (arfuse/kernels/launch_table.json's format) (default: only in --json)")
     p.add_argument("--host", action="store_true",
                    help="the host cost of one eager call per public op and spec kind, per backend that runs here, "
                         "next to the bare launch and the unfused torch; the triton_symm/flashinfer launch paths "
@@ -189,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
     args_.check_writable("--plot", args.plot)
     if getattr(args, "kinds", None) is not None and not getattr(args, "epilogue", False):
         raise UsageError("--kinds applies to --epilogue only")
+    if getattr(args, "launch_table", None) is not None and not getattr(args, "epilogue", False):
+        raise UsageError("--launch-table applies to --epilogue only")
+    args_.check_writable("--launch-table", getattr(args, "launch_table", None))
     if getattr(args, "epilogue", False):
         import torch
 
@@ -201,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--epilogue: times GPU kernels and needs a CUDA device; none is visible here")
         tokens = None if tuple(args.tokens) == DEFAULT_TOKENS else args.tokens
         return command(args.hidden, tokens, args.dtype[0], args.json, args.warmup, args.replays,
-                       progress=not args.no_progress, kinds=args.kinds)
+                       progress=not args.no_progress, kinds=args.kinds, table_path=args.launch_table)
     if getattr(args, "host", False):
         return run_host(args)
     if args.from_json:

@@ -26,10 +26,11 @@ from arfuse.kernels._spec import (FP8_MAX, GROUP_FLOOR, LAYOUT_UE8M0, PER_TOKEN_
 
 
 @triton.jit
-def load_weight(w_ptr, cols, mask, weight_offset, EPI: tl.constexpr):
-    """The norm weight as fp32, plus the offset for specs that have one (zeros without a norm)."""
+def load_weight(w_ptr, cols, mask, weight_offset, EPI: tl.constexpr, POLICY: tl.constexpr = tl.constexpr("")):
+    """The norm weight as fp32, plus the offset for specs that have one (zeros without a norm); ``POLICY``: the
+    load's cache eviction policy."""
     if field(EPI, "norm"):
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0, eviction_policy=POLICY).to(tl.float32)
         if field(EPI, "weight_offset"):
             w = tl.where(mask, w + weight_offset, 0.0)
     else:
@@ -38,10 +39,10 @@ def load_weight(w_ptr, cols, mask, weight_offset, EPI: tl.constexpr):
 
 
 @triton.jit
-def load_residual(res_ptr, offs, mask, EPI: tl.constexpr):
-    """A residual tile as fp32 (zeros for specs without a residual)."""
+def load_residual(res_ptr, offs, mask, EPI: tl.constexpr, POLICY: tl.constexpr = tl.constexpr("")):
+    """A residual tile as fp32 (zeros for specs without a residual); ``POLICY``: the load's cache eviction policy."""
     if field(EPI, "residual"):
-        res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        res = tl.load(res_ptr + offs, mask=mask, other=0.0, eviction_policy=POLICY).to(tl.float32)
     else:
         res = offs.to(tl.float32) * 0.0
     return res

@@ -8,11 +8,10 @@ shipped defaults from committed benchmark results), the JSON document, merging a
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from arfuse.core import json_doc
 from arfuse.select.table import FORMAT, VERSION, Entry, Range, Table, choice_text, parse_choice
 
 # A path keeps its range while it is within this fraction of the fastest: fewer switches, and a switch never
@@ -111,9 +110,4 @@ def merged(table: Optional[Table], entries: Iterable[Entry], source: str) -> Tab
 
 def save(table: Table, path) -> Path:
     """Write ``table`` to ``path`` atomically (a reader never sees half a file). Not collective."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(to_json(table), indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return json_doc.write(to_json(table), path)

@@ -19,16 +19,16 @@ Entries may carry ``source`` and ``comment`` strings; any other unknown field is
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
+from arfuse.core import json_doc
 from arfuse.core.counters import log_once
 from arfuse.core.types import GroupCaps
 
@@ -241,38 +241,16 @@ def _parse_entry(e: Any, where: str) -> Entry:
 
 def parse(data: Any, source: str) -> Table:
     """Validate a decoded JSON document; raise :class:`TableError` naming the problem."""
-    if not isinstance(data, dict):
-        raise TableError(f"{source}: top level must be a JSON object")
-    if data.get("format") != FORMAT:
-        raise TableError(f"{source}: 'format' must be {FORMAT!r}, got {data.get('format')!r}")
-    if data.get("version") != VERSION:
-        raise TableError(f"{source}: unsupported version {data.get('version')!r} (this arfuse reads {VERSION})")
-    raw_entries = data.get("entries")
-    if not isinstance(raw_entries, list):
-        raise TableError(f"{source}: 'entries' must be a list")
+    raw_entries = json_doc.entries(data, source, FORMAT, VERSION, TableError)
     entries = [_parse_entry(e, f"{source}: entries[{i}]") for i, e in enumerate(raw_entries)]
-    seen: Dict[tuple, int] = {}
-    for i, e in enumerate(entries):
-        if e.key in seen:
-            raise TableError(f"{source}: entries[{i}] repeats the key of entries[{seen[e.key]}] "
-                             f"(gpu, world_size, dtype, hidden_size) = {e.key}")
-        seen[e.key] = i
+    json_doc.unique_keys(entries, lambda e: e.key, source, "gpu, world_size, dtype, hidden_size", TableError)
     return Table(entries=tuple(entries), source=source)
 
 
 # -- files -----------------------------------------------------------------------------------------------------
 def load(path) -> Table:
     """Read and validate a table file; raise :class:`TableError` (a ValueError) if it is unusable."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise TableError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TableError(f"{path}: not valid JSON ({e})") from None
-    return parse(data, str(path))
+    return parse(json_doc.read(path, TableError), str(path))
 
 
 @functools.lru_cache(maxsize=16)

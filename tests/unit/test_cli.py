@@ -62,6 +62,12 @@ MISTAKES = [
     (["tune", "--backends", "peers"], "--backends"),
     (["tune", "--write-defaults"], "--write-defaults"),
     (["tune", "--from-bench", "/nonexistent/bench.json"], "--from-bench"),
+    (["tune", "--any-gpu"], "--any-gpu"),
+    (["tune", "--epilogue", "--from-bench", "/nonexistent/bench.json"], "--epilogue"),
+    (["tune", "--from-bench", "x.json", "--write-defaults", "--launch-out", "/tmp/l.json"], "--launch-out"),
+    (["tune", "--launch-out", f"{__file__}/launch.json"], "--launch-out"),
+    (["bench", "--launch-table", "/tmp/launch.json"], "--launch-table"),
+    (["bench", "--epilogue", "--launch-table", f"{__file__}/launch.json"], "--launch-table"),
     (["tune", "--tokens", "1,-2"], "--tokens"),
     (["tune", "--out", f"{__file__}/tune.json"], "--out"),  # a file where a folder should be
     (["bench", "--json", f"{__file__}/bench.json"], "--json"),
@@ -90,6 +96,7 @@ CPU_ONLY_MISTAKES = [
     (["demo", "--device", "cuda"], "--device"),
     (["bench", "--device", "cuda"], "--device"),
     (["tune", "--device", "cuda"], "--device"),
+    (["tune", "--epilogue"], "--epilogue"),
     (["e2e", "--device", "cuda"], "--device"),
     (["e2e", "--device", "cpu", "--graph-prefill"], "--graph-prefill"),
 ]

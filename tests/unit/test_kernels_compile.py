@@ -114,25 +114,30 @@ def test_kernel_compiles_for_sm90(kind, spec, dt, ws, hidden, num_warps):
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx  # saturating round-to-nearest FP8, as the torch reference clamps
 
 
-NCCL_CASES = [  # spec, hidden, rows per tile, num_warps
-    (RESIDUAL_RMSNORM_FP8, 8192, 1, 16), (RESIDUAL_RMSNORM, 5120, 2, 8),
-    (FusionSpec(weight_offset=True, also_norm=True, **PER_TOKEN), 7168, 4, 8),
-    (FusionSpec(**GROUP), 5120, 1, 16), (FusionSpec(also_norm=True, **UE8M0), 4096, 4, 4),
-    (FusionSpec(residual=False, **dict(UE8M0, group_size=32)), 256, 2, 4),
+NCCL_CASES = [  # spec, hidden, rows per tile, num_warps, evict-first loads
+    (RESIDUAL_RMSNORM_FP8, 8192, 1, 16, False), (RESIDUAL_RMSNORM, 5120, 2, 8, False),
+    (FusionSpec(weight_offset=True, also_norm=True, **PER_TOKEN), 7168, 4, 8, False),
+    (FusionSpec(**GROUP), 5120, 1, 16, False), (FusionSpec(also_norm=True, **UE8M0), 4096, 4, 4, False),
+    (FusionSpec(residual=False, **dict(UE8M0, group_size=32)), 256, 2, 4, False),
+    (RESIDUAL_RMSNORM, 4096, 1, 4, True), (FusionSpec(also_norm=True, **UE8M0), 8192, 2, 16, True),
 ]
 
 
-@pytest.mark.parametrize("spec,hidden,rows,num_warps", NCCL_CASES, ids=lambda v: getattr(v, "name", None))
-def test_nccl_path_epilogue_compiles_for_sm90(spec, hidden, rows, num_warps):
+@pytest.mark.parametrize("spec,hidden,rows,num_warps,evict", NCCL_CASES, ids=lambda v: getattr(v, "name", None))
+def test_nccl_path_epilogue_compiles_for_sm90(spec, hidden, rows, num_warps, evict):
     sig = {"sum_ptr": "*bf16", **_epilogue_io("bf16", spec), "n_rows": "i32"}
     block_h = triton.next_power_of_2(hidden)
-    ptx = _compile(rmsnorm_epilogue_kernel, sig, {"H": hidden, "BLOCK_H": block_h, "ROWS": rows, "EPI": spec.code},
-                   num_warps=num_warps)["ptx"]
+    ptx = _compile(rmsnorm_epilogue_kernel, sig, {"H": hidden, "BLOCK_H": block_h, "ROWS": rows, "EVICT_FIRST": evict,
+                                                  "EPI": spec.code}, num_warps=num_warps)["ptx"]
     if hidden >= 1024:
-        assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), "expected 16-byte vector loads"
+        assert re.search(r"ld\.global[\w.:]*\.v4\.b32", ptx), "expected 16-byte vector loads"
     assert ".local" not in ptx, "no register spills to local memory"
     if spec.quant:
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx  # saturating round-to-nearest FP8, as the torch reference clamps
+    # evict-first launches: the summed rows and the residual streamed through evict-first loads, the weight kept
+    streamed = re.findall(r"ld\.global\.L1::evict_first[\w.:]*\.v4", ptx)
+    assert (len(streamed) >= 2) if evict else not streamed
+    assert ("evict_last" in ptx) == evict
 
 
 def test_unused_arguments_compile_as_none():
@@ -153,13 +158,37 @@ def test_unused_arguments_compile_as_none():
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 
 
+MOE_CASES = [  # hidden, block_h, num_warps, slots: a token's whole row per CTA, or its columns split over CTAs
+    (7168, 8192, 16, 4), (7168, 8192, 16, 1), (4096, 4096, 8, 4), (7168, 1024, 4, 8), (8192, 2048, 8, 8),
+    (5120, 512, 2, 8), (8192, 1024, 4, 4),
+]
+
+
+def _load_order(ptx: str):
+    """In a MoE finalize kernel's PTX, from the first scalar (index) load on: the scalar loads before the first
+    16-byte (row) load, and the 16-byte loads before the first bf16 -> fp32 conversion (the sum's start)."""
+    events = re.findall(r"ld\.global(?:\.[\w:]+)*?\.(v4\.b32|b32) |(cvt\.f32\.bf16)", ptx)
+    kinds = ["row" if load == "v4.b32" else "index" if load else "convert" for load, _ in events]
+    kinds = kinds[kinds.index("index"):]
+    indices = kinds.index("row")
+    rows = kinds[:kinds.index("convert")].count("row")
+    return indices, rows
+
+
 @pytest.mark.parametrize("shared", [False, True])
-def test_moe_finalize_kernel_compiles_for_sm90(shared):
+@pytest.mark.parametrize("hidden,block_h,num_warps,slots", MOE_CASES)
+def test_moe_finalize_kernel_compiles_for_sm90(shared, hidden, block_h, num_warps, slots):
     spec = FusionSpec(prologue=Prologue.MOE_FINALIZE, shared_expert=shared)
-    sig = {"x_ptr": "*bf16", "idx_ptr": "*i32", "esc_ptr": "*bf16", "shared_ptr": "*bf16", "guard_ptr": "i64",
+    sig = {"x_ptr": "*bf16", "idx_ptr": "*i32", "esc_ptr": "*fp32", "shared_ptr": "*bf16", "guard_ptr": "i64",
            "n_expert_rows": "i32", "top_k": "i32", "out_ptr": "*bf16", "n_rows": "i32"}
-    ptx = _compile(moe_finalize_kernel, sig, {"H": 7168, "BLOCK_H": 8192, "EPI": spec.code}, num_warps=16)["ptx"]
+    ptx = _compile(moe_finalize_kernel, sig, {"H": hidden, "BLOCK_H": block_h, "SLOTS": slots, "EPI": spec.code},
+                   num_warps=num_warps)["ptx"]
     assert re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx), "expected 16-byte vector stores"
+    assert ".local" not in ptx, "no register spills to local memory"
+    # a step's index loads come first, then its row loads, then the sum: 2 dependent round trips per step
+    indices, rows = _load_order(ptx)
+    assert indices >= slots, f"{indices} index loads before the first row load, expected {slots}"
+    assert rows >= slots * (block_h // (32 * num_warps)) // 8, f"only {rows} row loads before the sum starts"
 
 
 # -- bitwise identity across ranks: every epilogue call site of a kernel reduces in the same order ---------------

@@ -157,14 +157,23 @@ def test_lamport_two_shot_refuses_every_quantization(monkeypatch):
     assert SYMM.check(Problem(NEW_SPECS[3], 256, 8192, torch.bfloat16, "cuda", 4), GOOD, "lamport_two_shot") is None
 
 
-def test_epilogue_launch_defaults_table_and_override(monkeypatch):
-    # a size the table does not list takes the default launch; a listed one its (rows, warps, CTA cap)
+def test_epilogue_launch_defaults_table_and_override(monkeypatch, tmp_path):
+    # a size the tables do not list takes the default launch; a listed one its (rows, warps, CTA cap) by token range
+    from arfuse.kernels import launch_table
+
+    monkeypatch.setenv(launch_table.PATH_ENV, str(tmp_path / "launch.json"))
+    launch_table.reload()
     assert launch_config.epilogue_launch(3072, 64) == launch_config.EpilogueLaunch(4096, 1, 8, launch_config.MAX_GRID)
     assert launch_config.epilogue_launch(5120, 64) == launch_config.EpilogueLaunch(8192, 1, 4, 0)
-    monkeypatch.setitem(launch_config.EPILOGUE_LAUNCH, 5120, (4, 8, 0))
+    entry = launch_table.make_entry("epilogue", 5120, [(64, dict(rows=4, num_warps=8, max_ctas=0)),
+                                                       (None, dict(rows=2, num_warps=8, max_ctas=16,
+                                                                   evict_first=True))])
+    launch_table.save(launch_table.Table((entry,), "test"), tmp_path / "launch.json")
     assert launch_config.epilogue_launch(5120, 64) == launch_config.EpilogueLaunch(8192, 4, 8, 0)
     assert launch_config.epilogue_grid(10, launch_config.epilogue_launch(5120, 10)) == 3  # one CTA per 4-row tile
+    assert launch_config.epilogue_launch(5120, 65) == launch_config.EpilogueLaunch(8192, 2, 8, 16, True)
     monkeypatch.setattr(launch_config, "EPILOGUE_OVERRIDE", (2, 4, 16))
     launch = launch_config.epilogue_launch(4096, 1000)
-    assert launch.rows == 2 and launch_config.epilogue_grid(1000, launch) == 16
+    assert launch.rows == 2 and launch_config.epilogue_grid(1000, launch) == 16 and not launch.evict_first
     assert launch_config.epilogue_grid(1, launch) == 1
+    launch_table.reload()
