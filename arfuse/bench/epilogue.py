@@ -26,7 +26,7 @@ from arfuse.bench.timing import TimingConfig, time_cuda_graph
 from arfuse.core import math as fmath, outputs as out_specs
 from arfuse.core.spec import FusionSpec, Prologue, Quant, ScaleLayout
 from arfuse.core.types import FusedCall
-from arfuse.kernels import launch_config as lc
+from arfuse.kernels import launch_config as lc, nccl_launch as nl
 from arfuse.verify import Case, output_errors, poisoned_outputs
 
 FORMAT = "arfuse-epilogue-bench"
@@ -76,45 +76,45 @@ def bytes_moved(spec: FusionSpec, tokens: int, hidden: int, itemsize: int, top_k
     return n
 
 
-def launch_space(hidden: int, sms: int) -> List[lc.EpilogueLaunch]:
+def launch_space(hidden: int, sms: int) -> List[nl.EpilogueLaunch]:
     """The epilogue launches the sweep tries: 1 or 2 rows per tile (4 never won a point in two runs), 4/8/16 warps,
     at 8 to 64 elements per thread, capped at 4 CTAs per SM or one CTA per tile, loads plain or evict-first; the
     default launch first."""
     block_h = lc.next_power_of_2(hidden)
-    found = [lc.default_epilogue_launch(hidden)]
+    found = [nl.default_epilogue_launch(hidden)]
     for evict in (False, True):
         for rows in (1, 2):
             for warps in (4, 8, 16):
                 if not 8 <= rows * block_h // (32 * warps) <= 64:
                     continue
                 for ctas in (4 * sms, 0):
-                    launch = lc.EpilogueLaunch(block_h, rows, warps, ctas, evict)
+                    launch = nl.EpilogueLaunch(block_h, rows, warps, ctas, evict)
                     if launch not in found:
                         found.append(launch)
     return found
 
 
-def moe_space(hidden: int) -> List[lc.MoeLaunch]:
+def moe_space(hidden: int) -> List[nl.MoeLaunch]:
     """The MoE finalize launches the sweep tries: the default (a token's whole row per CTA, four slots per step),
     the same one slot per step (the load order before 2026-12), and a token's columns split over CTAs of 512 to
     2048 columns (8 per thread) with four or eight slots per step, one CTA per tile."""
-    default = lc.default_moe_launch(hidden)
+    default = nl.default_moe_launch(hidden)
     found = [default, default._replace(slots=1)]
     for block_h in (2048, 1024, 512):
         if block_h < default.block_h:
-            found += [lc.MoeLaunch(block_h, max(2, block_h // 256), 0, slots) for slots in (4, 8)]
+            found += [nl.MoeLaunch(block_h, max(2, block_h // 256), 0, slots) for slots in (4, 8)]
     return found
 
 
 def _launch_list(launch) -> list:
     """A launch as its launch-table fields' values (the epilogue's block_h is the row's: left out)."""
-    return list(launch[1:]) if isinstance(launch, lc.EpilogueLaunch) else list(launch)
+    return list(launch[1:]) if isinstance(launch, nl.EpilogueLaunch) else list(launch)
 
 
 def _launch_of(kernel: str, hidden: int, values) -> object:
     if kernel == "epilogue":
-        return lc.EpilogueLaunch(lc.next_power_of_2(hidden), *values)
-    return lc.MoeLaunch(*values)
+        return nl.EpilogueLaunch(lc.next_power_of_2(hidden), *values)
+    return nl.MoeLaunch(*values)
 
 
 # -- inputs, the kernels and torch.compile ---------------------------------------------------------------------
@@ -289,7 +289,7 @@ class _Run:
                 x, call = _random_call(KINDS[kind], n, hidden, cfg.dtype, cfg.top_k, self.device)
                 timed: Dict[tuple, float] = {}
                 for launch in passing:
-                    grid = lc.epilogue_grid(n, launch) if kernel == "epilogue" else lc.moe_grid(n, hidden, launch)
+                    grid = nl.epilogue_grid(n, launch) if kernel == "epilogue" else nl.moe_grid(n, hidden, launch)
                     same = (launch._replace(max_ctas=0), grid)
                     if same not in timed:
                         self.progress(f"sweep {kind} hidden {hidden} {tuple(_launch_list(launch))} tokens {n}")
@@ -302,7 +302,7 @@ class _Run:
     def compare(self, kind: str, hidden: int, tuned: Optional[launch_ranges.Ranges]) -> None:
         """Time ``kind`` at every token count with the current table's launch, the tuned one and torch.compile."""
         cfg, spec = self.cfg, KINDS[kind]
-        kernel, current = ("moe_finalize", lc.moe_launch) if spec.moe else ("epilogue", lc.epilogue_launch)
+        kernel, current = ("moe_finalize", nl.moe_launch) if spec.moe else ("epilogue", nl.epilogue_launch)
         for n in cfg.tokens:
             self.progress(f"{kind} hidden {hidden} tokens {n}")
             x, call = _random_call(spec, n, hidden, cfg.dtype, cfg.top_k, self.device)

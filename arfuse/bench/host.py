@@ -259,7 +259,7 @@ def bare_calls(case: Case, backend_name: str, fusion, inp: Inputs, group) -> Tup
 def nccl_bare_launches(spec: FusionSpec, call: FusedCall, ws) -> Dict[str, Callable]:
     """The ``nccl`` path's launches at world size 1 for ``call``, arguments prebuilt: through Triton's
     ``kernel[grid](...)`` (``bare``) and straight through the compiled kernels' launchers (``bare_direct``)."""
-    from arfuse.kernels import launch_config as lc
+    from arfuse.kernels import launch_config as lc, nccl_launch as nl
     from arfuse.kernels import nccl_epilogue as ne
 
     x, n, hidden = call.x, call.num_tokens, call.x.shape[1]
@@ -270,13 +270,13 @@ def nccl_bare_launches(spec: FusionSpec, call: FusedCall, ws) -> Dict[str, Calla
     summed = x
     if spec.moe:
         summed = call.out if call.out.dtype == x.dtype else ws.scratch[:n]
-        moe = lc.moe_launch(hidden, n, summed.dtype, summed.get_device())
-        launches.append((ne.moe_finalize_kernel, lc.moe_grid(n, hidden, moe),
+        moe = nl.moe_launch(hidden, n, summed.dtype, summed.get_device())
+        launches.append((ne.moe_finalize_kernel, nl.moe_grid(n, hidden, moe),
                          (x, *lc.prologue_args(call, ws.index_guard.ptr), summed, n),
                          dict(H=hidden, BLOCK_H=moe.block_h, SLOTS=moe.slots, EPI=spec.code,
                               num_warps=moe.num_warps)))
-    launch = lc.epilogue_launch(hidden, n, summed.dtype, summed.get_device())
-    launches.append((ne.rmsnorm_epilogue_kernel, lc.epilogue_grid(n, launch),
+    launch = nl.epilogue_launch(hidden, n, summed.dtype, summed.get_device())
+    launches.append((ne.rmsnorm_epilogue_kernel, nl.epilogue_grid(n, launch),
                      (summed, *lc.epilogue_args(call, spec), n),
                      dict(H=hidden, BLOCK_H=launch.block_h, ROWS=launch.rows, EVICT_FIRST=launch.evict_first,
                           EPI=spec.code, num_warps=launch.num_warps)))

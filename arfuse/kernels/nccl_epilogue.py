@@ -11,7 +11,7 @@ One epilogue kernel instead of several, so "NCCL all_reduce + this" is the best 
 path). The epilogue takes ROWS rows per tile (2-D tiles for more bytes in flight per CTA) and loops over tiles
 (persistent grid); the MoE finalize takes BLOCK_H columns of one token per tile (below the row's width a token is
 split over several CTAs, which a decode-sized call needs to use more than a few SMs) and SLOTS expert slots per
-step. ``launch_config.epilogue_launch`` / ``moe_launch`` pick the launches (``launch_table``: per hidden size and
+step. ``nccl_launch.epilogue_launch`` / ``moe_launch`` pick the launches (``launch_table``: per hidden size and
 token range).
 """
 import sys
@@ -23,8 +23,8 @@ import triton.language as tl
 from arfuse.kernels._epilogue import finish_row, load_residual, load_weight
 from arfuse.kernels._launch import ArgKey, Launcher
 from arfuse.kernels._prologue import moe_finalize_row
-from arfuse.kernels.launch_config import (EpilogueLaunch, MoeLaunch, epilogue_args, epilogue_grid, epilogue_launch,
-                                          moe_grid, moe_launch, prologue_args)
+from arfuse.kernels.launch_config import epilogue_args, prologue_args
+from arfuse.kernels.nccl_launch import EpilogueLaunch, MoeLaunch, epilogue_grid, epilogue_launch, moe_grid, moe_launch
 
 _RUNTIME = ["scale_row_stride", "scale_col_stride", "eps", "weight_offset", "n_rows"]
 

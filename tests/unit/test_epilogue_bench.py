@@ -10,7 +10,7 @@ import torch
 
 from arfuse.bench import epilogue as E, epilogue_report as R, launch_ranges
 from arfuse.core.spec import FusionSpec, Prologue, Quant, ScaleLayout
-from arfuse.kernels import launch_config as lc, launch_table as lt
+from arfuse.kernels import launch_config as lc, launch_table as lt, nccl_launch as nl
 
 
 def test_bytes_moved_counts_every_stream_once():
@@ -28,7 +28,7 @@ def test_bytes_moved_counts_every_stream_once():
 @pytest.mark.parametrize("hidden", [4096, 5120, 7168, 8192, 256])
 def test_launch_space_holds_the_default_and_sane_tiles(hidden):
     space = E.launch_space(hidden, sms=132)
-    assert space[0] == lc.default_epilogue_launch(hidden) and len(set(space)) == len(space)
+    assert space[0] == nl.default_epilogue_launch(hidden) and len(set(space)) == len(space)
     for launch in space[1:]:
         assert 8 <= launch.rows * launch.block_h // (32 * launch.num_warps) <= 64
         assert launch.max_ctas in (4 * 132, 0)
@@ -40,7 +40,7 @@ def test_launch_space_holds_the_default_and_sane_tiles(hidden):
 @pytest.mark.parametrize("hidden", [4096, 5120, 7168, 8192, 256])
 def test_moe_space_holds_the_default_todays_load_order_and_splits(hidden):
     space = E.moe_space(hidden)
-    default = lc.default_moe_launch(hidden)
+    default = nl.default_moe_launch(hidden)
     assert space[:2] == [default, default._replace(slots=1)] and len(set(space)) == len(space)
     for launch in space[2:]:
         assert launch.block_h < default.block_h and launch.block_h // (32 * launch.num_warps) == 8
@@ -199,13 +199,13 @@ def test_the_run_sweeps_checks_chooses_and_compares_with_the_gpu_stubbed(monkeyp
 
     from arfuse.backends.base import IndexGuard
 
-    hidden, default = 1024, lc.default_epilogue_launch(1024)
-    best_large, broken = lc.EpilogueLaunch(1024, 2, 8, 0, True), lc.EpilogueLaunch(1024, 1, 4, 0, True)
-    split = lc.MoeLaunch(512, 2, 0, 8)
+    hidden, default = 1024, nl.default_epilogue_launch(1024)
+    best_large, broken = nl.EpilogueLaunch(1024, 2, 8, 0, True), nl.EpilogueLaunch(1024, 1, 4, 0, True)
+    split = nl.MoeLaunch(512, 2, 0, 8)
 
     def fake_us(launch, tokens):
-        if isinstance(launch, lc.MoeLaunch):
-            factor = (0.5 if tokens <= 16 else 1.5) if launch == split else 1.0 if launch == lc.default_moe_launch(
+        if isinstance(launch, nl.MoeLaunch):
+            factor = (0.5 if tokens <= 16 else 1.5) if launch == split else 1.0 if launch == nl.default_moe_launch(
                 hidden) else 1.2
         elif launch == default:
             factor = 1.0 if tokens < 2048 else 1.2
@@ -244,7 +244,7 @@ def test_the_run_sweeps_checks_chooses_and_compares_with_the_gpu_stubbed(monkeyp
     timed = {tuple(m["launch"]) for m in doc["sweep"] + doc["measurements"] if m["launch"]}
     assert (1, 4, 0, True) not in timed and {tuple(E._launch_list(launch)) for launch in checked} >= timed
     assert doc["ranges"]["epilogue"][str(hidden)] == [[16, list(default[1:])], [None, [2, 8, 0, True]]]
-    assert doc["ranges"]["moe_finalize"][str(hidden)] == [[16, list(split)], [None, list(lc.default_moe_launch(hidden))]]
+    assert doc["ranges"]["moe_finalize"][str(hidden)] == [[16, list(split)], [None, list(nl.default_moe_launch(hidden))]]
     paths = {(m["kind"], m["tokens"]): set() for m in doc["measurements"]}
     for m in doc["measurements"]:
         paths[(m["kind"], m["tokens"])].add(m["path"])

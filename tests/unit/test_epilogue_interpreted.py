@@ -70,7 +70,7 @@ from arfuse.backends.nccl import NcclWorkspace
 from arfuse.backends.torch_ref import RefWorkspace
 from arfuse.core import spec as S
 from arfuse.core.spec import FusionSpec, Prologue, Quant, ScaleLayout
-from arfuse.kernels import launch_config
+from arfuse.kernels import launch_config, nccl_launch
 from tests._calls import fused_call
 
 kinds, cases, bad_cases = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
@@ -106,8 +106,8 @@ def run(kind, dtype, hidden, tokens, launch, top_k=2, moe_launch=None, idx=None)
     spec = spec_of(kind)
     case = verify.Case(tokens, hidden, getattr(torch, dtype), seed=tokens + hidden,
                        weight_offset=1.0 if spec.weight_offset else 0.0, top_k=top_k)
-    launch_config.EPILOGUE_OVERRIDE = tuple(launch) if launch else None
-    launch_config.MOE_OVERRIDE = launch_config.MoeLaunch(*moe_launch) if moe_launch else None
+    nccl_launch.EPILOGUE_OVERRIDE = tuple(launch) if launch else None
+    nccl_launch.MOE_OVERRIDE = nccl_launch.MoeLaunch(*moe_launch) if moe_launch else None
     guard = IndexGuard(torch.device("cpu"))
     ws = NcclWorkspace(None, 1, torch.empty(tokens, hidden, dtype=case.dtype), guard)
     call, ours = fused_call(spec, case, idx=idx)
@@ -180,7 +180,7 @@ from arfuse import verify
 from arfuse.backends.base import IndexGuard
 from arfuse.core.spec import FusionSpec, Prologue
 from arfuse.kernels import nccl_epilogue as ne
-from arfuse.kernels.launch_config import MoeLaunch
+from arfuse.kernels.nccl_launch import MoeLaunch
 from tests._calls import fused_call
 
 launches, shapes = json.loads(sys.argv[1]), json.loads(sys.argv[2])

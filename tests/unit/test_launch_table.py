@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from arfuse.kernels import launch_config as lc, launch_table as lt
+from arfuse.kernels import launch_config as lc, launch_table as lt, nccl_launch as nl
 
 REPO = Path(__file__).resolve().parents[2]
 RUN1 = REPO / "bench/results/2026-12-02_h200x1/run1_epilogue_h200.json"
@@ -84,20 +84,20 @@ def test_the_machine_file_comes_first_and_ranges_pick_by_tokens(machine_file):
                                                (None, dict(block_h=8192, num_warps=16, max_ctas=528, slots=4))])
     epi = lt.make_entry("epilogue", 4096, [(None, dict(rows=2, num_warps=8, max_ctas=0, evict_first=True))])
     lt.save(lt.Table((moe, epi), "test"), machine_file)
-    assert lc.moe_launch(7168, 1) == lc.MoeLaunch(1024, 4, 0, 8) == lc.moe_launch(7168, 16, torch.bfloat16)
-    assert lc.moe_launch(7168, 17) == lc.MoeLaunch(8192, 16, 528, 4)
-    assert lc.moe_grid(3, 7168, lc.moe_launch(7168, 3)) == 21  # 7 tiles of 1024 columns per token
-    assert lc.moe_launch(4096, 1) == lc.default_moe_launch(4096) == lc.MoeLaunch(4096, 8, lc.MAX_GRID, 4)
-    assert lc.epilogue_launch(4096, 1) == lc.EpilogueLaunch(4096, 2, 8, 0, True)  # over the shipped entry
-    assert lc.epilogue_launch(8192, 1) == lc.EpilogueLaunch(8192, 1, 16, 0)  # the shipped one
+    assert nl.moe_launch(7168, 1) == nl.MoeLaunch(1024, 4, 0, 8) == nl.moe_launch(7168, 16, torch.bfloat16)
+    assert nl.moe_launch(7168, 17) == nl.MoeLaunch(8192, 16, 528, 4)
+    assert nl.moe_grid(3, 7168, nl.moe_launch(7168, 3)) == 21  # 7 tiles of 1024 columns per token
+    assert nl.moe_launch(4096, 1) == nl.default_moe_launch(4096) == nl.MoeLaunch(4096, 8, lc.MAX_GRID, 4)
+    assert nl.epilogue_launch(4096, 1) == nl.EpilogueLaunch(4096, 2, 8, 0, True)  # over the shipped entry
+    assert nl.epilogue_launch(8192, 1) == nl.EpilogueLaunch(8192, 1, 16, 0)  # the shipped one
 
 
 def test_a_malformed_machine_file_is_reported_once_and_ignored(machine_file, caplog):
     machine_file.write_text("{not json")
     with caplog.at_level(logging.WARNING):
-        assert lc.epilogue_launch(4096, 1) == lc.EpilogueLaunch(4096, 1, 4, 528)
+        assert nl.epilogue_launch(4096, 1) == nl.EpilogueLaunch(4096, 1, 4, 528)
         lt.reload()
-        lc.epilogue_launch(4096, 2)
+        nl.epilogue_launch(4096, 2)
     assert "ignoring the launch table" in caplog.text and "not valid JSON" in caplog.text
 
 
@@ -118,7 +118,7 @@ def test_the_shipped_table_holds_todays_launches_for_any_gpu(machine_file):
                    8192: ((None, dict(rows=1, num_warps=16, max_ctas=0)),)}
     assert all(e.gpu is None and e.dtype is None for e in table.entries)
     for hidden, n in ((4096, 16384), (7168, 1)):
-        assert lc.epilogue_launch(hidden, n, torch.float16, -1) == lc.EpilogueLaunch(
+        assert nl.epilogue_launch(hidden, n, torch.float16, -1) == nl.EpilogueLaunch(
             lc.next_power_of_2(hidden), *got[hidden][0][1].values())
 
 

@@ -208,10 +208,10 @@ def test_one_shot_launcher_refuses_zero_copy_moe(group, fake_cuda):
 @pytest.mark.parametrize("spec", LAUNCH_SPECS[:1] + LAUNCH_SPECS[2:], ids=str)
 @pytest.mark.parametrize("override", [None, (4, 8, 0), (2, 4, 16)])
 def test_nccl_path_launchers_pass_each_kernel_argument_once(monkeypatch, spec, override):
-    from arfuse.kernels import launch_config
+    from arfuse.kernels import launch_config, nccl_launch
     from arfuse.kernels import nccl_epilogue as module
 
-    monkeypatch.setattr(launch_config, "EPILOGUE_OVERRIDE", override)
+    monkeypatch.setattr(nccl_launch, "EPILOGUE_OVERRIDE", override)
     call, _ = fused_call(spec, Case(5, HIDDEN, torch.bfloat16, seed=1, weight_offset=1.0))
     summed = torch.randn(5, HIDDEN, dtype=torch.bfloat16)
     if spec.moe:

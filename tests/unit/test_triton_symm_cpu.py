@@ -8,7 +8,7 @@ from arfuse.backends.symm_workspace import layout, tokens_within
 from arfuse.backends.triton_symm import LAMPORT_MAX_BYTES, ONE_SHOT_MAX_BYTES, TWO_SHOT_MAX_BYTES
 from arfuse.core.spec import CLASSIC_FEATURES, FusionSpec, Prologue, Quant, ScaleLayout
 from arfuse.core.types import Capacity, GroupCaps, Pattern, Problem
-from arfuse.kernels import launch_config
+from arfuse.kernels import launch_config, nccl_launch
 from arfuse.kernels.launch_config import SymmArgs, block_config, grid_size, lamport_grid, lamport_push_split
 from tests import _records
 
@@ -163,17 +163,17 @@ def test_epilogue_launch_defaults_table_and_override(monkeypatch, tmp_path):
 
     monkeypatch.setenv(launch_table.PATH_ENV, str(tmp_path / "launch.json"))
     launch_table.reload()
-    assert launch_config.epilogue_launch(3072, 64) == launch_config.EpilogueLaunch(4096, 1, 8, launch_config.MAX_GRID)
-    assert launch_config.epilogue_launch(5120, 64) == launch_config.EpilogueLaunch(8192, 1, 4, 0)
+    assert nccl_launch.epilogue_launch(3072, 64) == nccl_launch.EpilogueLaunch(4096, 1, 8, launch_config.MAX_GRID)
+    assert nccl_launch.epilogue_launch(5120, 64) == nccl_launch.EpilogueLaunch(8192, 1, 4, 0)
     entry = launch_table.make_entry("epilogue", 5120, [(64, dict(rows=4, num_warps=8, max_ctas=0)),
                                                        (None, dict(rows=2, num_warps=8, max_ctas=16,
                                                                    evict_first=True))])
     launch_table.save(launch_table.Table((entry,), "test"), tmp_path / "launch.json")
-    assert launch_config.epilogue_launch(5120, 64) == launch_config.EpilogueLaunch(8192, 4, 8, 0)
-    assert launch_config.epilogue_grid(10, launch_config.epilogue_launch(5120, 10)) == 3  # one CTA per 4-row tile
-    assert launch_config.epilogue_launch(5120, 65) == launch_config.EpilogueLaunch(8192, 2, 8, 16, True)
-    monkeypatch.setattr(launch_config, "EPILOGUE_OVERRIDE", (2, 4, 16))
-    launch = launch_config.epilogue_launch(4096, 1000)
-    assert launch.rows == 2 and launch_config.epilogue_grid(1000, launch) == 16 and not launch.evict_first
-    assert launch_config.epilogue_grid(1, launch) == 1
+    assert nccl_launch.epilogue_launch(5120, 64) == nccl_launch.EpilogueLaunch(8192, 4, 8, 0)
+    assert nccl_launch.epilogue_grid(10, nccl_launch.epilogue_launch(5120, 10)) == 3  # one CTA per 4-row tile
+    assert nccl_launch.epilogue_launch(5120, 65) == nccl_launch.EpilogueLaunch(8192, 2, 8, 16, True)
+    monkeypatch.setattr(nccl_launch, "EPILOGUE_OVERRIDE", (2, 4, 16))
+    launch = nccl_launch.epilogue_launch(4096, 1000)
+    assert launch.rows == 2 and nccl_launch.epilogue_grid(1000, launch) == 16 and not launch.evict_first
+    assert nccl_launch.epilogue_grid(1, launch) == 1
     launch_table.reload()
