@@ -58,6 +58,14 @@ def branch_val(kw: Mapping[str, Any]) -> Optional[torch.Tensor]:
     return _last(kw.get("sum_views", ()), val(kw["x"]))
 
 
+def addend_sum_val(kw: Mapping[str, Any]) -> Optional[torch.Tensor]:
+    """What the residual add takes from the allreduced branch: the branch, or the branch plus the addend (as
+    shaped as the branch: no broadcast passes the checks) after their row views."""
+    if "addend" not in kw:
+        return branch_val(kw)
+    return _last(kw.get("addend_views", ()), branch_val(kw))
+
+
 def norm_input_val(kw: Mapping[str, Any]) -> Optional[torch.Tensor]:
     """The RMSNorm's input: the residual sum (the residual's shape) or the allreduced branch, after its views."""
     if "residual" in kw:
@@ -89,7 +97,7 @@ def why_not(entry: Entry, kw: Mapping[str, Any]) -> Optional[str]:
 
 
 def _views_reason(kw, x: torch.Tensor) -> Optional[str]:
-    chain = tuple(kw.get("sum_views", ())) + tuple(kw.get("norm_views", ()))
+    chain = tuple(kw.get("sum_views", ())) + tuple(kw.get("addend_views", ())) + tuple(kw.get("norm_views", ()))
     why = views.why_not_rows(chain, x.shape[-1])
     if why is not None:
         return why
@@ -143,7 +151,14 @@ def _residual_reason(entry: Entry, kw, x: torch.Tensor) -> Optional[str]:
     if residual.dtype != x.dtype or residual.device != x.device:
         return f"residual is {dtype_name(residual.dtype)} on {residual.device}, the sum {dtype_name(x.dtype)} " \
                f"on {x.device}"
-    branch = branch_val(kw)
+    if "addend" in kw:
+        addend, sum_ = val(kw["addend"]), branch_val(kw)
+        if addend is None or sum_ is None:
+            return "the term added to the sum is not a tensor"
+        if addend.dtype != x.dtype or addend.device != x.device or not _same_shape(addend, sum_):
+            return (f"the term added to the sum is {dtype_name(addend.dtype)} of shape {tuple(addend.shape)} on "
+                    f"{addend.device}, the sum {dtype_name(x.dtype)} of shape {tuple(sum_.shape)} on {x.device}")
+    branch = addend_sum_val(kw)
     if branch is None or not _same_shape(residual, branch):
         shape = tuple(branch.shape) if branch is not None else "unknown"
         return f"residual of shape {tuple(residual.shape)} broadcasts against the sum's {shape}"

@@ -151,6 +151,21 @@ def _after_add(add: torch.fx.Node, prefix: str) -> Optional[str]:
     return f"{prefix}the residual add is not followed by an RMSNorm (it feeds {_targets(add.users)})"
 
 
+def _is_arfuse(node: torch.fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "arfuse"
+
+
+def _added_to_a_fused_residual(node: torch.fx.Node) -> bool:
+    """Whether the pass added ``node``'s sum (through row views) to the residual of a fused call: the term a
+    ``(sum + addend) + residual`` match moved into the residual."""
+    tip, _ = _through_views(node)
+    for add in (u for u in tip.users if u.target is aten.add.Tensor):
+        end, _ = _through_views(add)
+        if any(_is_arfuse(u) for u in end.users):
+            return True
+    return False
+
+
 def why_left_alone(node: torch.fx.Node) -> str:
     """Why the pass left the collective ``node`` alone (read off the graph after the pass)."""
     name = op_name(node)
@@ -169,6 +184,9 @@ def why_left_alone(node: torch.fx.Node) -> str:
     if any(u.target is aten.copy_.default for u in s.users):
         return (f"{prefix}in-place all_reduce of a graph input: the sum is also copied back into the input, and "
                 f"the fused call does not return the plain sum")
+    if _added_to_a_fused_residual(s):
+        return (f"{prefix}its sum is added to the residual of an arfuse fused call (the term added to another "
+                f"allreduce's sum); a plain all_reduce, which arfuse fuses on CUDA only")
     tip, chain = _through_views(s)
     if x is not None and chain:
         bad = views.why_not_rows(chain, x.shape[-1])

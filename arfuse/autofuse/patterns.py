@@ -82,11 +82,20 @@ NORMS += [Norm("offset_rmsnorm", "before_cast", first) for first in (True, False
 @dataclasses.dataclass(frozen=True)
 class Residual:
     """How the allreduced sum reaches the norm: directly (``add`` False), or added to a residual in the form
-    ``spellings.RESIDUAL_FORMS[name]`` (an operand order, optionally the branch multiplied by a constant)."""
+    ``spellings.RESIDUAL_FORMS[form]`` (an operand order, optionally the branch multiplied by a constant; ``form``
+    defaults to ``name``). ``addend``: the sum first gets another term added in the form
+    ``spellings.ADDEND_FORMS[addend]`` (a shared expert's output); the fused call then takes ``residual + addend``
+    as its residual, which reorders the float additions (equal up to rounding; the report says so)."""
 
     name: str
     add: bool
     scaled: bool = False
+    form: Optional[str] = None
+    addend: Optional[str] = None
+
+    @property
+    def outer(self) -> str:
+        return self.form or self.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +130,11 @@ RESIDUALS = [
     Residual("sum+residual", add=True),
     Residual("residual+sum*m", add=True, scaled=True),
     Residual("sum*m+residual", add=True, scaled=True),
-]
+    Residual("residual+(sum+addend)", add=True, form="residual+sum", addend="sum+addend"),
+    Residual("residual+(addend+sum)", add=True, form="residual+sum", addend="addend+sum"),
+    Residual("(sum+addend)+residual", add=True, form="sum+residual", addend="sum+addend"),
+    Residual("(addend+sum)+residual", add=True, form="sum+residual", addend="addend+sum"),
+]  # the plain forms first: of two that match, the one without reordered additions is taken
 EPILOGUES = [Epilogue("fp8_static"), Epilogue("fp8_static_float_scale", float_scale=True), None]
 
 # (has residual, fp8 epilogue) -> the arfuse op
@@ -184,7 +197,11 @@ def build(entry: Entry) -> PatternExpr:
     total = None
     if res.add:
         branch = (lambda users: RowViews(allreduced(), "sum_views", users))
-        total = tracing.traced_pattern(spellings.RESIDUAL_FORMS[res.name], [_act(dtype), _act(dtype)],
+        if res.addend is not None:
+            summed = tracing.traced_pattern(spellings.ADDEND_FORMS[res.addend], [_act(dtype), _act(dtype)],
+                                            [branch, KeywordArg("addend")], dtype, MULTIPLE)
+            branch = (lambda users: RowViews(summed, "addend_views", users))
+        total = tracing.traced_pattern(spellings.RESIDUAL_FORMS[res.outer], [_act(dtype), _act(dtype)],
                                        [KeywordArg("residual"), branch], dtype, MULTIPLE,
                                        ("multiplier",) if res.scaled else ())
         norm_input = (lambda users: RowViews(total, "norm_views", users, inner_is_output=True))
@@ -207,6 +224,7 @@ def compiled_entries() -> List[Tuple[Entry, PatternExpr]]:
     this torch is left out (logged, and listed by :func:`unbuilt`); one whose pattern equals an earlier entry's
     (two spellings this torch decomposes alike) is left out too, so the report names the first."""
     if not _cache and not _failed:
+        seen = {}  # (stage, repr) -> patterns: repr spells out the whole tree, pattern_eq confirms
         for e in entries():
             try:
                 pattern = e.pattern()
@@ -214,7 +232,9 @@ def compiled_entries() -> List[Tuple[Entry, PatternExpr]]:
                 _failed.append((e, str(err)))
                 logger.log(logging.WARNING, "arfuse.compile: pattern %s not built: %s", e.name, err)
                 continue
-            if not any(e.stage == f.stage and pattern.pattern_eq(p) for f, p in _cache):
+            same = seen.setdefault((e.stage, repr(pattern)), [])
+            if not any(pattern.pattern_eq(p) for p in same):
+                same.append(pattern)
                 _cache.append((e, pattern))
     return _cache
 

@@ -71,6 +71,14 @@ RESIDUAL_FORMS: Dict[str, Callable] = {
 }
 
 
+# A term added to the allreduced sum before the residual add (a shared expert's output, replicated or allreduced on
+# its own): (allreduced sum, addend) -> what the residual add takes in place of the sum.
+ADDEND_FORMS: Dict[str, Callable] = {
+    "sum+addend": lambda y, addend: y + addend,
+    "addend+sum": lambda y, addend: addend + y,
+}
+
+
 # -- FP8 epilogues: (normed[, scale]) -> quantized ----------------------------------------------------------------
 
 def fp8_static(y, scale):

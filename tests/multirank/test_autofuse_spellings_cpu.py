@@ -141,6 +141,10 @@ VIEW_BLOCKS = {
                                          "residual_rmsnorm", "/hf_rmsnorm/weight_last/residual+sum"),
     "unsqueezed, squeezed for the norm": (lambda x, r, w: _squeezed(r.unsqueeze(0) + _ar(x).unsqueeze(0), w),
                                           "residual_rmsnorm", "/hf_rmsnorm/weight_first/residual+sum"),
+    # Qwen2-MoE: a replicated shared expert's output added to the experts' sum, then viewed, then the residual add
+    "shared term added, viewed, then the add": (lambda x, r, w: _pair(hf_rmsnorm, _rows3(r) + _rows3(_ar(x) + x.tanh()),
+                                                                      w),
+                                                "residual_rmsnorm", "/hf_rmsnorm/weight_first/residual+(sum+addend)"),
     "no residual, flattened": (lambda x, r, w: (hf_rmsnorm(_ar(_rows3(x)).reshape(-1, HIDDEN), w, 1e-6),),
                                "rmsnorm", "/hf_rmsnorm/weight_first/no_residual"),
     "transposed before the add": (lambda x, r, w: _pair(hf_rmsnorm, r.view(-1, 2, HIDDEN) + _ar(_rows3(x)).transpose(0, 1),
@@ -151,6 +155,10 @@ VIEW_BLOCKS = {
     "layer norm after the add": (lambda x, r, w: _pair(lambda h, w, eps: F.layer_norm(h, (HIDDEN,), w, None, eps),
                                                        r + _ar(x), w), None, "LayerNorm, not an RMSNorm"),
 }
+# GLM-4-MoE, DeepSeek-V3: the shared expert is sharded too, so two allreduced sums meet before the residual add (two
+# collectives: one fuses with the other's sum as its addend, the other stays a plain all_reduce); last in the graph
+TWO_SUMS = "two allreduces summed, then the add"
+TWO_SUMS_BLOCK = lambda x, r, w: _pair(hf_rmsnorm, r + (_rows3(_ar(x)).reshape(-1, HIDDEN) + _ar(x * 0.5)), w)  # noqa: E731
 
 
 def _pair(norm, s, w):
@@ -168,7 +176,8 @@ def _squeezed(s, w):
 def view_blocks(xs, rs, w):
     """Every block of VIEW_BLOCKS, each on its own input: outputs in order."""
     outs = []
-    for (block, _, _), x, r in zip(VIEW_BLOCKS.values(), xs, rs):
+    blocks = [block for block, _, _ in VIEW_BLOCKS.values()] + [TWO_SUMS_BLOCK]
+    for block, x, r in zip(blocks, xs, rs):
         outs += list(block(x, r, w))
     return outs
 
@@ -229,7 +238,7 @@ def _spellings(rank, dtype, dynamic, grad_mode):
 
 
 def _views(rank, dtype, dynamic, grad_mode):
-    xs, rs, w = _inputs(rank, len(VIEW_BLOCKS), dtype)
+    xs, rs, w = _inputs(rank, len(VIEW_BLOCKS) + 1, dtype)
     count = _graph_count()
     with grad_mode():
         ref = view_blocks(xs, rs, w)
@@ -358,8 +367,15 @@ def test_row_views_fuse_and_row_reordering_ops_are_left_alone_with_the_reason(ra
             if op is None and (c["fused"] or words not in c["reason"]):
                 problems.append(f"{name}: {c}")
         assert not problems, "\n".join(problems)
-        assert result["calls"] == sum(op is not None for _, op, _ in VIEW_BLOCKS.values())
+        assert result["calls"] == sum(op is not None for _, op, _ in VIEW_BLOCKS.values()) + 1  # + TWO_SUMS
+        two = graph["collectives"][len(VIEW_BLOCKS):]
+        assert len(two) == 2 and sorted(c["fused"] for c in two) == [False, True], (TWO_SUMS, two)
+        fused, alone = (two[0], two[1]) if two[0]["fused"] else (two[1], two[0])
+        assert fused["pattern"].startswith(f"{form}/hf_rmsnorm/weight_first/residual+(") and "addend" in fused["pattern"]
+        assert "added to the residual of an arfuse fused call" in alone["reason"], alone
         assert result["shapes"] == result["ref_shapes"]  # every output in the shape the graph expected
+        shared = graph["collectives"][list(VIEW_BLOCKS).index("shared term added, viewed, then the add")]
+        assert any("the additions reordered" in n for n in shared["notes"]), shared
         tol = TOL[torch.float32 if dtype == "fp32" else torch.bfloat16]
         assert max(result["errors"]) <= tol, result["errors"]
 

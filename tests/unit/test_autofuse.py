@@ -197,6 +197,13 @@ def _offset_entry():
     (_entry(), _kw(norm_views=(_node(torch.empty(4, 128)),)), "hidden dim 16"),
     (_entry(), _kw(x=_node(torch.empty(32, 16)), sum_views=(_node(torch.empty(8, 4, 16)),)), "broadcasts"),
     (_entry(), _kw(norm_views=(_node(torch.empty(32, 16)),), dims=[2]), "reduces dims [2]"),
+    # a term added to the sum before the residual add (a shared expert's output)
+    (_entry(residual="residual+(sum+addend)"), _kw(addend=_node(torch.empty(4, 8, 16))), None),
+    (_entry(residual="residual+(sum+addend)"), _kw(x=_node(torch.empty(32, 16)), addend=_node(torch.empty(32, 16)),
+                                                   addend_views=(_node(torch.empty(4, 8, 16)),)), None),
+    (_entry(residual="residual+(sum+addend)"), _kw(addend=_node(torch.empty(16))), "the term added to the sum"),
+    (_entry(residual="residual+(sum+addend)"), _kw(addend=_node(torch.empty(4, 8, 16, dtype=torch.float64))),
+     "the term added to the sum"),
 ])
 def test_checks_name_what_would_change_results(entry, kw, words):
     reason = checks.why_not(entry, kw)
@@ -300,3 +307,14 @@ def test_model_without_collectives_is_unchanged_and_reported():
     assert graphs and graphs[-1]["collectives"] == [] and graphs[-1]["note"] == "no collectives: nothing to fuse"
     assert "no collectives: nothing to fuse" in str(arfuse.compile_report("NoTP"))
     assert torch._inductor.config.post_grad_custom_post_pass is None
+
+
+def test_hf_moe_model_at_world_size_1_compiles_runs_and_reports_nothing_to_fuse():
+    pytest.importorskip("transformers")
+    from tests._autofuse_models import moe_at_world_size_1
+
+    r = moe_at_world_size_1("qwen3_moe", "cpu", torch.float32)
+    assert r["err"] <= 1e-5 and r["stats_unchanged"]
+    assert r["graphs"] and all(g["collectives"] == [] and g["note"] == "no collectives: nothing to fuse"
+                               for g in r["graphs"]), r["report"]
+    assert "no collectives: nothing to fuse" in r["report"]
