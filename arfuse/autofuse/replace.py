@@ -61,7 +61,7 @@ def _shaped(t: torch.Tensor, shape, a: Dict[str, Any]) -> torch.Tensor:
 def _residual_in(a: Dict[str, Any]) -> torch.Tensor:
     """The residual the fused call takes: the graph's, plus the term the graph added to the sum first (if any)."""
     residual, addend = a["residual"], a.get("addend")
-    return residual if addend is None else residual + addend.view(residual.shape)
+    return residual if addend is None else residual + addend.reshape(residual.shape)
 
 
 def _residual_rmsnorm(kw, max_tokens):

@@ -26,7 +26,7 @@ from arfuse.core.types import FP8_DTYPE
 from arfuse.models.generate import rel_err
 from tests._ranks import launch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # one launch compiles six graphs
 TOKENS, HIDDEN = 6, 32
 TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 FP8_TOL = 3e-2  # one e4m3 step where the fused fp32 norm and the graph's rounded norm straddle a boundary
@@ -307,7 +307,7 @@ def _rank(rank, world):
 
 @pytest.fixture(scope="module")
 def ranks():
-    return launch(_rank, 2, timeout_s=540)
+    return launch(_rank, 2, timeout_s=900)
 
 
 def _expected():
