@@ -118,7 +118,8 @@ def moe_at_world_size_1(family: str, device: str, dtype: torch.dtype) -> dict:
     before = arfuse.stats()
     with torch.no_grad():
         eager = model(input_ids=ids, use_cache=False).logits.float()
-        fused = arfuse.compile(model, fullgraph=True)(input_ids=ids, use_cache=False).logits.float()
+        # graph breaks are Dynamo's business here (an MoE router may have data-dependent ops on some devices)
+        fused = arfuse.compile(model)(input_ids=ids, use_cache=False).logits.float()
     graphs = arfuse.compile_report(type(model).__name__)["graphs"]
     return {"err": generate.rel_err(fused, eager), "stats_unchanged": arfuse.stats() == before, "graphs": graphs,
             "report": str(arfuse.compile_report(type(model).__name__))}
