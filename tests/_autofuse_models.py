@@ -105,3 +105,21 @@ def parallelize(model: HandTP, world: int) -> HandTP:
     parallelize_module(model, mesh, plan)
     model.embed_tokens = VocabParallelEmbedding(model.embed_tokens.weight.detach(), dist.get_rank(), world)
     return model
+
+
+def moe_at_world_size_1(family: str, device: str, dtype: torch.dtype) -> dict:
+    """``arfuse.compile`` of a tiny HF MoE model (one layer) in one process without a process group: its logits
+    against eager's, whether ``arfuse.stats()`` changed (no fused call may run) and its report's graphs."""
+    import arfuse
+    from arfuse.models import generate, hf
+
+    model = hf.build(hf.config(family, "tiny", layers=1), seed=0, dtype=dtype, device=device, random_norms=True)
+    ids = (torch.arange(24, device=device).view(2, 12) * 7) % model.config.vocab_size
+    before = arfuse.stats()
+    with torch.no_grad():
+        eager = model(input_ids=ids, use_cache=False).logits.float()
+        # graph breaks are Dynamo's business here (an MoE router may have data-dependent ops on some devices)
+        fused = arfuse.compile(model)(input_ids=ids, use_cache=False).logits.float()
+    graphs = arfuse.compile_report(type(model).__name__)["graphs"]
+    return {"err": generate.rel_err(fused, eager), "stats_unchanged": arfuse.stats() == before, "graphs": graphs,
+            "report": str(arfuse.compile_report(type(model).__name__))}

@@ -2,7 +2,7 @@
 
 :func:`why_not` returns None when the fused op computes what the matched nodes compute (within the dtype's
 rounding), else the reason it would not. Anything it cannot prove (a symbolic hidden size, a broadcast residual,
-a weight of another dtype) is a reason: the pass leaves such a graph alone.
+a weight of another dtype, a view that splits the hidden dim) is a reason: the pass leaves such a graph alone.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from arfuse.autofuse import views
 from arfuse.autofuse.patterns import Entry
 from arfuse.core.types import FP8_DTYPE, FP8_MAX
 from arfuse.core.validate import SUPPORTED_DTYPES, _positive_in_float32, dtype_name
@@ -48,6 +49,30 @@ def _reduces_last_dim(dims, ndim: int) -> bool:
 MAX_PLAIN_HIDDEN = 16384
 
 
+def _last(chain, default: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return val(chain[-1]) if chain else default
+
+
+def branch_val(kw: Mapping[str, Any]) -> Optional[torch.Tensor]:
+    """The allreduced sum as the residual add (or, without one, the norm) takes it: after its row views."""
+    return _last(kw.get("sum_views", ()), val(kw["x"]))
+
+
+def addend_sum_val(kw: Mapping[str, Any]) -> Optional[torch.Tensor]:
+    """What the residual add takes from the allreduced branch: the branch, or the branch plus the addend (as
+    shaped as the branch: no broadcast passes the checks) after their row views."""
+    if "addend" not in kw:
+        return branch_val(kw)
+    return _last(kw.get("addend_views", ()), branch_val(kw))
+
+
+def norm_input_val(kw: Mapping[str, Any]) -> Optional[torch.Tensor]:
+    """The RMSNorm's input: the residual sum (the residual's shape) or the allreduced branch, after its views."""
+    if "residual" in kw:
+        return _last(kw.get("norm_views", ()), val(kw["residual"]))
+    return branch_val(kw)
+
+
 def why_not(entry: Entry, kw: Mapping[str, Any]) -> Optional[str]:
     """None if ``entry``'s match with keyword values ``kw`` may be fused, else why not."""
     x = val(kw["x"])
@@ -67,7 +92,21 @@ def why_not(entry: Entry, kw: Mapping[str, Any]) -> Optional[str]:
             return (f"all_reduce of shape {tuple(x.shape)}: arfuse's all_reduce takes (tokens, hidden) activations "
                     f"with hidden <= {MAX_PLAIN_HIDDEN}")
         return None
-    return _norm_reason(entry, kw, x) or _residual_reason(entry, kw, x) or _fp8_reason(entry, kw, x)
+    return (_views_reason(kw, x) or _norm_reason(entry, kw, x) or _residual_reason(entry, kw, x)
+            or _fp8_reason(entry, kw, x))
+
+
+def _views_reason(kw, x: torch.Tensor) -> Optional[str]:
+    chain = tuple(kw.get("sum_views", ())) + tuple(kw.get("addend_views", ())) + tuple(kw.get("norm_views", ()))
+    why = views.why_not_rows(chain, x.shape[-1])
+    if why is not None:
+        return why
+    target = norm_input_val(kw)
+    if chain and target is not None and views.out_shape(target, [("x", x), ("residual", val(kw.get("residual")))]) \
+            is None:
+        return (f"the RMSNorm's input shape {tuple(target.shape)} after the views has more than one dynamic dim: "
+                f"the fused call's output cannot be viewed back to it")
+    return None
 
 
 def _norm_reason(entry: Entry, kw, x: torch.Tensor) -> Optional[str]:
@@ -75,10 +114,11 @@ def _norm_reason(entry: Entry, kw, x: torch.Tensor) -> Optional[str]:
     if entry.casts != lowp:
         return (f"RMSNorm of a {dtype_name(x.dtype)} tensor computed without an fp32 upcast: arfuse computes it "
                 f"in fp32" if lowp else "fp32 graph with casts around the RMSNorm")
-    if entry.casts and (kw["up_dtype"] != torch.float32 or kw["out_dtype"] != x.dtype):
-        return (f"RMSNorm casts to {kw['up_dtype']} and back to {kw['out_dtype']}, not float32 and back to "
-                f"{dtype_name(x.dtype)}")
-    if not _reduces_last_dim(kw["dims"], x.dim()):
+    up, out = kw.get("up_dtype", torch.float32), kw.get("out_dtype", x.dtype)
+    if up != torch.float32 or out != x.dtype:
+        return (f"RMSNorm casts to {up} and back to {out}, not float32 and back to {dtype_name(x.dtype)}")
+    h = norm_input_val(kw)
+    if not _reduces_last_dim(kw["dims"], h.dim() if h is not None else x.dim()):
         return f"the mean reduces dims {kw['dims']}, not the last one"
     eps = kw["eps"]
     if isinstance(eps, torch.fx.Node):
@@ -88,8 +128,8 @@ def _norm_reason(entry: Entry, kw, x: torch.Tensor) -> Optional[str]:
         return f"eps {eps!r} is not a positive float32 constant"
     if entry.norm.weight_offset:
         offset = kw["weight_offset"]
-        if kw["weight_up_dtype"] != torch.float32 or not _is_number(offset) or not math.isfinite(offset):
-            return f"the weight is offset by {offset!r} in {kw['weight_up_dtype']}, not by a constant in float32"
+        if not _is_number(offset) or not math.isfinite(offset):
+            return f"the weight is offset by {offset!r}, not by a finite constant"
     weight = val(kw["weight"])
     if weight is None:
         return "RMSNorm weight is not a tensor"
@@ -111,8 +151,17 @@ def _residual_reason(entry: Entry, kw, x: torch.Tensor) -> Optional[str]:
     if residual.dtype != x.dtype or residual.device != x.device:
         return f"residual is {dtype_name(residual.dtype)} on {residual.device}, the sum {dtype_name(x.dtype)} " \
                f"on {x.device}"
-    if not _same_shape(residual, x):
-        return f"residual of shape {tuple(residual.shape)} broadcasts against the sum's {tuple(x.shape)}"
+    if "addend" in kw:
+        addend, sum_ = val(kw["addend"]), branch_val(kw)
+        if addend is None or sum_ is None:
+            return "the term added to the sum is not a tensor"
+        if addend.dtype != x.dtype or addend.device != x.device or not _same_shape(addend, sum_):
+            return (f"the term added to the sum is {dtype_name(addend.dtype)} of shape {tuple(addend.shape)} on "
+                    f"{addend.device}, the sum {dtype_name(x.dtype)} of shape {tuple(sum_.shape)} on {x.device}")
+    branch = addend_sum_val(kw)
+    if branch is None or not _same_shape(residual, branch):
+        shape = tuple(branch.shape) if branch is not None else "unknown"
+        return f"residual of shape {tuple(residual.shape)} broadcasts against the sum's {shape}"
     if entry.residual.scaled:
         m = kw["multiplier"]
         if isinstance(m, torch.fx.Node):
@@ -128,9 +177,6 @@ def _fp8_reason(entry: Entry, kw, x: torch.Tensor) -> Optional[str]:
         return None
     if kw["q_dtype"] != FP8_DTYPE:
         return f"quantizes to {kw['q_dtype']}, not {FP8_DTYPE}"
-    if entry.epilogue.clamp_in_fp32 and (kw["clamp_up_dtype"] != torch.float32
-                                         or kw["clamp_down_dtype"] != x.dtype):
-        return f"the clamp casts to {kw['clamp_up_dtype']} and back to {kw['clamp_down_dtype']}"
     if kw["qmin"] != -FP8_MAX or kw["qmax"] != FP8_MAX:
         return f"clamps to [{kw['qmin']}, {kw['qmax']}], not [-{FP8_MAX:g}, {FP8_MAX:g}]"
     scale = kw["scale"]

@@ -18,7 +18,8 @@ from arfuse.autofuse.checks import why_not
 from arfuse.autofuse.replace import REPLACEMENTS
 from arfuse.core.counters import logger
 
-_SOURCES = ("patterns.py", "checks.py", "replace.py", "graph_pass.py", "ops.py")
+_SOURCES = ("patterns.py", "spellings.py", "tracing.py", "views.py", "checks.py", "replace.py", "graph_pass.py",
+            "ops.py")
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,6 +127,7 @@ class FusionPass(CustomGraphPass):
     def __init__(self, max_tokens: int, source: str):
         self.max_tokens = max_tokens
         self.source = source
+        patterns.compiled_entries()  # traced here, outside any compilation, once per process
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         run(graph, self.max_tokens, self.source)

@@ -1,87 +1,110 @@
-"""What the fusion pass matches, as data: one :class:`Entry` per (RMSNorm spelling, residual form, epilogue) and
-the arfuse op it becomes.
+"""What the fusion pass matches, as data: one :class:`Entry` per (RMSNorm spelling, residual form, epilogue, dtype
+form) and the arfuse op it becomes.
 
-A pattern is the post-grad (functionalized, decomposed) graph of
-``allreduce -> [residual add] -> RMSNorm -> [FP8 quantization]``. Inductor's pattern matcher has no
-commutativity, so each operand order is its own entry; :func:`entries` generates them from the lists below. A new
-spelling or epilogue joins by adding to these lists (and, for a new arfuse op, a :class:`Replacement` in
-``arfuse.autofuse.replace``), not by editing the pass. The values a pattern leaves open (``KeywordArg``) are
-checked by ``arfuse.autofuse.checks`` before anything is replaced.
+A pattern is the post-grad graph of ``allreduce -> [row views] -> [residual add] -> [row views] -> RMSNorm ->
+[FP8 quantization]``. The norm, the residual form and the epilogue are traced from the torch code of
+``arfuse.autofuse.spellings`` (``tracing``), once per process, so they hold the aten ops this torch release
+decomposes that code into; the allreduce itself is the functional collective's own two ops (``all_reduce`` +
+``wait_tensor``), and the row views (``views.RowViews``) let any reshape/squeeze/unsqueeze that keeps rows sit
+where the arrows are. Inductor's pattern matcher has no commutativity, so each operand order the source can have
+is its own spelling. A new spelling or epilogue joins by adding to the lists below (and, for a new arfuse op, a
+:class:`Replacement` in ``arfuse.autofuse.replace``), not by editing the pass. The values a pattern leaves open
+(``KeywordArg``) are checked by ``arfuse.autofuse.checks`` before anything is replaced.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, KeywordArg, MultiOutputPattern, PatternExpr
 
-aten = torch.ops.aten
-prims = torch.ops.prims
+from arfuse.autofuse import spellings, tracing
+from arfuse.autofuse.views import RowViews
+from arfuse.core.counters import logger
+
 c10d = torch.ops._c10d_functional
 
 ALL_REDUCE = c10d.all_reduce.default
 WAIT = c10d.wait_tensor.default
-CONVERT = prims.convert_element_type.default
+CONVERT = torch.ops.prims.convert_element_type.default
+
+# trace shapes: (tokens, hidden) activations, a (hidden,) weight, a one-element float32 FP8 scale
+_TOKENS, _HIDDEN = 4, 8
 
 
 @dataclasses.dataclass(frozen=True)
 class Norm:
     """One RMSNorm spelling.
 
-    ``family``: ``"hf_rmsnorm"`` (HF ``LlamaRMSNorm``/``Qwen2RMSNorm``: ``pow(2).mean(-1, keepdim=True)``,
-    ``rsqrt(var + eps)`` as ``add.Tensor``) or ``"torch_rms_norm"`` (``F.rms_norm``/``nn.RMSNorm``'s
-    decomposition: positive reduction dim, ``add.Scalar``). ``weight``: ``"after_cast"`` (``weight * y.to(dtype)``,
-    HF's) or ``"before_cast"`` (``(y * weight).to(dtype)``, torch's); in fp32 no casts exist and only the
-    family's own position is kept. ``weight_first``: operand order of the weight multiply. ``weight_offset``:
-    the norm multiplies by ``weight.float() + offset`` (Gemma's ``1 + weight``), which arfuse takes as
-    ``weight_offset``; only the bf16/fp16 form needs it (in fp32 the offset weight is just another weight tensor).
+    ``family``: ``"hf_rmsnorm"`` (HF ``LlamaRMSNorm``/``Qwen2RMSNorm``), ``"torch_rms_norm"`` (``F.rms_norm`` and
+    ``nn.RMSNorm``: the operand order and the casts are its decomposition's) or ``"offset_rmsnorm"`` (Gemma's
+    ``offset + weight`` in fp32, which arfuse takes as ``weight_offset``; only the bf16/fp16 form needs it: in fp32
+    the offset weight is just another weight tensor). ``weight``: HF's ``"after_cast"`` (``weight * y.to(dtype)``)
+    or ``"before_cast"`` (``(y * weight).to(dtype)``); in fp32 no casts exist and only after_cast is kept.
+    ``weight_first``: operand order of the weight multiply (None: the decomposition's).
     """
 
     family: str
-    eps_add: object
-    weight: str
-    weight_first: bool
-    weight_offset: bool = False
+    weight: str = "after_cast"
+    weight_first: Optional[bool] = None
+
+    @property
+    def weight_offset(self) -> bool:
+        return self.family == "offset_rmsnorm"
 
     @property
     def default_weight(self) -> bool:
-        return self.weight == FAMILIES[self.family][1]
+        return self.weight == "after_cast" or self.family != "hf_rmsnorm"
+
+    def function(self) -> Callable:
+        if self.family == "hf_rmsnorm":
+            return spellings.hf_rmsnorm(self.weight == "after_cast", self.weight_first)
+        if self.family == "offset_rmsnorm":
+            return spellings.offset_rmsnorm(self.weight_first)
+        return spellings.torch_rms_norm
 
     def label(self, casts: bool) -> str:
+        if self.weight_first is None:
+            return self.family
         order = "weight_first" if self.weight_first else "weight_last"
         position = "" if self.default_weight else f"/weight_{self.weight}"
         return f"{self.family}{position if casts else ''}/{order}"
 
 
-FAMILIES = {"hf_rmsnorm": (aten.add.Tensor, "after_cast"), "torch_rms_norm": (aten.add.Scalar, "before_cast"),
-            "offset_rmsnorm": (aten.add.Tensor, "before_cast")}
-NORMS = [Norm(family, eps_add, weight, first)
-         for family, (eps_add, _) in FAMILIES.items() if family != "offset_rmsnorm"
-         for weight in ("after_cast", "before_cast")
-         for first in (True, False)]
-NORMS += [Norm("offset_rmsnorm", aten.add.Tensor, "before_cast", first, weight_offset=True) for first in (True, False)]
+NORMS = [Norm("hf_rmsnorm", weight, first) for weight in ("after_cast", "before_cast") for first in (True, False)]
+NORMS += [Norm("torch_rms_norm")]
+NORMS += [Norm("offset_rmsnorm", "before_cast", first) for first in (True, False)]
 
 
 @dataclasses.dataclass(frozen=True)
 class Residual:
-    """How the allreduced sum reaches the norm: directly (``None`` kind), or added to a residual in an operand
-    order, optionally multiplied by a constant first (``residual + out * m``)."""
+    """How the allreduced sum reaches the norm: directly (``add`` False), or added to a residual in the form
+    ``spellings.RESIDUAL_FORMS[form]`` (an operand order, optionally the branch multiplied by a constant; ``form``
+    defaults to ``name``). ``addend``: the sum first gets another term added in the form
+    ``spellings.ADDEND_FORMS[addend]`` (a shared expert's output); the fused call then takes ``residual + addend``
+    as its residual, which reorders the float additions (equal up to rounding; the report says so)."""
 
     name: str
     add: bool
-    sum_first: bool = False
     scaled: bool = False
+    form: Optional[str] = None
+    addend: Optional[str] = None
+
+    @property
+    def outer(self) -> str:
+        return self.form or self.name
 
 
 @dataclasses.dataclass(frozen=True)
 class Epilogue:
-    """A quantization of the norm's output. ``clamp_in_fp32``: the clamp of a bf16/fp16 quotient runs on an
-    fp32 upcast and is cast back before the FP8 cast (how Inductor decomposes it in some graphs)."""
+    """A quantization of the norm's output, traced from ``spellings.<name>``. ``float_scale``: the scale is a
+    Python float (a constant of the graph) rather than a tensor input."""
 
     name: str
-    clamp_in_fp32: bool = False
+    float_scale: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,12 +126,16 @@ class Entry:
 
 RESIDUALS = [
     Residual("no_residual", add=False),
-    Residual("residual+sum", add=True, sum_first=False),
-    Residual("sum+residual", add=True, sum_first=True),
-    Residual("residual+sum*m", add=True, sum_first=False, scaled=True),
-    Residual("sum*m+residual", add=True, sum_first=True, scaled=True),
-]
-EPILOGUES = [Epilogue("fp8_static"), Epilogue("fp8_static_clamp_in_fp32", clamp_in_fp32=True), None]
+    Residual("residual+sum", add=True),
+    Residual("sum+residual", add=True),
+    Residual("residual+sum*m", add=True, scaled=True),
+    Residual("sum*m+residual", add=True, scaled=True),
+    Residual("residual+(sum+addend)", add=True, form="residual+sum", addend="sum+addend"),
+    Residual("residual+(addend+sum)", add=True, form="residual+sum", addend="addend+sum"),
+    Residual("(sum+addend)+residual", add=True, form="sum+residual", addend="sum+addend"),
+    Residual("(addend+sum)+residual", add=True, form="sum+residual", addend="addend+sum"),
+]  # the plain forms first: of two that match, the one without reordered additions is taken
+EPILOGUES = [Epilogue("fp8_static"), Epilogue("fp8_static_float_scale", float_scale=True), None]
 
 # (has residual, fp8 epilogue) -> the arfuse op
 OPS = {(True, False): "residual_rmsnorm", (True, True): "residual_rmsnorm_fp8", (False, False): "rmsnorm"}
@@ -126,8 +153,8 @@ def entries() -> List[Entry]:
         op = OPS.get((res.add, epi is not None))
         if op is None:
             continue
-        if not casts and (not norm.default_weight or norm.weight_offset or (epi is not None and epi.clamp_in_fp32)):
-            continue  # without casts neither the weight position, a weight upcast nor an fp32 clamp exists
+        if not casts and (not norm.default_weight or norm.weight_offset):
+            continue  # without casts neither the weight position nor a weight upcast exists
         name = "/".join(p for p in ("lowp" if casts else "fp32", norm.label(casts), res.name, epi and epi.name)
                         if p)
         out.append(Entry(name, op, casts, norm, res, epi, stage=0))
@@ -136,69 +163,83 @@ def entries() -> List[Entry]:
 
 # -- building the pattern expressions ----------------------------------------------------------------------------
 
-def _allreduced(users) -> PatternExpr:
-    return CallFunction(WAIT, CallFunction(ALL_REDUCE, KeywordArg("x"), "sum", KeywordArg("group")), _users=users)
+def allreduced() -> PatternExpr:
+    """``wait_tensor(all_reduce(x, "sum", group))``; its users are checked by the :class:`RowViews` around it."""
+    return CallFunction(WAIT, CallFunction(ALL_REDUCE, KeywordArg("x"), "sum", KeywordArg("group")),
+                        _users=MULTIPLE)
 
 
-def _mul(a, b, first_is_b: bool, **kw) -> PatternExpr:
-    return CallFunction(aten.mul.Tensor, *((b, a) if first_is_b else (a, b)), **kw)
+def _act(dtype: torch.dtype, shape=(_TOKENS, _HIDDEN)):
+    return shape, dtype
 
 
-def _norm(h: PatternExpr, entry: Entry, out_users) -> PatternExpr:
-    """The RMSNorm of ``h`` (its input node, whose users the caller set)."""
-    norm = entry.norm
-    up = CallFunction(CONVERT, h, KeywordArg("up_dtype"), _users=2) if entry.casts else h
-    mean = CallFunction(aten.mean.dim, CallFunction(aten.pow.Tensor_Scalar, up, 2), KeywordArg("dims"), True)
-    rsqrt = CallFunction(aten.rsqrt.default, CallFunction(norm.eps_add, mean, KeywordArg("eps")))
-    normed = CallFunction(aten.mul.Tensor, up, rsqrt)
-    weight = KeywordArg("weight")
-    if norm.weight_offset:
-        weight = CallFunction(aten.add.Tensor, CallFunction(CONVERT, weight, KeywordArg("weight_up_dtype")),
-                              KeywordArg("weight_offset"))
-    if not entry.casts:
-        return _mul(normed, weight, norm.weight_first, _users=out_users)
-    if norm.weight == "after_cast":
-        return _mul(CallFunction(CONVERT, normed, KeywordArg("out_dtype")), weight, norm.weight_first,
-                    _users=out_users)
-    return CallFunction(CONVERT, _mul(normed, weight, norm.weight_first), KeywordArg("out_dtype"), _users=out_users)
+def _norm(entry: Entry, norm_input: Callable[[int], PatternExpr], dtype: torch.dtype, out_users) -> PatternExpr:
+    expected = ("eps", "dims") + (("weight_offset",) if entry.norm.weight_offset else ())
+    return tracing.traced_pattern(entry.norm.function(), [_act(dtype), _act(dtype, (_HIDDEN,))],
+                                  [norm_input, KeywordArg("weight")], dtype, out_users, expected)
 
 
-def _fp8(y: PatternExpr, epilogue: Epilogue) -> PatternExpr:
-    quotient = CallFunction(aten.div.Tensor, y, KeywordArg("scale"))
-    if epilogue.clamp_in_fp32:
-        quotient = CallFunction(CONVERT, quotient, KeywordArg("clamp_up_dtype"))
-    clamped = CallFunction(aten.clamp_max.default,
-                           CallFunction(aten.clamp_min.default, quotient, KeywordArg("qmin")), KeywordArg("qmax"))
-    if epilogue.clamp_in_fp32:
-        clamped = CallFunction(CONVERT, clamped, KeywordArg("clamp_down_dtype"))
-    return CallFunction(CONVERT, clamped, KeywordArg("q_dtype"), _users=MULTIPLE)
+def _epilogue(entry: Entry, normed: Callable[[int], PatternExpr], dtype: torch.dtype) -> PatternExpr:
+    epi = entry.epilogue
+    fn = getattr(spellings, epi.name)
+    if epi.float_scale:
+        return tracing.traced_pattern(fn, [_act(dtype)], [normed], dtype, MULTIPLE, ("qmin", "qmax", "scale"))
+    return tracing.traced_pattern(fn, [_act(dtype), ((1,), torch.float32)], [normed, KeywordArg("scale")], dtype,
+                                  MULTIPLE, ("qmin", "qmax"))
 
 
 def build(entry: Entry) -> PatternExpr:
     """The pattern expression of ``entry``: a single output, or ``(norm output, residual sum)``."""
     if entry.norm is None:
-        return _allreduced(MULTIPLE)
+        return allreduced()
+    dtype = torch.bfloat16 if entry.casts else torch.float32
     res = entry.residual
-    epi = entry.epilogue
-    finish: Callable[[PatternExpr], PatternExpr] = (lambda y: _fp8(y, epi)) if epi is not None else (lambda y: y)
-    out_users = 1 if entry.epilogue is not None else MULTIPLE
-    if not res.add:
-        # the sum feeds only the norm: its upcast in bf16, or the norm's pow and mul in fp32
-        return finish(_norm(_allreduced(1 if entry.casts else 2), entry, out_users))
-    branch = _allreduced(1)
-    if res.scaled:
-        branch = CallFunction(aten.mul.Tensor, branch, KeywordArg("multiplier"))
-    residual = KeywordArg("residual")
-    total = CallFunction(aten.add.Tensor, *((branch, residual) if res.sum_first else (residual, branch)),
-                         _users=MULTIPLE)
-    return MultiOutputPattern([finish(_norm(total, entry, out_users)), total])
+    total = None
+    if res.add:
+        branch = (lambda users: RowViews(allreduced(), "sum_views", users))
+        if res.addend is not None:
+            summed = tracing.traced_pattern(spellings.ADDEND_FORMS[res.addend], [_act(dtype), _act(dtype)],
+                                            [branch, KeywordArg("addend")], dtype, MULTIPLE)
+            branch = (lambda users: RowViews(summed, "addend_views", users))
+        total = tracing.traced_pattern(spellings.RESIDUAL_FORMS[res.outer], [_act(dtype), _act(dtype)],
+                                       [KeywordArg("residual"), branch], dtype, MULTIPLE,
+                                       ("multiplier",) if res.scaled else ())
+        norm_input = (lambda users: RowViews(total, "norm_views", users, inner_is_output=True))
+    else:
+        norm_input = (lambda users: RowViews(allreduced(), "sum_views", users))
+    if entry.epilogue is None:
+        out = _norm(entry, norm_input, dtype, MULTIPLE)
+    else:
+        out = _epilogue(entry, lambda users: _norm(entry, norm_input, dtype, users), dtype)
+    return MultiOutputPattern([out, total]) if total is not None else out
 
 
 # The patterns every graph is matched against, per stage; built once per process.
 _cache: List[Tuple[Entry, PatternExpr]] = []
+_failed: List[Tuple[Entry, str]] = []
 
 
 def compiled_entries() -> List[Tuple[Entry, PatternExpr]]:
-    if not _cache:
-        _cache.extend((e, e.pattern()) for e in entries())
+    """Every entry with its pattern, built on first use. An entry whose spelling does not trace into a pattern on
+    this torch is left out (logged, and listed by :func:`unbuilt`); one whose pattern equals an earlier entry's
+    (two spellings this torch decomposes alike) is left out too, so the report names the first."""
+    if not _cache and not _failed:
+        seen = {}  # (stage, repr) -> patterns: repr spells out the whole tree, pattern_eq confirms
+        for e in entries():
+            try:
+                pattern = e.pattern()
+            except tracing.TraceError as err:
+                _failed.append((e, str(err)))
+                logger.log(logging.WARNING, "arfuse.compile: pattern %s not built: %s", e.name, err)
+                continue
+            same = seen.setdefault((e.stage, repr(pattern)), [])
+            if not any(pattern.pattern_eq(p) for p in same):
+                same.append(pattern)
+                _cache.append((e, pattern))
     return _cache
+
+
+def unbuilt() -> List[Tuple[Entry, str]]:
+    """The entries :func:`compiled_entries` left out because their spelling did not trace, with the reason."""
+    compiled_entries()
+    return list(_failed)

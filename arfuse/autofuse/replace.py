@@ -8,6 +8,8 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 import torch
 
 from arfuse.autofuse import ops  # noqa: F401  (registers torch.ops.arfuse.autofused_*)
+from arfuse.autofuse import explain, views
+from arfuse.autofuse.checks import norm_input_val, val
 
 Build = Callable[[Mapping[str, Any], int], Tuple[Callable, List[Any]]]
 
@@ -41,31 +43,56 @@ def _eps_args(eps):
     return (1e-6, eps) if isinstance(eps, torch.Tensor) else (float(eps), None)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """The (tokens, hidden) view the fused call takes."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _norm_shape(kw):
+    """How the norm's output is shaped back (``views.out_shape``): as the tensor input of that name, or a shape."""
+    x, residual = val(kw["x"]), val(kw.get("residual"))
+    return views.out_shape(norm_input_val(kw), [("residual", residual), ("x", x)])
+
+
+def _shaped(t: torch.Tensor, shape, a: Dict[str, Any]) -> torch.Tensor:
+    return t.view(a[shape].shape if isinstance(shape, str) else shape)
+
+
+def _residual_in(a: Dict[str, Any]) -> torch.Tensor:
+    """The residual the fused call takes: the graph's, plus the term the graph added to the sum first (if any)."""
+    residual, addend = a["residual"], a.get("addend")
+    return residual if addend is None else residual + addend.reshape(residual.shape)
+
+
 def _residual_rmsnorm(kw, max_tokens):
     group, offset = kw["group"], float(kw.get("weight_offset", 0.0))
-    inputs = _Inputs(kw, ("x", "residual", "weight", "eps", "multiplier"))
+    inputs = _Inputs(kw, ("x", "residual", "weight", "eps", "multiplier", "addend"))
+    shape = _norm_shape(kw)
 
     def fused(*args):
         a = inputs.bind(args)
-        return torch.ops.arfuse.autofused_residual_rmsnorm(_scaled(a["x"], a["multiplier"]), a["residual"],
-                                                           a["weight"], *_eps_args(a["eps"]), offset, group,
-                                                           max_tokens)
+        norm, res = torch.ops.arfuse.autofused_residual_rmsnorm(_rows(_scaled(a["x"], a["multiplier"])),
+                                                                _rows(_residual_in(a)), a["weight"],
+                                                                *_eps_args(a["eps"]), offset, group, max_tokens)
+        return _shaped(norm, shape, a), res.view(a["residual"].shape)
 
     return fused, inputs.nodes
 
 
 def _residual_rmsnorm_fp8(kw, max_tokens):
     group, offset = kw["group"], float(kw.get("weight_offset", 0.0))
-    inputs = _Inputs(kw, ("x", "residual", "weight", "eps", "multiplier", "scale"))
+    inputs = _Inputs(kw, ("x", "residual", "weight", "eps", "multiplier", "scale", "addend"))
+    shape = _norm_shape(kw)
 
     def fused(*args):
         a = inputs.bind(args)
         scale = a["scale"]
         scale_t = (scale.reshape(1) if isinstance(scale, torch.Tensor)
                    else torch.full((1,), float(scale), dtype=torch.float32, device=a["x"].device))
-        return torch.ops.arfuse.autofused_residual_rmsnorm_fp8(_scaled(a["x"], a["multiplier"]), a["residual"],
-                                                               a["weight"], scale_t, *_eps_args(a["eps"]), offset,
-                                                               group, max_tokens)
+        q, res = torch.ops.arfuse.autofused_residual_rmsnorm_fp8(_rows(_scaled(a["x"], a["multiplier"])),
+                                                                 _rows(_residual_in(a)), a["weight"], scale_t,
+                                                                 *_eps_args(a["eps"]), offset, group, max_tokens)
+        return _shaped(q, shape, a), res.view(a["residual"].shape)
 
     return fused, inputs.nodes
 
@@ -73,11 +100,13 @@ def _residual_rmsnorm_fp8(kw, max_tokens):
 def _rmsnorm(kw, max_tokens):
     group, offset = kw["group"], float(kw.get("weight_offset", 0.0))
     inputs = _Inputs(kw, ("x", "weight", "eps"))
+    shape = _norm_shape(kw)
 
     def fused(*args):
         a = inputs.bind(args)
-        return torch.ops.arfuse.autofused_rmsnorm(a["x"], a["weight"], *_eps_args(a["eps"]), offset, group,
-                                                  max_tokens)
+        out = torch.ops.arfuse.autofused_rmsnorm(_rows(a["x"]), a["weight"], *_eps_args(a["eps"]), offset, group,
+                                                 max_tokens)
+        return _shaped(out, shape, a)
 
     return fused, inputs.nodes
 
@@ -92,12 +121,17 @@ def _all_reduce(kw, max_tokens):
 
 
 def _scale_note(kw) -> str:
+    notes = []
     m = kw.get("multiplier")
-    if m is None:
-        return ""
-    shown = f"{m:g}" if isinstance(m, (int, float)) else "(a graph input)"
-    return (f"the allreduced branch's scale {shown} is applied to the input before the fused call (allreduce is "
-            f"linear; equal up to rounding)")
+    if m is not None:
+        shown = f"{m:g}" if isinstance(m, (int, float)) else "(a graph input)"
+        notes.append(f"the allreduced branch's scale {shown} is applied to the input before the fused call "
+                     f"(allreduce is linear; equal up to rounding)")
+    addend = kw.get("addend")
+    if addend is not None:
+        notes.append(f"the term added to the sum ({explain.where(addend) or addend.name}) is added to the residual "
+                     f"before the fused call (the additions reordered; equal up to rounding)")
+    return "; ".join(notes)
 
 
 REPLACEMENTS: Dict[str, Replacement] = {

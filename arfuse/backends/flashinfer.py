@@ -178,6 +178,10 @@ class FlashInferBackend(Backend):
             return why
         if spec.moe and variant == "twoshot":
             return "FlashInfer's MoE finalize runs one-shot only (no two-shot variant)"
+        if spec.moe and problem.expert_rows:
+            why = moe_row_reason(fi, problem.expert_rows, problem.hidden_size, problem.world_size)
+            if why is not None:
+                return why
         limit = max_bytes(caps.sm, problem.world_size)
         if limit is not None and problem.nbytes > limit:
             return f"{problem.nbytes} bytes per call exceeds the FlashInfer limit of {limit} for this GPU/world"
@@ -268,9 +272,7 @@ def moe_row_reason(probe, rows: int, hidden: int, world: int) -> Optional[str]:
 
 
 def _moe_call(ws: FlashInferWorkspace, variant: str, spec: FusionSpec, call: FusedCall, route):
-    why = moe_row_reason(ws.probe, call.x.shape[0], call.x.shape[1], ws.handle.world)
-    if why is not None:
-        raise ValueError(why)  # before any collective: the executor falls back on every rank
+    # the expert row limit of older releases was checked when the call was planned (check_variant, expert_rows)
     dtype = call.x.dtype
     scales = call.expert_scales if call.expert_scales.dtype == dtype else call.expert_scales.to(dtype)
     return adapter.moe_finalize_call(

@@ -68,7 +68,9 @@ class Capacity:
 @dataclass(frozen=True)
 class Problem:
     """One call's shape: everything selection may depend on, and nothing that differs between ranks.
-    ``spec`` may be given as a classic :class:`Pattern`."""
+    ``spec`` may be given as a classic :class:`Pattern`. ``expert_rows``: a MoE finalize call's expert rows (the
+    rows of ``expert_out``, which a backend may be limited by; the same on every rank of a TP group); 0 where
+    unknown (the per-token-count plan tables) or not a MoE call."""
 
     spec: FusionSpec
     num_tokens: int
@@ -76,6 +78,7 @@ class Problem:
     dtype: torch.dtype
     device_type: str
     world_size: int
+    expert_rows: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.spec, Pattern):

@@ -12,7 +12,20 @@ from typing import Optional
 
 import torch
 
-FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+            "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
+EXPERTS, TOP_K = 4, 2
+
+
+def _moe(family: str, values: dict) -> dict:
+    """A MoE family's expert settings for a preset: EXPERTS routed experts, TOP_K per token, every layer sparse
+    (Qwen3-MoE's experts a quarter of the preset's MLP width, Mixtral's as wide as it)."""
+    if family == "qwen3_moe":
+        return dict(num_experts=EXPERTS, num_experts_per_tok=TOP_K, decoder_sparse_step=1, mlp_only_layers=[],
+                    moe_intermediate_size=values["intermediate_size"] // 4)
+    if family == "mixtral":
+        return dict(num_local_experts=EXPERTS, num_experts_per_tok=TOP_K)
+    return {}
 PRESETS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=256),
@@ -33,32 +46,42 @@ def transformers_module():
 
 
 def config(family: str, preset: str = "tiny", layers: Optional[int] = None, **overrides):
-    """The transformers config of ``family`` (``llama``, ``qwen2``) with ``preset``'s shapes."""
+    """The transformers config of ``family`` (``llama``, ``qwen2``, ``qwen3_moe``, ``mixtral``) with ``preset``'s
+    shapes (MoE families: :data:`EXPERTS` experts, :data:`TOP_K` per token)."""
     if family not in FAMILIES:
         raise ValueError(f"hf.config: family must be one of {', '.join(FAMILIES)}, got {family!r}")
     if preset not in PRESETS:
         raise ValueError(f"hf.config: preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
         raise ValueError(f"hf.config: layers must be an int >= 1, got {layers!r}")
-    values = dict(PRESETS[preset], **overrides)
+    values = dict(PRESETS[preset])
+    values = dict(values, **_moe(family, values), **overrides)
     if layers is not None:
         values["num_hidden_layers"] = layers
     return getattr(transformers_module(), FAMILIES[family][0])(**values)
 
 
-def build(cfg, *, seed: int, dtype: torch.dtype = torch.float32, device="cpu"):
-    """The whole model of ``cfg`` with transformers' random initialisation under ``seed``, in eval mode."""
+def build(cfg, *, seed: int, dtype: torch.dtype = torch.float32, device="cpu", random_norms: bool = False):
+    """The whole model of ``cfg`` with transformers' random initialisation under ``seed``, in eval mode.
+    ``random_norms``: every RMSNorm weight drawn from U(0.5, 1.5) instead of transformers' ones, so a fused norm
+    that applied the wrong weight (or none) would show in the logits."""
     transformers = transformers_module()
     torch.manual_seed(seed)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    if random_norms:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.uniform_(0.5, 1.5)
     return model.eval().requires_grad_(False)
 
 
-def save_random(cfg, path: str, *, seed: int, dtype: torch.dtype = torch.float32) -> str:
-    """Build ``cfg``'s model with random weights and save it as a checkpoint in ``path`` (created)."""
+def save_random(cfg, path: str, *, seed: int, dtype: torch.dtype = torch.float32, random_norms: bool = False) -> str:
+    """Build ``cfg``'s model with random weights (see :func:`build`) and save it as a checkpoint in ``path``
+    (created)."""
     os.makedirs(path, exist_ok=True)
-    build(cfg, seed=seed, dtype=dtype).save_pretrained(path)
+    build(cfg, seed=seed, dtype=dtype, random_norms=random_norms).save_pretrained(path)
     return path
 
 

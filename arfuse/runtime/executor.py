@@ -13,13 +13,15 @@ import torch
 from arfuse.backends import base
 from arfuse.core.counters import Counters, log_once, logger, resolve_strict
 from arfuse.core.errors import BackendError, FallbackError, PeerTimeoutError
-from arfuse.core.spec import FusionSpec, catalogue
-from arfuse.core.types import Capacity, FusedCall, GroupCaps, Plan
+from arfuse.core.spec import FusionSpec, Prologue, catalogue
+from arfuse.core.types import Capacity, FusedCall, GroupCaps, Plan, Problem
 from arfuse.probe import vote
 from arfuse.probe.group import group_caps
 from arfuse.select import policy, table as tables
 
 REFERENCE = policy.REFERENCE
+MOE_FINALIZE = Prologue.MOE_FINALIZE
+MAX_ROW_ROUTES = 4096  # MoE routes planned per (spec, tokens, expert rows) kept at once
 _CONSTRUCTED: Dict[tuple, int] = {}  # fusion objects built per rank set, in this process
 
 
@@ -156,6 +158,7 @@ class Executor:
         """Forget every plan and route (rebuilt on use from the live, prepared backends)."""
         self.plans: Dict[int, List[Optional[Plan]]] = {}  # by spec code
         self.routes: Dict[int, List[Optional[Route]]] = {}  # by spec code, then token count
+        self.row_routes: Dict[tuple, Route] = {}  # MoE finalize: by (spec code, token count, expert rows)
 
     def route_table(self, spec: FusionSpec) -> List[Optional["Route"]]:
         """What :meth:`run` dispatches to, indexed by token count: each plan with its backend, workspace and
@@ -173,6 +176,31 @@ class Executor:
             table.append(route)
         self.routes[spec.code] = table
         return table
+
+    def rows_route(self, spec: FusionSpec, route: Route, num_tokens: int, rows: int) -> Route:
+        """The route of a MoE finalize call that reads ``rows`` expert rows: ``route`` when its path takes them,
+        else the plan selection makes for the problem with its rows (among the prepared paths), so a path that
+        refuses them is never run and so never fails. Planned once per (spec, tokens, rows)."""
+        key = (spec.code, num_tokens, rows)
+        found = self.row_routes.get(key)
+        if found is not None:
+            return found
+        cap = self.capacity
+        problem = Problem(spec, num_tokens, cap.hidden_size, cap.dtype, cap.device.type, self.caps.world_size,
+                          expert_rows=rows)
+        found = route
+        if route.plan.backend != REFERENCE and policy.why_not(route.backend, problem, self.caps,
+                                                              route.variant) is not None:
+            live = {n: b for n, b in self._live_backends().items() if n in self.workspaces}
+            entry = self.table_entry
+            preferred = entry.choices(num_tokens, cap.hidden_size * cap.itemsize) if entry is not None else ()
+            plan = policy.select(problem, self.caps, live, self.requested, preferred, self.table_source)
+            found = Route(plan, self.backends[plan.backend], self.workspaces[plan.backend],
+                          self.counters.slot(plan.key))
+        if len(self.row_routes) >= MAX_ROW_ROUTES:
+            self.row_routes.clear()
+        self.row_routes[key] = found
+        return found
 
     def _prepare(self, name: str) -> None:
         backend = self.backends[name]
@@ -216,6 +244,8 @@ class Executor:
         if routes is None:
             routes = self.route_table(spec)
         route = routes[n]
+        if spec.prologue is MOE_FINALIZE:
+            route = self.rows_route(spec, route, n, call.x.shape[0])
         if route.fallback:
             self._fallback(route.plan)
         try:

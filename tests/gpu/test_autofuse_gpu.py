@@ -1,7 +1,8 @@
 """``arfuse.compile`` on one GPU (bf16).
 
 An HF Llama at world size 1 has no collectives: the compiled output equals plain ``torch.compile``'s and the
-report says there is nothing to fuse; the same with ``mode="reduce-overhead"`` (CUDA graphs). Then a 1-rank
+report says there is nothing to fuse; the same with ``mode="reduce-overhead"`` (CUDA graphs), and for the MoE
+families Qwen3-MoE and Mixtral (compiled and run; the report says why nothing fused). Then a 1-rank
 NCCL group with explicit ``funcol.all_reduce``s under ``mode="reduce-overhead"``: the residual + RMSNorm block is
 fused into ``residual_rmsnorm`` and the plain allreduce into arfuse's ``all_reduce`` (CUDA has a fast path), the
 fusion objects are created in the warm-up run, not during capture, and every replay gives the eager result.
@@ -52,6 +53,17 @@ def test_hf_model_with_cuda_graphs(hf_model):
         outs = [compiled(input_ids=ids, use_cache=False).logits.clone() for _ in range(4)]
     assert all(rel_err(o, eager) <= BF16_TOL for o in outs)
     assert all(torch.equal(o, outs[-1]) for o in outs[1:])
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_hf_moe_model_at_world_size_1_compiles_runs_and_reports_nothing_to_fuse(family):
+    pytest.importorskip("transformers")
+    from tests._autofuse_models import moe_at_world_size_1
+
+    r = moe_at_world_size_1(family, "cuda", torch.bfloat16)
+    assert r["err"] <= BF16_TOL and r["stats_unchanged"]
+    assert r["graphs"] and all(g["collectives"] == [] and g["note"] == "no collectives: nothing to fuse"
+                               for g in r["graphs"]), r["report"]
 
 
 def _hf_norm(h, w, eps=1e-6):

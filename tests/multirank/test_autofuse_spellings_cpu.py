@@ -26,7 +26,7 @@ from arfuse.core.types import FP8_DTYPE
 from arfuse.models.generate import rel_err
 from tests._ranks import launch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # one launch compiles six graphs
 TOKENS, HIDDEN = 6, 32
 TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 FP8_TOL = 3e-2  # one e4m3 step where the fused fp32 norm and the graph's rounded norm straddle a boundary
@@ -122,6 +122,66 @@ def many_blocks(xs, rs, w, scale_t):
     return outs
 
 
+def _rows3(t):
+    return t.view(2, -1, t.shape[-1])
+
+
+def _ar(t):
+    return funcol.all_reduce(t, "sum", dist.group.WORLD)
+
+
+# name -> (block, expected op or None when left alone, words its report entry must hold)
+VIEW_BLOCKS = {
+    # MoE experts: the sum of (tokens, hidden) rows viewed back to (batch, seq, hidden) before the residual add
+    "sum viewed up, then the add": (lambda x, r, w: _pair(hf_rmsnorm, _rows3(r) + _rows3(_ar(x)), w),
+                                    "residual_rmsnorm", "/hf_rmsnorm/weight_first/residual+sum"),
+    "sum flattened, then the add": (lambda x, r, w: _pair(torch_rms_norm, r + _ar(_rows3(x)).reshape(-1, HIDDEN), w),
+                                    "residual_rmsnorm", "/torch_rms_norm/residual+sum"),
+    "add, then flattened for the norm": (lambda x, r, w: _flat_norm(_rows3(r) + _ar(_rows3(x)), w),
+                                         "residual_rmsnorm", "/hf_rmsnorm/weight_last/residual+sum"),
+    "unsqueezed, squeezed for the norm": (lambda x, r, w: _squeezed(r.unsqueeze(0) + _ar(x).unsqueeze(0), w),
+                                          "residual_rmsnorm", "/hf_rmsnorm/weight_first/residual+sum"),
+    # Qwen2-MoE: a replicated shared expert's output added to the experts' sum, then viewed, then the residual add
+    "shared term added, viewed, then the add": (lambda x, r, w: _pair(hf_rmsnorm, _rows3(r) + _rows3(_ar(x) + x.tanh()),
+                                                                      w),
+                                                "residual_rmsnorm", "/hf_rmsnorm/weight_first/residual+(sum+addend)"),
+    "no residual, flattened": (lambda x, r, w: (hf_rmsnorm(_ar(_rows3(x)).reshape(-1, HIDDEN), w, 1e-6),),
+                               "rmsnorm", "/hf_rmsnorm/weight_first/no_residual"),
+    "transposed before the add": (lambda x, r, w: _pair(hf_rmsnorm, r.view(-1, 2, HIDDEN) + _ar(_rows3(x)).transpose(0, 1),
+                                                        w), None, "reorders or mixes rows"),
+    "hidden split before the add": (lambda x, r, w: _pair(hf_rmsnorm, r.view(-1, 2, HIDDEN // 2)
+                                                          + _ar(x).view(-1, 2, HIDDEN // 2), w[:HIDDEN // 2]),
+                                    None, f"changes the hidden dim {HIDDEN}"),
+    "layer norm after the add": (lambda x, r, w: _pair(lambda h, w, eps: F.layer_norm(h, (HIDDEN,), w, None, eps),
+                                                       r + _ar(x), w), None, "LayerNorm, not an RMSNorm"),
+}
+# GLM-4-MoE, DeepSeek-V3: the shared expert is sharded too, so two allreduced sums meet before the residual add (two
+# collectives: one fuses with the other's sum as its addend, the other stays a plain all_reduce); last in the graph
+TWO_SUMS = "two allreduces summed, then the add"
+TWO_SUMS_BLOCK = lambda x, r, w: _pair(hf_rmsnorm, r + (_rows3(_ar(x)).reshape(-1, HIDDEN) + _ar(x * 0.5)), w)  # noqa: E731
+
+
+def _pair(norm, s, w):
+    return norm(s, w, 1e-6), s
+
+
+def _flat_norm(s, w):
+    return hf_rmsnorm(s.reshape(-1, HIDDEN), w, 1e-6, weight_first=False), s
+
+
+def _squeezed(s, w):
+    return hf_rmsnorm(s.squeeze(0), w, 1e-6), s
+
+
+def view_blocks(xs, rs, w):
+    """Every block of VIEW_BLOCKS, each on its own input: outputs in order."""
+    outs = []
+    blocks = [block for block, _, _ in VIEW_BLOCKS.values()] + [TWO_SUMS_BLOCK]
+    for block, x, r in zip(blocks, xs, rs):
+        outs += list(block(x, r, w))
+    return outs
+
+
 def residual_block(x, r, w):
     s = r + funcol.all_reduce(x, "sum", dist.group.WORLD)
     return hf_rmsnorm(s, w, 1e-6), s
@@ -177,6 +237,19 @@ def _spellings(rank, dtype, dynamic, grad_mode):
             "graphs": _graphs_since(count, "many_blocks")}
 
 
+def _views(rank, dtype, dynamic, grad_mode):
+    xs, rs, w = _inputs(rank, len(VIEW_BLOCKS) + 1, dtype)
+    count = _graph_count()
+    with grad_mode():
+        ref = view_blocks(xs, rs, w)
+        before = arfuse.stats()["calls"].get("torch_ref", 0)
+        outs = arfuse.compile(view_blocks, fullgraph=True, dynamic=dynamic)(xs, rs, w)
+        calls = arfuse.stats()["calls"].get("torch_ref", 0) - before
+    return {"errors": _errors(outs, ref), "shapes": [tuple(o.shape) for o in outs],
+            "ref_shapes": [tuple(o.shape) for o in ref], "calls": calls,
+            "graphs": _graphs_since(count, "view_blocks")}
+
+
 def _training(rank):
     xs, rs, w = _inputs(rank, 1, torch.float32)
     r, w = rs[0].clone().requires_grad_(True), w.clone().requires_grad_(True)  # the norm's input needs grad
@@ -227,12 +300,14 @@ def _isolation(rank):
 def _rank(rank, world):
     return {"fp32": _spellings(rank, torch.float32, None, torch.no_grad),
             "bf16": _spellings(rank, torch.bfloat16, True, torch.inference_mode),
+            "views fp32": _views(rank, torch.float32, None, torch.no_grad),
+            "views bf16": _views(rank, torch.bfloat16, True, torch.inference_mode),
             "training": _training(rank), "inplace": _inplace(rank), "isolation": _isolation(rank)}
 
 
 @pytest.fixture(scope="module")
 def ranks():
-    return launch(_rank, 2, timeout_s=540)
+    return launch(_rank, 2, timeout_s=900)
 
 
 def _expected():
@@ -241,7 +316,7 @@ def _expected():
     for form in ("fp32", "lowp"):
         rows = [("rmsnorm" if r == "no_residual" else "residual_rmsnorm", SPELLINGS[s][1][form], f"/{r}")
                 for s, r, _ in BLOCKS]
-        fp8 = ("/residual+sum/fp8_static", "/residual+sum/fp8_static_clamp_in_fp32")
+        fp8 = ("/residual+sum/fp8_static", "/residual+sum/fp8_static_float_scale")
         rows += [("residual_rmsnorm_fp8", f"{form}/hf_rmsnorm/weight_first", fp8)] * 2
         out[form] = rows
     return out
@@ -277,6 +352,32 @@ def test_every_spelling_gives_the_uncompiled_results(ranks, dtype):
             if not err <= limit:
                 bad.append(f"output {i} ({dt}): {err:.3g} > {limit:g}")
         assert not bad, bad
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_row_views_fuse_and_row_reordering_ops_are_left_alone_with_the_reason(ranks, dtype):
+    form = "fp32" if dtype == "fp32" else "lowp"
+    for out in ranks:
+        result = out[f"views {dtype}"]
+        (graph,) = result["graphs"]
+        problems = []
+        for (name, (_, op, words)), c in zip(VIEW_BLOCKS.items(), graph["collectives"]):
+            if op is not None and not (c["fused"] and c["into"] == op and c["pattern"] == form + words):
+                problems.append(f"{name}: {c}")
+            if op is None and (c["fused"] or words not in c["reason"]):
+                problems.append(f"{name}: {c}")
+        assert not problems, "\n".join(problems)
+        assert result["calls"] == sum(op is not None for _, op, _ in VIEW_BLOCKS.values()) + 1  # + TWO_SUMS
+        two = graph["collectives"][len(VIEW_BLOCKS):]
+        assert len(two) == 2 and sorted(c["fused"] for c in two) == [False, True], (TWO_SUMS, two)
+        fused, alone = (two[0], two[1]) if two[0]["fused"] else (two[1], two[0])
+        assert fused["pattern"].startswith(f"{form}/hf_rmsnorm/weight_first/residual+(") and "addend" in fused["pattern"]
+        assert "added to the residual of an arfuse fused call" in alone["reason"], alone
+        assert result["shapes"] == result["ref_shapes"]  # every output in the shape the graph expected
+        shared = graph["collectives"][list(VIEW_BLOCKS).index("shared term added, viewed, then the add")]
+        assert any("the additions reordered" in n for n in shared["notes"]), shared
+        tol = TOL[torch.float32 if dtype == "fp32" else torch.bfloat16]
+        assert max(result["errors"]) <= tol, result["errors"]
 
 
 def test_scaled_branch_is_reported_as_moved_before_the_call(ranks):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import arfuse
-from arfuse.autofuse import checks, compiler, graph_pass, ops, patterns
+from arfuse.autofuse import checks, compiler, graph_pass, ops, patterns, tracing
 from arfuse.autofuse.replace import REPLACEMENTS
 from arfuse.core.types import FP8_DTYPE
 from tests._ranks import launch
@@ -102,7 +102,45 @@ def test_pattern_table_is_consistent():
     first_plain = next(i for i, e in enumerate(entries) if e.epilogue is None)
     assert all(e.epilogue is not None for e in entries[:first_plain])  # FP8 entries are tried first
     assert entries[-1] is patterns.PLAIN_ALL_REDUCE and entries[-1].device_types == ("cuda",)
-    assert len(patterns.compiled_entries()) == len(entries)
+
+
+def test_every_spelling_traces_into_a_pattern_on_this_torch():
+    assert patterns.unbuilt() == []
+    built = [e for e, _ in patterns.compiled_entries()]
+    assert built[-1] is patterns.PLAIN_ALL_REDUCE
+    # only exact duplicates are dropped: in fp32 a float FP8 scale traces like a tensor one (no casts to place)
+    dropped = [e for e in patterns.entries() if e not in built]
+    assert all(not e.casts and e.epilogue is not None and e.epilogue.float_scale for e in dropped), dropped
+    assert any(e.casts and e.epilogue is not None and e.epilogue.float_scale for e in built)
+
+
+def _traced_norm(norm: patterns.Norm, dtype) -> torch.fx.GraphModule:
+    return tracing.trace(norm.function(), (((4, 8), dtype), ((8,), dtype)))
+
+
+def test_traced_norms_hold_this_torchs_decomposition():
+    ops_of = {}
+    for norm in (patterns.Norm("hf_rmsnorm", "after_cast", True), patterns.Norm("torch_rms_norm")):
+        gm = _traced_norm(norm, torch.bfloat16)
+        ops_of[norm.family] = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    # the eps add is whatever the decomposition emits (add.Tensor for HF's `var + eps`, add.Scalar for
+    # F.rms_norm's today): the pattern holds the traced op, not a hand-picked one
+    assert torch.ops.aten.rsqrt.default in ops_of["hf_rmsnorm"]
+    assert ops_of["hf_rmsnorm"].count(patterns.CONVERT) == 2 and ops_of["torch_rms_norm"].count(patterns.CONVERT) == 2
+    assert all(not str(t).endswith("_") and "add_" not in str(t) for t in ops_of["torch_rms_norm"])  # functional
+
+
+def test_trace_sentinels_become_keyword_arguments():
+    from torch._inductor.pattern_matcher import KeywordArg
+
+    gm = _traced_norm(patterns.Norm("offset_rmsnorm", "before_cast", False), torch.bfloat16)
+    pattern = tracing.to_pattern(gm, [KeywordArg("h"), KeywordArg("weight")], torch.bfloat16, 1,
+                                 ("eps", "dims", "weight_offset"))
+    text = repr(pattern)
+    for name in ("eps", "dims", "weight_offset", "up_dtype", "out_dtype"):
+        assert f"KeywordArg('{name}')" in text, text
+    with pytest.raises(tracing.TraceError, match="lost multiplier"):
+        tracing.to_pattern(gm, [KeywordArg("h"), KeywordArg("weight")], torch.bfloat16, 1, ("multiplier",))
 
 
 # -- checks on a match's open values --------------------------------------------------------------------------
@@ -115,7 +153,7 @@ def _kw(dtype=torch.float32, **over):
     x = torch.empty(4, 8, 16, dtype=dtype)
     kw = dict(x=_node(x), group="0", residual=_node(torch.empty_like(x)), weight=_node(torch.empty(16, dtype=dtype)),
               eps=1e-6, dims=[-1], up_dtype=torch.float32, out_dtype=dtype, multiplier=0.5, scale=0.25,
-              qmin=-448, qmax=448, q_dtype=FP8_DTYPE)
+              qmin=-448, qmax=448, q_dtype=FP8_DTYPE, sum_views=(), norm_views=())
     kw.update(over)
     return kw
 
@@ -149,9 +187,23 @@ def _offset_entry():
     (_entry(fp8=True), _kw(scale=_node(torch.empty(2))), "one-element float32"),
     (_entry(fp8=True), _kw(q_dtype=torch.float8_e5m2), "quantizes to"),
     (patterns.PLAIN_ALL_REDUCE, _kw(), "no arfuse fast path on cpu"),
-    (_offset_entry(), _kw(torch.bfloat16, weight_up_dtype=torch.float32, weight_offset=1.0), None),
-    (_offset_entry(), _kw(torch.bfloat16, weight_up_dtype=torch.float32, weight_offset=_node(torch.empty(()))),
-     "offset by"),
+    (_offset_entry(), _kw(torch.bfloat16, weight_offset=1.0), None),
+    (_offset_entry(), _kw(torch.bfloat16, weight_offset=_node(torch.empty(()))), "offset by"),
+    (_entry(casts=True), _kw(torch.bfloat16, up_dtype=torch.float64), "casts to"),
+    # row views between the allreduce and the add / the add and the norm
+    (_entry(), _kw(x=_node(torch.empty(32, 16)), sum_views=(_node(torch.empty(4, 8, 16)),)), None),
+    (_entry(), _kw(norm_views=(_node(torch.empty(32, 16)),), dims=[1]), None),
+    (_entry(), _kw(x=_node(torch.empty(32, 16)), sum_views=(_node(torch.empty(4, 8, 2, 8)),)), "hidden dim 16"),
+    (_entry(), _kw(norm_views=(_node(torch.empty(4, 128)),)), "hidden dim 16"),
+    (_entry(), _kw(x=_node(torch.empty(32, 16)), sum_views=(_node(torch.empty(8, 4, 16)),)), "broadcasts"),
+    (_entry(), _kw(norm_views=(_node(torch.empty(32, 16)),), dims=[2]), "reduces dims [2]"),
+    # a term added to the sum before the residual add (a shared expert's output)
+    (_entry(residual="residual+(sum+addend)"), _kw(addend=_node(torch.empty(4, 8, 16))), None),
+    (_entry(residual="residual+(sum+addend)"), _kw(x=_node(torch.empty(32, 16)), addend=_node(torch.empty(32, 16)),
+                                                   addend_views=(_node(torch.empty(4, 8, 16)),)), None),
+    (_entry(residual="residual+(sum+addend)"), _kw(addend=_node(torch.empty(16))), "the term added to the sum"),
+    (_entry(residual="residual+(sum+addend)"), _kw(addend=_node(torch.empty(4, 8, 16, dtype=torch.float64))),
+     "the term added to the sum"),
 ])
 def test_checks_name_what_would_change_results(entry, kw, words):
     reason = checks.why_not(entry, kw)
@@ -255,3 +307,14 @@ def test_model_without_collectives_is_unchanged_and_reported():
     assert graphs and graphs[-1]["collectives"] == [] and graphs[-1]["note"] == "no collectives: nothing to fuse"
     assert "no collectives: nothing to fuse" in str(arfuse.compile_report("NoTP"))
     assert torch._inductor.config.post_grad_custom_post_pass is None
+
+
+def test_hf_moe_model_at_world_size_1_compiles_runs_and_reports_nothing_to_fuse():
+    pytest.importorskip("transformers")
+    from tests._autofuse_models import moe_at_world_size_1
+
+    r = moe_at_world_size_1("qwen3_moe", "cpu", torch.float32)
+    assert r["err"] <= 1e-5 and r["stats_unchanged"]
+    assert r["graphs"] and all(g["collectives"] == [] and g["note"] == "no collectives: nothing to fuse"
+                               for g in r["graphs"]), r["report"]
+    assert "no collectives: nothing to fuse" in r["report"]

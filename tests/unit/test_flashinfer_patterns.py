@@ -293,19 +293,7 @@ def test_moe_row_limit_of_releases_before_0_6_15(tmp_path):
     with ff.loaded(ff.write(tmp_path, "0.6.12")) as old, ff.loaded(ff.write(tmp_path, "0.7.4")) as new:
         assert "counts the permuted rows" in moe_row_reason(old, rows, H, 4)
         assert moe_row_reason(old, rows - 1, H, 4) is None and moe_row_reason(new, rows, H, 4) is None
-    with ff.loaded(ff.write(tmp_path, "0.6.12")) as p:
-        backend = FlashInferBackend(WorkspaceManager())
-        ws = backend.prepare(Capacity(16, H, BF16, torch.device("cpu")), _caps(p), object())
-        spec = FusionSpec(prologue=Prologue.MOE_FINALIZE)
-        call = _call(spec, 2)
-        ws.handle.world = 4  # as on a 4-rank group
-        call.x = torch.empty(1, H, dtype=BF16).expand(rows, H)  # the shape is all that matters: no memory
-        before = len(ff.calls())
-        with pytest.raises(ValueError, match="permuted rows"):
-            backend.run(ws, "auto", spec, call)
-        assert len(ff.calls()) == before  # refused before FlashInfer was called
-        ws.close()
-        backend.free_idle()
+    # refused in check, when the call is planned (tests/unit/test_refusal_at_planning.py): run has no refusal
 
 
 # -- FlashInfer's preconditions, refused in check ------------------------------------------------------------------

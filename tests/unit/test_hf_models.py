@@ -130,3 +130,16 @@ def test_readme_fuse_example_is_the_documented_script():
     for needed in ("DistributedConfig(tp_size=2)", "arfuse.compile(model)", "arfuse.compile_report()",
                    "arfuse.stats()", 'init_process_group("gloo")'):
         assert needed in snippet
+
+
+def test_moe_presets_and_random_norm_weights():
+    qwen3 = hf.config("qwen3_moe", "tiny")
+    assert (qwen3.num_experts, qwen3.num_experts_per_tok, qwen3.moe_intermediate_size) == (hf.EXPERTS, hf.TOP_K, 32)
+    assert qwen3.decoder_sparse_step == 1 and list(qwen3.mlp_only_layers) == []  # every layer has experts
+    mixtral = hf.config("mixtral", "tiny")
+    assert (mixtral.num_local_experts, mixtral.num_experts_per_tok) == (hf.EXPERTS, hf.TOP_K)
+    plain = hf.build(hf.config("llama", "tiny", layers=1), seed=0)
+    drawn = hf.build(hf.config("llama", "tiny", layers=1), seed=0, random_norms=True)
+    norms = {n: p for n, p in drawn.named_parameters() if n.endswith("norm.weight")}
+    assert len(norms) == 3 and all(0.5 <= p.min() and p.max() <= 1.5 and p.std() > 0 for p in norms.values())
+    assert all(torch.equal(p, 1 + 0 * p) for n, p in plain.named_parameters() if n.endswith("norm.weight"))
