@@ -42,6 +42,14 @@ WORLDS = (2, 4, 8)
 # A plan is a list of tiers, most important first; a run with a deadline stops between points and says so.
 PLANS = {
     "smoke": [dict(worlds=WORLDS, hiddens=(7168,), tokens=(1, 17, 128, 1000), specs=(COVER[2], COVER[9]))],
+    # what fits a short device call: every world size on specs covering most features, then every spec at 2 ranks
+    "essential": [
+        dict(name="every world size", worlds=WORLDS, hiddens=(7168,), tokens=TOKENS,
+             specs=(COVER[0], COVER[2], COVER[6], COVER[9])),
+        dict(name="the whole catalogue at 2 ranks", worlds=(2,), hiddens=(7168,), tokens=TOKENS, specs=None),
+        dict(name="hidden sizes", worlds=WORLDS, hiddens=(4096, 8192), tokens=(1, 17, 1000, 2048),
+             specs=(COVER[2],), modes=False),
+    ],
     "full": [
         dict(name="every feature, every world size", worlds=WORLDS, hiddens=(7168,), tokens=TOKENS, specs=COVER),
         dict(name="hidden sizes", worlds=WORLDS, hiddens=(4096, 5120, 8192), tokens=TOKENS,
@@ -128,9 +136,15 @@ def run(tiers_: Sequence[Sequence[checks.Point]], device, protocol: Optional[dic
             results["skipped"].append(f"tier {index}: {len(points)} points (deadline)")
             continue
         if workers and points:
-            from arfuse.testing.precompile import precompile
+            from arfuse.testing.precompile import key, precompile
 
-            results["precompile"].append(precompile(points, workers, lambda n: tick("compile", n)))
+            built = precompile(points, workers, lambda n: tick("compile", n), deadline_s=left())
+            done = set(built.pop("done"))
+            results["precompile"].append(built)
+            if len(done) < built["jobs"]:
+                results["skipped"].append(f"tier {index}: {sum(key(p) not in done for p in points)} points not "
+                                          "compiled by the deadline")
+                points = [p for p in points if key(p) in done]
         _points(results, points, device, tick, left, seed, index)
     if protocol_after >= len(tiers_):
         _protocol(results, protocol, device, tick, left)
