@@ -50,6 +50,18 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
+def _canonical(node) -> str:
+    """``node`` as text, the same on every Python version: node types and their non-empty fields (``ast.dump``
+    differs between versions, e.g. 3.12's ``type_params=[]`` on every function)."""
+    if isinstance(node, ast.AST):
+        fields = [f"{name}={_canonical(value)}" for name, value in ast.iter_fields(node)
+                  if value is not None and value != []]
+        return f"{type(node).__name__}({', '.join(fields)})"
+    if isinstance(node, list):
+        return "[" + ", ".join(_canonical(item) for item in node) + "]"
+    return repr(node)
+
+
 def _is_package(module: str) -> bool:
     spec = importlib.util.find_spec(module)
     return spec is not None and spec.submodule_search_locations is not None
@@ -96,7 +108,7 @@ def fingerprint(modules: Tuple[str, ...], follow: bool = True) -> Tuple[str, Tup
             continue
         path = _source_path(name)
         tree = _strip_docstrings(ast.parse(path.read_text(), str(path)))
-        seen[name] = ast.dump(tree, include_attributes=False)
+        seen[name] = _canonical(tree)
         for imported, names in _imports(tree) if follow else ():
             if imported.startswith(FOLLOWED) and imported not in seen:
                 todo.append(imported)
