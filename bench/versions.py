@@ -25,7 +25,7 @@ Not the whole suite (about 13 minutes on 2 cores per run). By default (``--steps
 what its own versions can change, so that a sweep fits in about two hours on 2 cores: ``probe`` everywhere,
 ``demo`` once per torch, ``kernel_tests`` per Triton (with the newest transformers given), ``readme_hf`` per
 transformers (with the newest Triton given) and ``hf_tests`` with the newest Triton and the oldest and newest
-transformers given; the table says "-" where a step did not run. ``--steps STEP ...`` runs those steps on every
+transformers given (``--hf-tests newest``: the newest only); the table says "-" where a step did not run. ``--steps STEP ...`` runs those steps on every
 combination. Writes ``results.json`` (machine, date, every combination's versions and steps),
 ``table.md`` and ``logs/<combination>/<step>.log`` under ``--out``. The machine's pip cap on torch (a constraint
 file) is lifted inside these environments for torch versions above it. Not run by CI.
@@ -166,13 +166,14 @@ def combination(python: Path, env: dict, torch_v: str, triton_v: str, tf_v: str,
     return record
 
 
-def planned(steps, triton_i: int, tf_i: int, n_triton: int, n_tf: int) -> List[str]:
-    """The steps of one combination (``steps``: a list, or ``["auto"]``: see the module docstring)."""
+def planned(steps, triton_i: int, tf_i: int, n_triton: int, n_tf: int, hf_tests: str = "ends") -> List[str]:
+    """The steps of one combination (``steps``: a list, or ``["auto"]``: see the module docstring; ``hf_tests``:
+    ``ends`` runs them with the oldest and the newest transformers, ``newest`` with the newest only)."""
     if steps != ["auto"]:
         return list(steps)
     newest_triton, newest_tf = triton_i == n_triton - 1, tf_i == n_tf - 1
     chosen = {"probe": True, "demo": triton_i == tf_i == 0, "kernel_tests": newest_tf, "readme_hf": newest_triton,
-              "hf_tests": newest_triton and tf_i in (0, n_tf - 1)}
+              "hf_tests": newest_triton and (newest_tf or (tf_i == 0 and hf_tests == "ends"))}
     return [s for s in STEPS if chosen[s]]
 
 
@@ -232,6 +233,8 @@ def main(argv=None) -> int:
     p.add_argument("--triton", nargs="+", default=["3.6.0", "3.9.0"])
     p.add_argument("--transformers", nargs="+", default=["4.57.6", "5.17.0", "5.25.0"])
     p.add_argument("--steps", nargs="+", choices=(*STEPS, "auto"), default=["auto"])
+    p.add_argument("--hf-tests", choices=("ends", "newest"), default="ends",
+                   help="auto plan: hf_tests with the oldest and newest transformers (ends) or the newest only")
     p.add_argument("--wheels", type=Path, help="a folder of downloaded wheels pip may take (--find-links)")
     p.add_argument("--keep", action="store_true", help="keep the venvs")
     args = p.parse_args(argv)
@@ -259,7 +262,7 @@ def main(argv=None) -> int:
         setup = run([str(python), "-m", "pip", "install", f"torch=={torch_v}"], logs / "torch_install.log", env)
         for (triton_i, triton_v), (tf_i, tf_v) in itertools.product(enumerate(args.triton),
                                                                     enumerate(args.transformers)):
-            steps = planned(args.steps, triton_i, tf_i, len(args.triton), len(args.transformers))
+            steps = planned(args.steps, triton_i, tf_i, len(args.triton), len(args.transformers), args.hf_tests)
             name = f"torch-{torch_v}_triton-{triton_v}_transformers-{tf_v}"
             print(f"[{datetime.datetime.now():%H:%M:%S}] {name}", flush=True)
             if setup["code"] != 0:

@@ -43,6 +43,8 @@ def tp_kwargs(transformers, tp_size: int) -> dict:
         return {"distributed_config": transformers.DistributedConfig(tp_size=tp_size)}
     import torch.distributed as dist
 
+    if not dist.is_initialized():
+        raise ValueError(f"hf.load: tp_size={tp_size} needs the default process group (tp_plan='auto' shards over it)")
     if dist.get_world_size() != tp_size:
         raise ValueError(f"hf.load: transformers {transformers.__version__} shards over the whole default group "
                          f"(tp_plan='auto'): tp_size must be its size {dist.get_world_size()}, got {tp_size}")
