@@ -1,5 +1,5 @@
-"""Running arfuse's Triton kernels under Triton 3.6's interpreter (``TRITON_INTERPRET=1``) on the CPU, with two
-interpreter defects worked around (neither is in the compiled kernels, which the GPU runs):
+"""Running arfuse's Triton kernels under Triton's interpreter (``TRITON_INTERPRET=1``) on the CPU, with three
+interpreter defects worked around (none is in the compiled kernels, which the GPU runs):
 
 1. ``range(tl.program_id(0), n, tl.num_programs(0))``: the interpreter holds program ids as 1-element arrays and
    converts them with ``int(array)``, which NumPy >= 2.3 refuses; the conversion is done on the element instead.
@@ -8,6 +8,9 @@ interpreter defects worked around (neither is in the compiled kernels, which the
    64, not 128). The GPU rounds
    to nearest even (``cvt.rn.bf16.f32``; ``cvt.rn.satfinite.e4m3x2.f32``, which also saturates); the patch converts
    through torch the same way. (float16 goes through NumPy's own conversion, which is right.)
+3. Triton 3.9's interpreter hands its masked load, store and atomic an int32 mask for ``bool block & scalar
+   comparison`` (e.g. ``(offs < H) & (row < n_rows)``), which they refuse ("mask has unsupported dtype"); the mask
+   is passed as the booleans it stands for (Triton 3.6 gives booleans: a no-op there).
 
 Call :func:`patch` before the first launch (in the subprocess that runs interpreted).
 """
@@ -41,3 +44,23 @@ def patch() -> None:
         return original_convert(input, input_dtype, output_dtype, rounding_mode)
 
     interpreter._convert_float = convert
+    interpreter._interpreter = _BoolMasks(interpreter._interpreter)
+
+
+class _BoolMasks:
+    """The interpreter's native module, its masked memory operations given boolean masks (defect 3)."""
+
+    def __init__(self, native):
+        self._native = native
+
+    def __getattr__(self, name):
+        return getattr(self._native, name)
+
+    def load(self, ptrs, mask, other, dtype):
+        return self._native.load(ptrs, np.asarray(mask).astype(bool, copy=False), other, dtype)
+
+    def store(self, ptrs, value, mask):
+        return self._native.store(ptrs, value, np.asarray(mask).astype(bool, copy=False))
+
+    def atomic_rmw(self, op, ptr, val, mask, sem):
+        return self._native.atomic_rmw(op, ptr, val, np.asarray(mask).astype(bool, copy=False), sem)
