@@ -14,7 +14,8 @@ steps:
   ``max |fused - eager|`` <= 1e-5 on both ranks and fuses at least one collective;
 - ``kernel_tests``: ``tests/unit/test_kernels_compile.py`` (every Triton kernel compiled for sm_90) and
   ``tests/unit/test_fast_launch.py`` (the launchers' keys against Triton's binder, and the check of Triton's
-  private API that turns the fast launch off);
+  private API that turns the fast launch off) and ``tests/unit/test_epilogue_interpreted.py`` (the nccl path's
+  kernels run by Triton's interpreter against float64);
 - ``hf_tests``: ``tests/unit/test_hf_models.py``, ``tests/multirank/test_autofuse_models_cpu.py`` (HF Llama and
   Qwen2 with transformers' TP, and a hand-sharded model, compiled on 2 ranks) and
   ``tests/multirank/test_e2e_hf_cli.py`` (``arfuse e2e --model hf:llama``);
@@ -49,7 +50,8 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 ROOT = REPO  # what the steps run: a snapshot of REPO's HEAD (main() sets it), so edits during a sweep change nothing
 STEPS = ("probe", "demo", "readme_hf", "kernel_tests", "hf_tests")
-TESTS = {"kernel_tests": ["tests/unit/test_kernels_compile.py", "tests/unit/test_fast_launch.py"],
+TESTS = {"kernel_tests": ["tests/unit/test_kernels_compile.py", "tests/unit/test_fast_launch.py",
+                          "tests/unit/test_epilogue_interpreted.py"],
          "hf_tests": ["tests/unit/test_hf_models.py", "tests/multirank/test_autofuse_models_cpu.py",
                       "tests/multirank/test_e2e_hf_cli.py"]}
 PROBE = """import importlib.metadata as m, json, arfuse, transformers
