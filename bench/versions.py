@@ -26,7 +26,8 @@ Not the whole suite (about 13 minutes on 2 cores per run). By default (``--steps
 what its own versions can change, so that a sweep fits in about two hours on 2 cores: ``probe`` everywhere,
 ``demo`` once per torch, ``kernel_tests`` per Triton (with the newest transformers given), ``readme_hf`` per
 transformers (with the newest Triton given) and ``hf_tests`` with the newest Triton and the oldest and newest
-transformers given (``--hf-tests newest``: the newest only); the table says "-" where a step did not run. ``--steps STEP ...`` runs those steps on every
+transformers given (``--hf-tests newest``: the newest only; ``none``: not at all); the table says "-" where a
+step did not run. ``--steps STEP ...`` runs those steps on every
 combination. Writes ``results.json`` (machine, date, every combination's versions and steps),
 ``table.md`` and ``logs/<combination>/<step>.log`` under ``--out``. The machine's pip cap on torch (a constraint
 file) is lifted inside these environments for torch versions above it. Not run by CI.
@@ -170,12 +171,13 @@ def combination(python: Path, env: dict, torch_v: str, triton_v: str, tf_v: str,
 
 def planned(steps, triton_i: int, tf_i: int, n_triton: int, n_tf: int, hf_tests: str = "ends") -> List[str]:
     """The steps of one combination (``steps``: a list, or ``["auto"]``: see the module docstring; ``hf_tests``:
-    ``ends`` runs them with the oldest and the newest transformers, ``newest`` with the newest only)."""
+    ``ends`` runs them with the oldest and the newest transformers, ``newest`` with the newest only, ``none``
+    nowhere)."""
     if steps != ["auto"]:
         return list(steps)
     newest_triton, newest_tf = triton_i == n_triton - 1, tf_i == n_tf - 1
     chosen = {"probe": True, "demo": triton_i == tf_i == 0, "kernel_tests": newest_tf, "readme_hf": newest_triton,
-              "hf_tests": newest_triton and (newest_tf or (tf_i == 0 and hf_tests == "ends"))}
+              "hf_tests": newest_triton and hf_tests != "none" and (newest_tf or (tf_i == 0 and hf_tests == "ends"))}
     return [s for s in STEPS if chosen[s]]
 
 
@@ -235,8 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--triton", nargs="+", default=["3.6.0", "3.9.0"])
     p.add_argument("--transformers", nargs="+", default=["4.57.6", "5.17.0", "5.25.0"])
     p.add_argument("--steps", nargs="+", choices=(*STEPS, "auto"), default=["auto"])
-    p.add_argument("--hf-tests", choices=("ends", "newest"), default="ends",
-                   help="auto plan: hf_tests with the oldest and newest transformers (ends) or the newest only")
+    p.add_argument("--hf-tests", choices=("ends", "newest", "none"), default="ends",
+                   help="auto plan: hf_tests with the oldest and newest transformers (ends), the newest only, or none")
     p.add_argument("--wheels", type=Path, help="a folder of downloaded wheels pip may take (--find-links)")
     p.add_argument("--keep", action="store_true", help="keep the venvs")
     args = p.parse_args(argv)
