@@ -215,6 +215,19 @@ def table(records: List[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def save(results_file: Path, data: dict, record: dict) -> dict:
+    """Add ``record`` to the results on disk (re-read first: another sweep may share the file); a combination
+    measured again keeps its earlier steps that this run did not repeat."""
+    if results_file.exists():
+        data = dict(data, combinations=json.loads(results_file.read_text())["combinations"])
+    old = next((c for c in data["combinations"] if c["name"] == record["name"]), None)
+    if old is not None:
+        record["steps"] = {**old["steps"], **record["steps"]}
+    data["combinations"] = [c for c in data["combinations"] if c["name"] != record["name"]] + [record]
+    results_file.write_text(json.dumps(data, indent=1) + "\n")
+    return data
+
+
 def snapshot(workdir: Path) -> Path:
     """HEAD's committed files in ``workdir/src-<commit>`` (made once)."""
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -278,9 +291,10 @@ def main(argv=None) -> int:
                                                       for s in steps}}
             else:
                 record = combination(python, env, torch_v, triton_v, tf_v, args.out / "logs" / name, steps)
-            record["name"], record["commit"] = name, commit
-            data["combinations"] = [c for c in data["combinations"] if c.get("name") != name] + [record]
-            results_file.write_text(json.dumps(data, indent=1) + "\n")
+            record["name"] = name
+            for step in record["steps"].values():
+                step["commit"] = commit
+            data = save(results_file, data, record)
             (args.out / "table.md").write_text(table(data["combinations"]))
             print("   ", {s: cell(r) for s, r in record["steps"].items()}, flush=True)
         if not args.keep:
