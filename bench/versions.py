@@ -202,7 +202,7 @@ def cell(step: Optional[dict]) -> str:
 
 
 def table(records: List[dict]) -> str:
-    head = ["torch", "Triton", "transformers", "README test install", *STEPS, "pip conflicts"]
+    head = ["torch", "Triton", "transformers", "README test install", *STEPS, "pip conflicts", "arfuse commit"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         v = r.get("versions") or r["requested"]
@@ -210,8 +210,10 @@ def table(records: List[dict]) -> str:
         install = ("changed " + ", ".join(f"{p} {a}->{b}" for p, (a, b) in changed.items())) if changed else \
             ("left all alone" if changed is not None else "-")
         conflicts = "; ".join(r.get("pip_conflicts", [])) or "none"
+        commits = sorted({s.get("commit") or r.get("commit") or "?" for s in r["steps"].values()})
         rows.append("| " + " | ".join([v.get("torch") or "-", v.get("triton") or "-", v.get("transformers") or "-",
-                                       install, *[cell(r["steps"].get(s)) for s in STEPS], conflicts]) + " |")
+                                       install, *[cell(r["steps"].get(s)) for s in STEPS], conflicts,
+                                       ", ".join(commits)]) + " |")
     return "\n".join(rows) + "\n"
 
 
@@ -257,7 +259,11 @@ def main(argv=None) -> int:
                    help="auto plan: hf_tests with the oldest and newest transformers (ends), the newest only, or none")
     p.add_argument("--wheels", type=Path, help="a folder of downloaded wheels pip may take (--find-links)")
     p.add_argument("--keep", action="store_true", help="keep the venvs")
+    p.add_argument("--table", action="store_true", help="only write table.md from --out's results.json")
     args = p.parse_args(argv)
+    if args.table:
+        (args.out / "table.md").write_text(table(json.loads((args.out / "results.json").read_text())["combinations"]))
+        return 0
     global ROOT
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
