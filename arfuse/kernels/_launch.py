@@ -46,8 +46,9 @@ try:
 except ImportError:  # another Triton: every launch takes kernel[grid]
     _knobs = _HookChain = _driver = _JITFunction = None
 
-# What JITFunction.run does that this module repeats: its call of the compiled kernel's launcher, and the knobs it
-# reads into the options (debug and the instrumentation mode are in the key; the launch hooks are checked idle).
+# What JITFunction.run does that this module repeats: its call of the compiled kernel's launcher; and the knobs
+# this module already handles (debug and the instrumentation mode are in the key, the launch hooks are checked
+# idle, the interpreter turns the fast launch off).
 LAUNCH_CALL = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata, "
                "knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())")
 KEYED_KNOBS = {("runtime", "debug"), ("compilation", "instrumentation_mode"), ("runtime", "launch_enter_hook"),
@@ -80,8 +81,6 @@ def triton_api_problem(jit_function=None, knobs=None) -> Tuple[Optional[str], tu
 
 def _check_triton_api() -> Tuple[bool, tuple]:
     """Checked once, at import: whether the fast launch may run on this Triton, and the extra knobs it keys on."""
-    if _knobs is None:
-        return False, ()
     try:
         problem, extra = triton_api_problem()
     except Exception as e:  # noqa: BLE001  (any surprise in another Triton's internals means: do not rely on them)
