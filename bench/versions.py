@@ -91,7 +91,7 @@ def run(cmd: List[str], log: Path, env: Optional[dict] = None, timeout: int = ST
 def pip_env(torch_version: str, empty_constraint: Path) -> dict:
     """The environment of pip and the steps: the machine's pip cap (torch <= 2.14.1) lifted above it."""
     env = dict(os.environ)
-    if tuple(int(p) for p in re.findall(r"\d+", torch_version)[:3]) > (2, 14, 1):
+    if release(torch_version) > (2, 14, 1):
         env["PIP_CONSTRAINT"] = str(empty_constraint)
     return env
 
@@ -242,6 +242,38 @@ def snapshot(workdir: Path) -> Path:
     return path
 
 
+def short(step: Optional[dict]) -> str:
+    """A README cell: pass/FAIL, the tests' count or the example's fused collectives."""
+    if step is None:
+        return "-"
+    if not step["ok"]:
+        return "FAIL"
+    if "fused" in step:
+        return "pass, " + " ".join(sorted(set(step["fused"]))) + " fused"
+    found = re.search(r"(\d+) passed", step.get("summary", ""))
+    return f"pass ({found.group(1)})" if found else "pass"
+
+
+def readme_table(records: List[dict]) -> str:
+    """The README's summary: one row per combination, fast launch and TP spelling folded into the versions."""
+    head = ["torch", "Triton (fast launch)", "transformers (TP)", "README test command", "demo",
+            "README HF example", "kernel tests", "HF tests"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(records, key=lambda r: [release(r["requested"][p]) for p in ("torch", "triton", "transformers")]):
+        v, probe = r.get("versions") or r["requested"], r["steps"].get("probe") or {}
+        launch = probe.get("fast_launch", "?").split(":")[0]
+        changed = r.get("readme_test_install", {}).get("changed")
+        rows.append("| " + " | ".join([
+            v["torch"], f"{v['triton']} ({launch})", f"{v['transformers']} ({probe.get('tp_spelling', '?')})",
+            "kept all" if changed == {} else ("changed " + ", ".join(changed) if changed else "-"),
+            *[short(r["steps"].get(s)) for s in ("demo", "readme_hf", "kernel_tests", "hf_tests")]]) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def release(version: str) -> tuple:
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
 def machine(commit: str) -> dict:
     return {"date": datetime.date.today().isoformat(), "host": platform.node(), "python": platform.python_version(),
             "platform": platform.platform(), "cpus": os.cpu_count(), "commit": commit}
@@ -262,7 +294,9 @@ def main(argv=None) -> int:
     p.add_argument("--table", action="store_true", help="only write table.md from --out's results.json")
     args = p.parse_args(argv)
     if args.table:
-        (args.out / "table.md").write_text(table(json.loads((args.out / "results.json").read_text())["combinations"]))
+        records = json.loads((args.out / "results.json").read_text())["combinations"]
+        (args.out / "table.md").write_text(table(records))
+        print(readme_table(records), end="")
         return 0
     global ROOT
     args.out = args.out.resolve()
