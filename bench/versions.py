@@ -134,7 +134,8 @@ def judge_pytest(result: dict) -> dict:
 def combination(python: Path, env: dict, torch_v: str, triton_v: str, tf_v: str, logs: Path, steps) -> dict:
     pip = [str(python), "-m", "pip"]
     record = {"requested": {"torch": torch_v, "triton": triton_v, "transformers": tf_v}, "steps": {}}
-    inst = run([*pip, "install", f"triton=={triton_v}", f"transformers=={tf_v}", "accelerate"],
+    # torch pinned too: otherwise pip satisfies a Triton the torch build does not take by replacing torch
+    inst = run([*pip, "install", f"torch=={torch_v}", f"triton=={triton_v}", f"transformers=={tf_v}", "accelerate"],
                logs / "install.log", env)
     record["install"] = inst
     record["pip_conflicts"] = [line.strip() for line in (logs / "install.log").read_text().splitlines()
