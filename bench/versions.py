@@ -139,7 +139,7 @@ def combination(python: Path, env: dict, torch_v: str, triton_v: str, tf_v: str,
                logs / "install.log", env)
     record["install"] = inst
     record["pip_conflicts"] = [line.strip() for line in (logs / "install.log").read_text().splitlines()
-                               if "requires" in line and "incompatible" in line]
+                               if ("requires" in line and "incompatible" in line) or " depends on " in line]
     before = installed(python)
     readme = run([*pip, "install", "-e", ".[test]"], logs / "readme_install.log", env)
     after = installed(python)
@@ -247,6 +247,8 @@ def short(step: Optional[dict]) -> str:
     """A README cell: pass/FAIL, the tests' count or the example's fused collectives."""
     if step is None:
         return "-"
+    if step.get("skipped"):
+        return f"not run ({step['skipped']})"
     if not step["ok"]:
         return "FAIL"
     if "fused" in step:
