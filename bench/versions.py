@@ -266,6 +266,11 @@ def readme_table(records: List[dict]) -> str:
         v, probe = r.get("versions") or r["requested"], r["steps"].get("probe") or {}
         launch = probe.get("fast_launch", "?").split(":")[0]
         changed = r.get("readme_test_install", {}).get("changed")
+        if r.get("install", {}).get("code") != 0:
+            why = "; ".join(c.split(";")[0] for c in r.get("pip_conflicts", [])) or "see its install.log"
+            rows.append("| " + " | ".join([r["requested"][p] for p in ("torch", "triton", "transformers")])
+                        + f" | pip cannot install it ({why}) | | | | |")
+            continue
         rows.append("| " + " | ".join([
             v["torch"], f"{v['triton']} ({launch})", f"{v['transformers']} ({probe.get('tp_spelling', '?')})",
             "kept all" if changed == {} else ("changed " + ", ".join(changed) if changed else "-"),
