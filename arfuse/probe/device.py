@@ -9,6 +9,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from arfuse.core import requirements
+
 
 def hostname() -> str:
     """This host's name; ``ARFUSE_HOSTNAME`` overrides it (used to simulate multi-host groups in tests)."""
@@ -63,8 +65,12 @@ def local_device(device: torch.device) -> LocalDevice:
     if symm_reason:
         notes.append(symm_reason)
     triton_ok = _has_module("triton")
+    too_old = requirements.problem("triton") if triton_ok else None
     if not triton_ok:
         notes.append("triton: not installed")
+    elif too_old:
+        triton_ok = False
+        notes.append(f"triton: {too_old}")
     return LocalDevice(device_type="cuda", index=index, name=name, sm=sm, host=host,
                        symm_mem=symm_reason is None, triton=triton_ok, notes=tuple(notes))
 
