@@ -35,7 +35,7 @@ def _job(points: List[Point], device: str) -> Tuple[int, float, str]:
         vr.close()
         if device != "cpu":
             torch.cuda.empty_cache()
-    except Exception as e:  # report it; the checking process compiles what is missing and fails the point itself
+    except Exception as e:  # a worker's boundary: any failure is reported, and the run fails that group's points
         return len(points), time.perf_counter() - start, f"{type(e).__name__}: {e}"
     return len(points), time.perf_counter() - start, ""
 
@@ -59,11 +59,12 @@ def groups(points: Sequence[Point]) -> List[List[Point]]:
 def precompile(points: Sequence[Point], workers: int, progress=None, deadline_s: float = float("inf"),
                device: str = "cuda") -> dict:
     """Compile ``points``' kernels in ``workers`` processes, until ``deadline_s`` seconds have passed (then the
-    workers are stopped). Returns {jobs, done: the group keys compiled, seconds, errors}. ``progress``: called
+    workers are stopped). Returns {jobs, compiled, done: the group keys compiled, failed: {key: error} of the groups
+    that raised, workers, seconds, errors}. ``progress``: called
     with the number of points each finished job covered."""
     jobs = groups(points)
     start = time.perf_counter()
-    errors, done = [], []
+    errors, done, failed = [], [], {}
     ctx = multiprocessing.get_context("spawn")
     pool = ctx.Pool(workers)
     try:
@@ -77,6 +78,7 @@ def precompile(points: Sequence[Point], workers: int, progress=None, deadline_s:
                 n, _, error = res.get()
                 if error:
                     errors.append(error)
+                    failed[k] = error
                     print(f"precompile: {error}", file=sys.stderr)
                 else:
                     done.append(k)
@@ -87,5 +89,5 @@ def precompile(points: Sequence[Point], workers: int, progress=None, deadline_s:
     finally:
         pool.terminate()
         pool.join()
-    return {"jobs": len(jobs), "compiled": len(done), "done": done, "workers": workers,
+    return {"jobs": len(jobs), "compiled": len(done), "done": done, "failed": failed, "workers": workers,
             "seconds": round(time.perf_counter() - start, 1), "errors": errors}
