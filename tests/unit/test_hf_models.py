@@ -140,8 +140,16 @@ def test_tp_is_asked_for_in_the_installed_transformers_spelling():
 
     import torch.distributed as dist
 
-    five = types.SimpleNamespace(DistributedConfig=lambda tp_size: ("config", tp_size), __version__="5.25.0")
-    assert hf.tp_kwargs(five, 2) == {"distributed_config": ("config", 2)}
+    five = types.SimpleNamespace(DistributedConfig=lambda tp_size, **ep: ("config", tp_size, ep), __version__="5.25.0")
+    assert hf.tp_kwargs(five, 2) == {"distributed_config": ("config", 2, {})}
+    # a MoE config whose TP plan leaves the experts to its EP plan: experts sharded over the TP ranks and summed
+    moe = types.SimpleNamespace(base_model_tp_plan={"layers.*.self_attn.o_proj": "rowwise"},
+                                base_model_ep_plan={"layers.*.mlp.experts": "ep_dispatch_experts"})
+    assert hf.tp_kwargs(five, 2, moe) == {"distributed_config": ("config", 2, {"ep_size": 2,
+                                                                               "ep_implementation": "all_reduce"})}
+    moe.base_model_tp_plan["layers.*.mlp.experts"] = "moe_tp_experts"  # older plans shard them by TP
+    assert hf.tp_kwargs(five, 2, moe) == {"distributed_config": ("config", 2, {})}
+    assert not hf.experts_need_ep(hf.config("llama", "tiny"))
     four = types.SimpleNamespace(__version__="4.57.6")  # no DistributedConfig: tp_plan="auto" over the group
     if not dist.is_initialized():
         with pytest.raises(ValueError, match="tp_size=2 needs the default process group"):
