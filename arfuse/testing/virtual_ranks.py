@@ -39,7 +39,8 @@ CONNECTIONS_ENV, DEFAULT_CONNECTIONS = "CUDA_DEVICE_MAX_CONNECTIONS", 8
 
 class VirtualRanks:
     """``world_size`` ranks of ``triton_symm`` for calls of up to ``max_tokens`` rows of ``hidden`` in ``dtype`` on
-    ``device``. ``sms``: the SMs the ranks share (default: the device's; on the CPU one CTA per rank).
+    ``device``. ``sms``: the SMs the ranks share (default: the device's; on the CPU one CTA per rank); each rank's
+    grids are capped at ``sms // world_size`` CTAs, and the Lamport push splits rows as for ``sms`` SMs.
     ``timeout_s``: the kernels' bound on any wait for a peer."""
 
     def __init__(self, world_size: int, max_tokens: int, hidden: int, dtype: torch.dtype, device,
@@ -62,7 +63,9 @@ class VirtualRanks:
         if per_rank < 1:
             raise ValueError(f"VirtualRanks: {sms} SMs cannot hold one CTA for each of {world_size} ranks")
         pad_bytes = sw._signal_pad_bytes() if cuda else sw.DEFAULT_SIGNAL_PAD_BYTES
-        self.limits = sw.GridLimits(per_rank, sw.barrier_slots(world_size, pad_bytes), per_rank)
+        # every grid capped at its share of the SMs (all W resident at once), while the Lamport push splits its
+        # rows as a rank with the whole device would: the kernels run the specializations real ranks run
+        self.limits = sw.GridLimits(per_rank, sw.barrier_slots(world_size, pad_bytes), sms)
         one_shot = sw.tokens_within(cap, ONE_SHOT_MAX_BYTES)
         lay = sw.layout(hidden, world_size, one_shot, sw.tokens_within(cap, LAMPORT_MAX_BYTES),
                         sw.tokens_within(cap, TWO_SHOT_MAX_BYTES))

@@ -39,7 +39,7 @@ def test_every_rank_has_its_own_memory_and_every_ranks_addresses(world):
         mem = vr.workspaces[rank].memory
         assert a.err_ptr == mem.err.data_ptr() and a.guard_ptr == mem.index_guard.ptr
         assert a.lamport_state.data_ptr() == mem.state.data_ptr()  # counters in this rank's own state
-        assert (a.max_grid, a.sms) == (132 // world, 132 // world)  # all W grids resident at once
+        assert (a.max_grid, a.sms) == (132 // world, 132)  # all W grids resident; splits as on the whole GPU
         assert a.barrier_slots == sw.DEFAULT_SIGNAL_PAD_BYTES // (4 * world)
     guards = {ws.index_guard.ptr for ws in vr.workspaces}
     assert len(guards) == world
@@ -57,6 +57,7 @@ def test_grids_stay_within_the_per_rank_cap():
     a = vr.workspaces[0].args
     for rows in (1, 3, 17, 128, 1000, 4096):
         split = lamport_push_split(rows, 8192, a.sms)
+        assert split == lamport_push_split(rows, 8192, 132)  # the split a real rank of a 132-SM GPU takes
         assert lamport_grid(rows, split, a.sms, a.max_grid) <= 132 // 8
         assert grid_size(rows, min(a.max_grid, a.barrier_slots)) <= 132 // 8
     vr.close()
