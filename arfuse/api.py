@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import weakref
 from typing import Dict, Optional, Tuple, Union
 
@@ -11,7 +10,7 @@ import torch
 
 from arfuse.backends import base
 from arfuse.core import outputs as out_specs
-from arfuse.core import validate as v
+from arfuse.core import settings, validate as v
 from arfuse.core.counters import StatsView, logger, resolve_strict
 from arfuse.core.errors import FallbackError
 from arfuse.core.fast import FastChecks, finite_float
@@ -24,7 +23,6 @@ from arfuse.runtime.executor import Executor
 from arfuse.select import policy
 
 Tensor = torch.Tensor
-DEFAULT_TIMEOUT_S = 10.0
 # The eager fast path (arfuse.core.fast): on unless ARFUSE_FAST_PATH=0 (read when a fusion object is built).
 FAST_PATH_ENV = "ARFUSE_FAST_PATH"
 
@@ -74,7 +72,7 @@ def _check_backend_name(requested) -> str:
 
 def _check_timeout(timeout_s) -> float:
     if timeout_s is None:
-        timeout_s = float(os.environ.get("ARFUSE_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+        timeout_s = settings.number("ARFUSE_TIMEOUT_S")
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
         raise TypeError(f"AllReduceFusion: timeout_s must be a number, got {type(timeout_s).__name__}")
     if not math.isfinite(timeout_s) or timeout_s <= 0:
@@ -216,7 +214,7 @@ class AllReduceFusion:
             raise
         self._handle = register_executor(self._executor)
         self._finalizer = weakref.finalize(self, _close_at_exit, self._executor)
-        fast = os.environ.get(FAST_PATH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+        fast = settings.switch(FAST_PATH_ENV)
         self._fast: Optional[FastChecks] = FastChecks(self.capacity) if fast else None
 
     # -- the ops ---------------------------------------------------------------------------------------------

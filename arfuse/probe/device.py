@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import socket
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
 
+from arfuse.core import settings
+
 
 def hostname() -> str:
     """This host's name; ``ARFUSE_HOSTNAME`` overrides it (used to simulate multi-host groups in tests)."""
-    return os.environ.get("ARFUSE_HOSTNAME") or socket.gethostname()
+    return settings.text("ARFUSE_HOSTNAME") or socket.gethostname()
 
 
 @dataclass(frozen=True)
