@@ -49,7 +49,7 @@ import torch.distributed as dist
 import arfuse
 from arfuse import functional as F
 from arfuse.backends import base
-from arfuse.core import math as fmath, outputs as out_specs
+from arfuse.core import math as fmath, operands
 from arfuse.core.spec import FusionSpec, Prologue, Quant, ScaleLayout
 from arfuse.core.types import FP8_DTYPE, FP8_MAX, FusedCall
 from arfuse.probe import vote
@@ -192,7 +192,7 @@ def arfuse_call(case: Case, fusion, inp: Inputs, group, backend: str) -> Callabl
 def prepared_call(case: Case, inp: Inputs) -> FusedCall:
     """The validated call arfuse's checks build for ``case``, with its outputs allocated once."""
     spec, n, h = case.spec, inp.x.shape[0], inp.x.shape[1]
-    made = out_specs.prepare("bench", spec, n, h, inp.dtype, inp.device, {}, {})
+    made = operands.allocate_all(spec, n, h, inp.dtype, inp.device)
     moe = dict(expert_idx=inp.idx, expert_scales=inp.escales) if spec.moe else {}
     x = inp.expert_out if spec.moe else inp.x
     residual = (inp.residual.clone() if case.inplace else inp.residual) if spec.residual else None

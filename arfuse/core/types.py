@@ -134,7 +134,8 @@ class Plan:
 
 
 class FusedCall:
-    """One validated call's tensors and scalars, as every backend's ``run`` receives them.
+    """One call's tensors and scalars by slot (the slots of :mod:`arfuse.core.operands`), as every backend's
+    ``run`` receives them once the preparation step (:mod:`arfuse.core.prepare`) has checked and completed it.
 
     ``x``: this rank's input (tokens, hidden), or the permuted expert rows (P, hidden) for the MoE prologue, with
     ``expert_idx`` int32 (tokens, top_k), ``expert_scales`` (tokens, top_k) and optional ``shared`` (tokens,
@@ -153,19 +154,8 @@ class FusedCall:
         self.weight_offset, self.scale, self.expert_idx, self.expert_scales = weight_offset, scale, expert_idx, \
             expert_scales
         self.shared, self.residual_out, self.norm_out, self.scale_out = shared, residual_out, norm_out, scale_out
-        self.num_tokens = (expert_idx if expert_idx is not None else x).shape[0]
-
-    @classmethod
-    def make(cls, x, out, residual, weight, eps, weight_offset, scale, expert_idx, expert_scales, shared,
-             residual_out, norm_out, scale_out, num_tokens: int) -> "FusedCall":
-        """The same call as ``FusedCall(...)`` from positional values (the eager fast path's constructor)."""
-        call = cls.__new__(cls)
-        call.x, call.out, call.residual, call.weight, call.eps, call.weight_offset = (x, out, residual, weight, eps,
-                                                                                      weight_offset)
-        call.scale, call.expert_idx, call.expert_scales, call.shared = scale, expert_idx, expert_scales, shared
-        call.residual_out, call.norm_out, call.scale_out, call.num_tokens = residual_out, norm_out, scale_out, \
-            num_tokens
-        return call
+        rows = expert_idx if expert_idx is not None else x
+        self.num_tokens = rows.shape[0] if isinstance(rows, torch.Tensor) and rows.dim() else 0  # prepare sets it
 
     @property
     def inplace(self) -> bool:

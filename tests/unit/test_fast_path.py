@@ -1,9 +1,10 @@
-"""The eager fast path (``arfuse.core.fast``) against the checked path it stands in for, on CPU: bitwise the same
+"""The preparation step's acceptance tests (``arfuse.core.prepare``, the eager fast path) against its full checks,
+on CPU: bitwise the same
 outputs for every spec kind, with fresh, caller-provided and in-place outputs, across changes of token count,
 dtype and spec on the same objects; the same error, word for word, for every bad input after a long run of good
 calls (a caller's output aliasing an input included); a closed object refuses; exact counters after 10,000 calls;
-the cached static-scale tensor never serves a stale value. The fast path is on by default; an object with
-``_fast = None`` runs the checked path only (what ``ARFUSE_FAST_PATH=0`` gives)."""
+the cached static-scale tensor never serves a stale value. The fast path is on by default; an object whose
+preparation has ``fast = False`` runs the full checks only (what ``ARFUSE_FAST_PATH=0`` gives)."""
 from __future__ import annotations
 
 import gc
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import arfuse
-from arfuse.core import fast
+from arfuse.core import prepare
 from arfuse.core.counters import Counters, process_stats
 from arfuse.core.spec import FusionSpec, ScaleLayout, catalogue
 from arfuse.verify import Case
@@ -27,22 +28,22 @@ GROUPED = catalogue(group_size=16)  # every spec kind, groups that divide HIDDEN
 def _pair(dtype, max_tokens=MAX, hidden=HIDDEN):
     fast_one = arfuse.AllReduceFusion(max_tokens=max_tokens, hidden_size=hidden, dtype=dtype, device="cpu")
     checked = arfuse.AllReduceFusion(max_tokens=max_tokens, hidden_size=hidden, dtype=dtype, device="cpu")
-    checked._fast = None
+    checked._preparation.fast = False
     return fast_one, checked
 
 
 @pytest.fixture
 def counted(monkeypatch):
-    """``counted(fusion)``: how many calls of ``fusion`` ran the checked path (a list holding the count)."""
+    """``counted(fusion)``: how many calls of ``fusion`` ran the full checks (a list holding the count)."""
     def watch(fusion):
         n = [0]
-        real = fusion._fused
+        real = fusion._preparation.check
 
         def checked(*args, **kwargs):
             n[0] += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(fusion, "_fused", checked)
+        monkeypatch.setattr(fusion._preparation, "check", checked)
         return n
     return watch
 
@@ -230,9 +231,9 @@ def test_a_cached_static_scale_never_serves_a_stale_value():
     with torch.inference_mode():
         fourth = fusion.residual_rmsnorm_quant(x, residual, weight, quant=arfuse.FP8Static(0.5))
     assert fourth.scale is third.scale  # cached outside inference mode, usable inside it
-    for k in range(2 * fast.MAX_SCALES):
+    for k in range(2 * prepare.MAX_SCALES):
         fusion.residual_rmsnorm_fp8(x, residual, weight, 0.01 * (k + 1))
-    assert len(fusion._fast.scales) <= fast.MAX_SCALES
+    assert len(fusion._preparation.scales) <= prepare.MAX_SCALES
     fusion.close()
     checked.close()
 

@@ -1,0 +1,302 @@
+"""The one preparation step of every call: its arguments checked against the operand schema, its missing outputs
+allocated, its :class:`~arfuse.core.types.FusedCall` completed.
+
+A public op puts the caller's values into a ``FusedCall`` by slot (outputs None where the caller gave none) and
+hands it to :meth:`Preparation.prepare` with its spec. Each operand of the spec (:mod:`arfuse.core.operands`)
+first gets a cheap acceptance test: an exact tensor type (``torch.Tensor``, or ``nn.Parameter`` for all but the
+input), its dtype, shape, contiguity and device compared with what the table says, ``float`` scalars in range,
+caller outputs that cannot overlap anything. When every operand passes, the outputs are allocated and the call is
+ready. When any test fails - a bad argument, or just an unusual one (a tensor subclass, an ``int`` eps, a traced
+call, memory that might overlap, a caller's packed UE8M0 ``scale_out``) - the full checks of the same table run:
+they raise ValueError/TypeError naming the op and the argument (before any collective), or accept the call and
+normalise it (eps as a float, the static scale as a tensor). The acceptance tests accept nothing the full checks
+refuse, so a bad input raises the same error either way.
+
+Nothing is cached about tensors: every call reads every argument afresh. The one cache is the float32 tensor of a
+static FP8 scale given as a float (one device fill per call otherwise), per value, dropped when the tensor is
+written (its version counter or data pointer changes), and never used while a CUDA graph is being captured.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from arfuse.core import operands as ops
+from arfuse.core import validate as v
+from arfuse.core.math import ue8m0_empty
+from arfuse.core.operands import Layout, Operand, Shape
+from arfuse.core.spec import FusionSpec, Quant
+from arfuse.core.types import Capacity, FusedCall
+
+Tensor = torch.Tensor
+Parameter = torch.nn.Parameter
+_FLOAT32, _INT32 = torch.float32, torch.int32
+_is_compiling = torch.compiler.is_compiling
+_empty = torch.empty
+MAX_SCALES = 16  # cached static-scale tensors per fusion object
+
+
+class _Plan:
+    """What :meth:`Preparation.accept` reads of one spec, as plain values (enum and property reads cost)."""
+
+    __slots__ = ("moe", "norm", "static", "groups_ok", "checked", "outputs", "unwritten")
+
+    def __init__(self, spec: FusionSpec, hidden: int, dtype: torch.dtype):
+        self.moe, self.norm, self.static = spec.moe, spec.norm, spec.quant is Quant.FP8_STATIC
+        self.groups_ok = not (spec.group_size and hidden % spec.group_size)
+        # (slot, dtype, rows?) of the tensor inputs tested one by one (x and the MoE routing are tested first)
+        self.checked = tuple((o.slot, o.torch_dtype(dtype), o.shape is Shape.ROWS) for o in ops.inputs(spec)
+                             if o.slot in ("residual", "weight", "shared"))
+        # (slot, dtype, columns or None for (tokens, hidden), groups if packed as UE8M0 else 0) of every output
+        self.outputs = tuple((o.slot, o.torch_dtype(dtype), None if o.shape is Shape.ROWS else
+                              ops.shape_of(o, spec, 0, hidden)[1],
+                              spec.groups(hidden) if o.layout is Layout.UE8M0 else 0) for o in ops.outputs(spec))
+        self.unwritten = tuple(s for s in ops.OUTPUT_SLOTS if s not in ops.names(spec))
+
+
+class Preparation:
+    """One fusion object's preparation step (see the module docstring). ``fast=False``: every call takes the full
+    checks (``ARFUSE_FAST_PATH=0``)."""
+
+    def __init__(self, capacity: Capacity, fast: bool = True):
+        self.capacity = capacity
+        self.dtype, self.device = capacity.dtype, capacity.device
+        self.hidden, self.max_tokens = capacity.hidden_size, capacity.max_tokens
+        self.weight_shape = torch.Size((capacity.hidden_size,))
+        self.cuda = capacity.device.type == "cuda"
+        self.fast = fast
+        self.scales: Dict[float, tuple] = {}
+        self.plans: Dict[int, _Plan] = {}  # by spec code
+
+    def prepare(self, op: str, spec: FusionSpec, call: FusedCall, inplace) -> bool:
+        """Check ``call`` (the caller's values by slot) for ``spec`` and complete it: outputs allocated, scalars
+        normalised, ``residual_out`` the residual in place. True when every argument passed its acceptance test
+        (an eager call of plain tensors, ready for the executor); False after the full checks passed (the call
+        may be traced or hold tensor subclasses: it goes through the ``torch.library`` op). Raises ValueError or
+        TypeError naming ``op`` and the argument."""
+        if self.fast and self.accept(spec, call, inplace):
+            return True
+        self.check(op, spec, call, inplace)
+        return False
+
+    # -- the acceptance tests ------------------------------------------------------------------------------------
+    def accept(self, spec: FusionSpec, call: FusedCall, inplace) -> bool:
+        """Complete ``call`` and return True if every argument passes its cheap test; else False, ``call`` as it
+        was."""
+        x = call.x
+        if _is_compiling() or type(x) is not Tensor:
+            return False
+        plan = self.plans.get(spec.code) or self._plan(spec)
+        dtype, device, hidden = self.dtype, self.device, self.hidden
+        xs = x.shape
+        if len(xs) != 2 or xs[1] != hidden or x.dtype is not dtype or not x.is_contiguous() or x.device != device \
+                or not plan.groups_ok:
+            return False
+        n = self._moe_tokens(call) if plan.moe else (xs[0] if xs[0] <= self.max_tokens else -1)
+        if n < 0:
+            return False
+        rows = torch.Size((n, hidden))
+        for slot, want, is_rows in plan.checked:
+            if not _fits(getattr(call, slot), want, rows if is_rows else self.weight_shape, device):
+                return False
+        eps = call.eps
+        if plan.norm and (type(eps) is not float or not v.FLOAT32_TINIEST <= eps <= v.FLOAT32_MAX):
+            return False
+        if type(call.weight_offset) is not float:
+            return False
+        scale = self._scale(call.scale) if plan.static else None
+        if plan.static and scale is None:
+            return False
+        if inplace is not False and (inplace is not True or call.residual_out is not None or call.residual is None):
+            return False
+        given = self._given_outputs(plan, call, n, rows)
+        if given is None or ((given or inplace) and _may_overlap(call, given, inplace)):
+            return False
+        call.eps, call.scale, call.num_tokens = eps if plan.norm else 1.0, scale, n
+        self._allocate(plan, call, n, inplace)
+        return True
+
+    def _given_outputs(self, plan: _Plan, call: FusedCall, n: int, rows) -> Optional[list]:
+        """The caller's outputs if each passes its test (and none is given for a slot the spec does not write),
+        else None."""
+        for slot in plan.unwritten:
+            if getattr(call, slot) is not None:
+                return None
+        given = []
+        for slot, want, cols, groups in plan.outputs:
+            t = getattr(call, slot)
+            if t is None:
+                continue
+            if groups or not _fits(t, want, rows if cols is None else (n, cols), self.device):
+                return None  # a caller's packed scales: their strides are the full check's
+            given.append(t)
+        return given
+
+    def _allocate(self, plan: _Plan, call: FusedCall, n: int, inplace: bool) -> None:
+        """Fill every output slot the caller left empty: the residual in place, else one new tensor."""
+        device = self.device
+        for slot, want, cols, groups in plan.outputs:
+            if getattr(call, slot) is not None:
+                continue
+            if slot == "residual_out" and inplace:
+                t = call.residual
+            elif groups:
+                t = ue8m0_empty(n, groups, device)
+            else:
+                t = _empty((n, self.hidden) if cols is None else (n, cols), dtype=want, device=device)
+            setattr(call, slot, t)
+
+    def _plan(self, spec: FusionSpec) -> _Plan:
+        plan = self.plans[spec.code] = _Plan(spec, self.hidden, self.dtype)
+        return plan
+
+    def _moe_tokens(self, call: FusedCall) -> int:
+        """The token count if the MoE routing passes its tests (``x``, the expert rows, already did), else -1."""
+        idx, escales, device = call.expert_idx, call.expert_scales, self.device
+        if type(idx) is not Tensor or idx.dtype is not _INT32 or not idx.is_contiguous() or idx.device != device:
+            return -1
+        s = idx.shape
+        if len(s) != 2 or s[1] < 1 or s[0] > self.max_tokens:
+            return -1
+        if type(escales) is not Tensor or (escales.dtype is not _FLOAT32 and escales.dtype is not self.dtype) \
+                or escales.shape != s or not escales.is_contiguous() or escales.device != device:
+            return -1
+        n = s[0]
+        if n and not self.cuda:  # CPU: the index range, as the full check does (GPU kernels guard it)
+            lo, hi = torch.aminmax(idx)
+            if int(lo) < 0 or int(hi) >= call.x.shape[0]:
+                return -1
+        return n
+
+    def _scale(self, scale) -> Optional[Tensor]:
+        """The static FP8 scale as the full check makes it, or None."""
+        if type(scale) is Tensor:
+            if scale.dtype is not _FLOAT32 or scale.numel() != 1 or scale.device != self.device:
+                return None
+            return scale if scale.dim() == 1 else scale.reshape(1)
+        if type(scale) is not float or not v.FLOAT32_TINIEST <= scale <= v.FLOAT32_MAX:
+            return None
+        if self.cuda and torch.cuda.is_current_stream_capturing():
+            return torch.full((1,), scale, dtype=_FLOAT32, device=self.device)  # the graph's own, as checked
+        cached = self.scales.get(scale)
+        if cached is not None:
+            t, version, ptr = cached
+            if t._version == version and t.data_ptr() == ptr:
+                return t
+        if len(self.scales) >= MAX_SCALES:
+            self.scales.clear()
+        with torch.inference_mode(False):  # a tensor with a version counter, whatever mode the call runs in
+            t = torch.full((1,), scale, dtype=_FLOAT32, device=self.device)
+        self.scales[scale] = (t, t._version, t.data_ptr())
+        return t
+
+    # -- the full checks -----------------------------------------------------------------------------------------
+    def check(self, op: str, spec: FusionSpec, call: FusedCall, inplace) -> None:
+        """The full checks of every operand of ``spec``, in the table's order (inputs, scalars, then outputs and
+        their aliasing); raise the first problem, else complete ``call``."""
+        cap = self.capacity
+        x = call.x
+        if spec.moe:
+            tokens = v.check_moe(op, x, call.expert_idx, call.expert_scales, call.shared, cap)
+        else:
+            tokens = v.check_input(op, x, cap)
+        rows = (tokens, cap.hidden_size)
+        for operand in ops.inputs(spec):
+            if operand.slot in ("residual", "weight"):
+                shape = rows if operand.shape is Shape.ROWS else (cap.hidden_size,)
+                v.check_tensor(op, operand.arg, getattr(call, operand.slot), dtype=cap.dtype, device=cap.device,
+                               shape=shape)
+                if operand.slot == "weight":
+                    call.eps = v.check_eps(op, call.eps)
+        if not spec.norm:
+            call.eps = 1.0
+        if spec.group_size:
+            v.check_group_size(op, spec.group_size, cap.hidden_size)
+        call.weight_offset = v.check_weight_offset(op, call.weight_offset)
+        call.scale = v.check_scale(op, call.scale, cap.device) if spec.quant is Quant.FP8_STATIC else None
+        if not isinstance(inplace, bool):
+            raise TypeError(f"{op}: inplace must be a bool, got {type(inplace).__name__}")
+        if inplace and call.residual_out is not None:
+            raise ValueError(f"{op}: pass either inplace=True or residual_out, not both")
+        given = self._check_outputs(op, spec, call, tokens, inplace)
+        if given and not _is_compiling():  # data pointers do not exist while tracing
+            names = {o.slot: o.arg for o in ops.operands(spec)}
+            inputs = {names[s]: getattr(call, s) for s in ops.INPUT_SLOTS if s in names and s != "scale"}
+            v.check_outputs_disjoint(op, {names[s]: getattr(call, s) for s in given}, inputs,
+                                     allowed=("residual_out", "residual") if inplace else None)
+        call.num_tokens = tokens
+
+    def _check_outputs(self, op: str, spec: FusionSpec, call: FusedCall, tokens: int, inplace: bool) -> list:
+        """Check each caller output against its operand, allocate the others; the slots the caller gave (the
+        in-place residual included)."""
+        cap = self.capacity
+        given = []
+        for operand in ops.outputs(spec):
+            t = getattr(call, operand.slot)
+            if t is None and operand.slot == "residual_out" and inplace:
+                t = call.residual
+            if t is None:
+                t = ops.allocate(operand, spec, tokens, cap.hidden_size, cap.dtype, cap.device)
+            else:
+                check_output(op, operand, spec, t, tokens, cap)
+                given.append(operand.slot)
+            setattr(call, operand.slot, t)
+        written = ops.names(spec)
+        for slot in ops.OUTPUT_SLOTS:
+            if slot not in written and getattr(call, slot) is not None:
+                raise ValueError(f"{op}: {slot} is not written by this call ({spec.name})")
+        return given
+
+
+def check_output(op: str, operand: Operand, spec: FusionSpec, t, tokens: int, cap: Capacity) -> Tensor:
+    """A caller's output ``t`` must be what :func:`arfuse.core.operands.allocate` would make for ``operand``."""
+    shape = ops.shape_of(operand, spec, tokens, cap.hidden_size)
+    want = operand.torch_dtype(cap.dtype)
+    if operand.layout is not Layout.UE8M0:
+        return v.check_tensor(op, operand.arg, t, dtype=want, device=cap.device, shape=shape)
+    label = operand.arg
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {label} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != want or t.device != torch.device(cap.device) or tuple(t.shape) != shape:
+        raise ValueError(f"{op}: {label} must be an int32 tensor of shape {shape} on {cap.device}, got "
+                         f"{v.dtype_name(t.dtype)} {tuple(t.shape)} on {t.device}")
+    stride = ops.packed_strides(tokens)
+    if (shape[1] > 1 and t.stride()[1] != stride[1]) or (tokens > 1 and t.stride()[0] != 1):
+        raise ValueError(f"{op}: {label} must be column-major with the token stride padded to a multiple of 4 "
+                         f"(strides {stride}, as arfuse.core.math.ue8m0_empty makes), got {t.stride()}")
+    return t
+
+
+def _fits(t, dtype: torch.dtype, shape, device) -> bool:
+    """``t`` passes ``check_tensor(dtype=dtype, device=device, shape=shape)`` (exact tensor types only)."""
+    return (type(t) is Tensor or type(t) is Parameter) and t.dtype is dtype and t.shape == shape \
+        and t.is_contiguous() and t.device == device
+
+
+def _may_overlap(call: FusedCall, given: list, inplace: bool) -> bool:
+    """Whether any pair the full check tests may share memory (then the full check decides): the caller's outputs
+    (and, in place, the residual as ``residual_out``) with each other and with every input, the in-place pair
+    excepted."""
+    outs = [(t.data_ptr(), t.nbytes, False) for t in given]
+    if inplace:
+        outs.append((call.residual.data_ptr(), call.residual.nbytes, True))
+    ins = [(t.data_ptr(), t.nbytes, slot == "residual") for slot, t in _tensor_inputs(call)]
+    for i, (lo, size, is_inplace_residual) in enumerate(outs):
+        hi = lo + size
+        for other in outs[i + 1:]:
+            if other[0] < hi and lo < other[0] + other[1]:
+                return True
+        for p, nbytes, is_residual_input in ins:
+            if is_residual_input and is_inplace_residual:
+                continue  # the allowed in-place pair
+            if p < hi and lo < p + nbytes:
+                return True
+    return False
+
+
+def _tensor_inputs(call: FusedCall) -> Tuple[Tuple[str, Tensor], ...]:
+    """The call's input tensors by slot (the static scale excepted: arfuse's own or read-only)."""
+    return tuple((s, t) for s, t in (("x", call.x), ("residual", call.residual), ("weight", call.weight),
+                                     ("expert_idx", call.expert_idx), ("expert_scales", call.expert_scales),
+                                     ("shared", call.shared)) if t is not None)
