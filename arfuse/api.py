@@ -166,7 +166,7 @@ class AllReduceFusion:
         written instead of new tensors. Returns ``(norm_out, residual_out)``. Collective; graph-capturable.
         """
         op = opspecs.RESIDUAL_RMSNORM
-        call = self._call(op, spec_for(op, weight_offset), inplace, FusedCall(
+        call = self._call(op.name, spec_for(op, weight_offset), inplace, FusedCall(
             x, norm_out, residual=residual, weight=weight, eps=eps, weight_offset=weight_offset,
             residual_out=residual_out))
         return call.out, call.residual_out
@@ -180,7 +180,7 @@ class AllReduceFusion:
         is :meth:`residual_rmsnorm_quant` with :class:`arfuse.FP8Static`.
         """
         op = opspecs.RESIDUAL_RMSNORM_FP8
-        call = self._call(op, spec_for(op, weight_offset), inplace, FusedCall(
+        call = self._call(op.name, spec_for(op, weight_offset), inplace, FusedCall(
             x, quant_out, residual=residual, weight=weight, eps=eps, weight_offset=weight_offset, scale=scale,
             residual_out=residual_out))
         return call.out, call.residual_out
@@ -201,7 +201,7 @@ class AllReduceFusion:
         Collective; graph-capturable.
         """
         op = opspecs.RESIDUAL_RMSNORM_QUANT
-        call = self._call(op, spec_for(op, weight_offset, quant, also_norm), inplace, FusedCall(
+        call = self._call(op.name, spec_for(op, weight_offset, quant, also_norm), inplace, FusedCall(
             x, quant_out, residual=residual, weight=weight, eps=eps, weight_offset=weight_offset,
             scale=opspecs.static_scale(quant), residual_out=residual_out, norm_out=norm_out, scale_out=scale_out))
         return FusedOutput(call.out, call.scale_out if call.scale_out is not None else call.scale,
@@ -229,7 +229,7 @@ class AllReduceFusion:
         op = opspecs.MOE_FINALIZE_RESIDUAL_RMSNORM
         spec = spec_for(op, weight_offset, quant, also_norm, shared_expert_out is not None)
         quantized = quant is not None
-        call = self._call(op, spec, inplace, FusedCall(
+        call = self._call(op.name, spec, inplace, FusedCall(
             expert_out, quant_out if quantized else norm_out, residual=residual, weight=weight, eps=eps,
             weight_offset=weight_offset, scale=opspecs.static_scale(quant), expert_idx=permuted_idx,
             expert_scales=expert_scales, shared=shared_expert_out, residual_out=residual_out,
@@ -243,21 +243,27 @@ class AllReduceFusion:
                 out: Optional[Tensor] = None) -> Tensor:
         """``rmsnorm(allreduce(x)) * (weight + weight_offset)`` (no residual). Collective; graph-capturable."""
         op = opspecs.RMSNORM
-        return self._call(op, spec_for(op, weight_offset), False, FusedCall(
+        return self._call(op.name, spec_for(op, weight_offset), False, FusedCall(
             x, out, weight=weight, eps=eps, weight_offset=weight_offset)).out
 
     def all_reduce(self, x: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
         """Plain sum-allreduce of ``x`` into a new tensor (or ``out``). Collective; graph-capturable."""
-        return self._call(opspecs.ALL_REDUCE, _ALL_REDUCE, False, FusedCall(x, out)).out
+        return self._call("all_reduce", _ALL_REDUCE, False, FusedCall(x, out)).out
 
-    def _call(self, op: opspecs.PublicOp, spec: FusionSpec, inplace, call: FusedCall) -> FusedCall:
+    def run(self, spec: FusionSpec, call: FusedCall, *, op: Optional[str] = None) -> FusedCall:
+        """Run one call of any ``spec``: ``call`` holds the caller's tensors by slot (outputs None to allocate).
+        The generic form of the ops above (``arfuse.compile``'s fused calls use it), checked and prepared alike
+        (errors name ``op``, default the spec's name). Returns ``call``, completed. Collective."""
+        return self._call(op or spec.name, spec, False, call)
+
+    def _call(self, op: str, spec: FusionSpec, inplace, call: FusedCall) -> FusedCall:
         """Prepare ``call`` (the caller's values by slot) for ``spec`` - checked before any collective, outputs
         allocated - and run it: straight on the executor when every argument passed its acceptance test, else
         through the ``torch.library`` op (traced calls, tensor subclasses). Returns the completed call."""
         executor = self._executor
         if executor.closed:
-            raise ValueError(f"{op.name}: this AllReduceFusion is closed")
-        if self._preparation.prepare(op.name, spec, call, inplace):
+            raise ValueError(f"{op}: this AllReduceFusion is closed")
+        if self._preparation.prepare(op, spec, call, inplace):
             executor.run(spec, call)
         else:
             run_call(executor, self._handle, spec, call)

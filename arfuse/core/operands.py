@@ -167,12 +167,20 @@ def allocate_all(spec: FusionSpec, tokens: int, hidden: int, dtype: torch.dtype,
     return {o.slot: allocate(o, spec, tokens, hidden, dtype, device) for o in outputs(spec)}
 
 
-def op_schema(name: str, scalars: Tuple[str, ...] = ()) -> str:
-    """The ``torch.library`` schema of an op that takes every slot of a call (inputs as optional tensors but
-    ``x``, :data:`SCALAR_SLOTS` as floats, ``scalars`` as ints, the outputs as mutated tensors, ``out`` required)
-    and returns nothing: the one op every spec crosses the ``torch.library`` boundary through."""
+def op_schema(name: str, extra: Tuple[str, ...] = (), returns: bool = False) -> str:
+    """The ``torch.library`` schema of an op that takes every slot of a call, so one op serves every spec: the
+    inputs as tensors (optional but ``x``), :data:`SCALAR_SLOTS` as floats, then ``extra`` (``"type name"``
+    each); the outputs either as mutated tensor arguments (``out`` required; the op returns nothing) or, with
+    ``returns``, returned as a list (the outputs the spec writes, in :data:`OUTPUT_SLOTS` order).
+
+    >>> op_schema("f", ("int spec",), returns=True)
+    'f(Tensor x, Tensor? residual, Tensor? weight, Tensor? scale, Tensor? expert_idx, Tensor? expert_scales, \
+Tensor? shared, float eps, float weight_offset, int spec) -> Tensor[]'
+    """
     parts = [f"Tensor{'' if slot == 'x' else '?'} {slot}" for slot in INPUT_SLOTS]
-    parts += [f"float {slot}" for slot in SCALAR_SLOTS] + [f"int {s}" for s in scalars]
+    parts += [f"float {slot}" for slot in SCALAR_SLOTS] + list(extra)
+    if returns:
+        return f"{name}({', '.join(parts)}) -> Tensor[]"
     parts += [f"Tensor(o{i}!){'' if slot == 'out' else '?'} {slot}" for i, slot in enumerate(OUTPUT_SLOTS)]
     return f"{name}({', '.join(parts)}) -> ()"
 

@@ -46,7 +46,7 @@ def lookup(handle: int) -> Executor:
     return executor
 
 
-LIB.define(operands.op_schema("fused_", ("handle", "spec")))
+LIB.define(operands.op_schema("fused_", ("int handle", "int spec")))
 
 
 def fused_(x, residual, weight, scale, expert_idx, expert_scales, shared, eps, weight_offset, handle, spec, out,
