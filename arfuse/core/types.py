@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -93,8 +93,14 @@ class Problem:
 class GroupCaps:
     """Facts about a process group that all its ranks agree on (built by ``probe.group``).
 
-    ``flashinfer`` holds the (immutable) FlashInfer probe result, or None when not probed.
-    ``notes`` records why a capability is missing, e.g. ``("p2p: rank 1 cannot access rank 0",)``.
+    ``facts``: what each backend contributed to the probe (``arfuse.probe.facts``), by its name: ``{backend:
+    {fact: agreed value}}``; :meth:`fact` reads one by name, and so does attribute access (``caps.triton``) for a
+    name that is not a field. A fact no backend contributed reads None: unknown, which every check treats as
+    missing. ``notes`` records why a capability is missing, e.g. ``("p2p: rank 1 cannot access rank 0",)``.
+
+    >>> caps = GroupCaps(2, 0, "cuda", facts={"triton_symm": {"symm_mem": True}})
+    >>> caps.fact("symm_mem"), caps.symm_mem, caps.multicast
+    (True, True, None)
     """
 
     world_size: int
@@ -105,11 +111,23 @@ class GroupCaps:
     sm: Optional[Tuple[int, int]] = None
     single_host: bool = True
     p2p: bool = False
-    symm_mem: bool = False
-    triton: bool = False
-    flashinfer: Any = None
+    facts: Dict[str, Dict[str, Any]] = field(default_factory=dict, hash=False)
     notes: Tuple[str, ...] = field(default_factory=tuple)
     allow_unverified: Optional[bool] = None  # agreed at construction (ARFUSE_ALLOW_UNVERIFIED); None: read it
+
+    def fact(self, name: str, default: Any = None) -> Any:
+        """The agreed fact ``name`` from whichever backend contributed it, else ``default`` (None: unknown, which
+        every check treats as missing)."""
+        for values in self.facts.values():
+            if name in values:
+                return values[name]
+        return default
+
+    def __getattr__(self, name: str) -> Any:
+        # only for names that are not fields: a contributed fact, or None (unknown); private names stay errors
+        if name.startswith("_") or "facts" not in self.__dict__:
+            raise AttributeError(name)
+        return self.fact(name)
 
     def note(self, prefix: str) -> str:
         """The first note that starts with ``prefix``, or a generic text."""

@@ -87,7 +87,8 @@ def _variants():
 
 
 def _caps(p, world=4, sm=(9, 0)):
-    return GroupCaps(world_size=world, rank=0, device_type="cuda", sm=sm, p2p=True, flashinfer=p)
+    return GroupCaps(world_size=world, rank=0, device_type="cuda", sm=sm, p2p=True,
+                     facts={"flashinfer": {"flashinfer": p}})
 
 
 def test_model_covers_every_recorded_release():
