@@ -260,12 +260,13 @@ class AllReduceFusion:
         """Prepare ``call`` (the caller's values by slot) for ``spec`` - checked before any collective, outputs
         allocated - and run it: straight on the executor when every argument passed its acceptance test, else
         through the ``torch.library`` op (traced calls, tensor subclasses). Returns the completed call."""
-        executor = self._executor
+        executor, preparation = self._executor, self._preparation
         if executor.closed:
             raise ValueError(f"{op}: this AllReduceFusion is closed")
-        if self._preparation.prepare(op, spec, call, inplace):
+        if preparation.fast and preparation.accept(spec, call, inplace):
             executor.run(spec, call)
         else:
+            preparation.check(op, spec, call, inplace)
             run_call(executor, self._handle, spec, call)
         return call
 

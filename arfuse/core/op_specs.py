@@ -9,14 +9,14 @@ True
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from arfuse.core.quant import QUANT_TYPES, FP8PerToken, FP8PerTokenGroup, FP8Static
 from arfuse.core.spec import FusionSpec, Prologue, Quant
 from arfuse.core.validate import FLOAT32_MAX, check_weight_offset
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: a cache key on every call
 class PublicOp:
     """One public op: its ``name`` (errors start with it) and what it fixes of the spec. ``quant``: takes
     ``quant=`` and ``also_norm=`` (required unless ``moe``); ``static_fp8``: the FP8 op with its own ``scale``."""
@@ -40,12 +40,20 @@ RMSNORM = PublicOp("rmsnorm", residual=False)
 ALL_REDUCE = PublicOp("all_reduce", residual=False, norm=False)
 
 _SPECS: Dict[tuple, FusionSpec] = {}
+_PLAIN: Dict[PublicOp, Tuple[FusionSpec, FusionSpec]] = {}  # op -> (its spec without, with a weight offset)
 _KEYED_BY_VALUE = (FP8PerToken, FP8PerTokenGroup)  # hashable, equal when they pick the same spec fields
 
 
 def spec_for(op: PublicOp, weight_offset=0.0, quant=None, also_norm=False, shared: bool = False) -> FusionSpec:
     """The (interned) spec of a call of ``op`` with these arguments. A bad ``weight_offset``, ``quant`` or
     ``also_norm`` raises ValueError/TypeError naming ``op`` and the argument."""
+    if quant is None and also_norm is False and shared is False and type(weight_offset) is float \
+            and -FLOAT32_MAX <= weight_offset <= FLOAT32_MAX:  # the common calls: one lookup
+        pair = _PLAIN.get(op)
+        if pair is not None:
+            return pair[weight_offset != 0.0]
+        pair = _PLAIN[op] = (_derive(op, 0.0, None, False, False), _derive(op, 1.0, None, False, False))
+        return pair[weight_offset != 0.0]
     key = _key(op, weight_offset, quant, also_norm, shared)
     spec = _SPECS.get(key) if key is not None else None
     if spec is None:

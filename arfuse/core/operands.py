@@ -14,8 +14,12 @@ input and no other output, except ``residual_out`` with ``residual`` (the in-pla
 >>> [o.arg for o in operands(FusionSpec())]
 ['x', 'residual', 'weight', 'norm_out', 'residual_out']
 >>> s = FusionSpec(quant=Quant.FP8_PER_TOKEN_GROUP, group_size=128, scale_layout=ScaleLayout.UE8M0, also_norm=True)
->>> [(o.arg, o.dtype.name, o.shape.name) for o in operands(s) if o.output]
-[('quant_out', 'FP8', 'ROWS'), ('residual_out', 'INPUT', 'ROWS'), ('norm_out', 'INPUT', 'ROWS'), ('scale_out', 'INT32', 'PACKED_SCALES')]
+>>> for o in outputs(s):
+...     print(o.arg, o.dtype.name, o.shape.name)
+quant_out FP8 ROWS
+residual_out INPUT ROWS
+norm_out INPUT ROWS
+scale_out INT32 PACKED_SCALES
 """
 from __future__ import annotations
 

@@ -5,9 +5,10 @@ A public op puts the caller's values into a ``FusedCall`` by slot (outputs None 
 hands it to :meth:`Preparation.prepare` with its spec. Each operand of the spec (:mod:`arfuse.core.operands`)
 first gets a cheap acceptance test: an exact tensor type (``torch.Tensor``, or ``nn.Parameter`` for all but the
 input), its dtype, shape, contiguity and device compared with what the table says, ``float`` scalars in range,
-caller outputs that cannot overlap anything. When every operand passes, the outputs are allocated and the call is
-ready. When any test fails - a bad argument, or just an unusual one (a tensor subclass, an ``int`` eps, a traced
-call, memory that might overlap, a caller's packed UE8M0 ``scale_out``) - the full checks of the same table run:
+caller outputs that cannot overlap anything - one straight-line function per spec, generated from the table
+(:mod:`arfuse.core.accept`). When every operand passes, the outputs are allocated and the call is ready. When any
+test fails - a bad argument, or just an unusual one (a tensor subclass, an ``int`` eps, a traced call, memory that
+might overlap, a caller's packed UE8M0 ``scale_out``) - the full checks of the same table run:
 they raise ValueError/TypeError naming the op and the argument (before any collective), or accept the call and
 normalise it (eps as a float, the static scale as a tensor). The acceptance tests accept nothing the full checks
 refuse, so a bad input raises the same error either way.
@@ -24,35 +25,15 @@ import torch
 
 from arfuse.core import operands as ops
 from arfuse.core import validate as v
-from arfuse.core.math import ue8m0_empty
+from arfuse.core.accept import Accept, compile_accept
 from arfuse.core.operands import Layout, Operand, Shape
 from arfuse.core.spec import FusionSpec, Quant
 from arfuse.core.types import Capacity, FusedCall
 
 Tensor = torch.Tensor
-Parameter = torch.nn.Parameter
 _FLOAT32, _INT32 = torch.float32, torch.int32
 _is_compiling = torch.compiler.is_compiling
-_empty = torch.empty
 MAX_SCALES = 16  # cached static-scale tensors per fusion object
-
-
-class _Plan:
-    """What :meth:`Preparation.accept` reads of one spec, as plain values (enum and property reads cost)."""
-
-    __slots__ = ("moe", "norm", "static", "groups_ok", "checked", "outputs", "unwritten")
-
-    def __init__(self, spec: FusionSpec, hidden: int, dtype: torch.dtype):
-        self.moe, self.norm, self.static = spec.moe, spec.norm, spec.quant is Quant.FP8_STATIC
-        self.groups_ok = not (spec.group_size and hidden % spec.group_size)
-        # (slot, dtype, rows?) of the tensor inputs tested one by one (x and the MoE routing are tested first)
-        self.checked = tuple((o.slot, o.torch_dtype(dtype), o.shape is Shape.ROWS) for o in ops.inputs(spec)
-                             if o.slot in ("residual", "weight", "shared"))
-        # (slot, dtype, columns or None for (tokens, hidden), groups if packed as UE8M0 else 0) of every output
-        self.outputs = tuple((o.slot, o.torch_dtype(dtype), None if o.shape is Shape.ROWS else
-                              ops.shape_of(o, spec, 0, hidden)[1],
-                              spec.groups(hidden) if o.layout is Layout.UE8M0 else 0) for o in ops.outputs(spec))
-        self.unwritten = tuple(s for s in ops.OUTPUT_SLOTS if s not in ops.names(spec))
 
 
 class Preparation:
@@ -60,14 +41,11 @@ class Preparation:
     checks (``ARFUSE_FAST_PATH=0``)."""
 
     def __init__(self, capacity: Capacity, fast: bool = True):
-        self.capacity = capacity
-        self.dtype, self.device = capacity.dtype, capacity.device
-        self.hidden, self.max_tokens = capacity.hidden_size, capacity.max_tokens
-        self.weight_shape = torch.Size((capacity.hidden_size,))
+        self.capacity, self.device, self.max_tokens = capacity, capacity.device, capacity.max_tokens
         self.cuda = capacity.device.type == "cuda"
         self.fast = fast
         self.scales: Dict[float, tuple] = {}
-        self.plans: Dict[int, _Plan] = {}  # by spec code
+        self.tests: Dict[int, Accept] = {}  # by spec code
 
     def prepare(self, op: str, spec: FusionSpec, call: FusedCall, inplace) -> bool:
         """Check ``call`` (the caller's values by slot) for ``spec`` and complete it: outputs allocated, scalars
@@ -82,74 +60,15 @@ class Preparation:
 
     # -- the acceptance tests ------------------------------------------------------------------------------------
     def accept(self, spec: FusionSpec, call: FusedCall, inplace) -> bool:
-        """Complete ``call`` and return True if every argument passes its cheap test; else False, ``call`` as it
-        was."""
-        x = call.x
-        if _is_compiling() or type(x) is not Tensor:
+        """Complete ``call`` and return True if every argument passes its cheap test (the spec's generated
+        function, :mod:`arfuse.core.accept`); else False, ``call`` as it was."""
+        if _is_compiling():  # traced: the full checks (no data pointers, nothing to generate code in)
             return False
-        plan = self.plans.get(spec.code) or self._plan(spec)
-        dtype, device, hidden = self.dtype, self.device, self.hidden
-        xs = x.shape
-        if len(xs) != 2 or xs[1] != hidden or x.dtype is not dtype or not x.is_contiguous() or x.device != device \
-                or not plan.groups_ok:
-            return False
-        n = self._moe_tokens(call) if plan.moe else (xs[0] if xs[0] <= self.max_tokens else -1)
-        if n < 0:
-            return False
-        rows = torch.Size((n, hidden))
-        for slot, want, is_rows in plan.checked:
-            if not _fits(getattr(call, slot), want, rows if is_rows else self.weight_shape, device):
-                return False
-        eps = call.eps
-        if plan.norm and (type(eps) is not float or not v.FLOAT32_TINIEST <= eps <= v.FLOAT32_MAX):
-            return False
-        if type(call.weight_offset) is not float:
-            return False
-        scale = self._scale(call.scale) if plan.static else None
-        if plan.static and scale is None:
-            return False
-        if inplace is not False and (inplace is not True or call.residual_out is not None or call.residual is None):
-            return False
-        given = self._given_outputs(plan, call, n, rows)
-        if given is None or ((given or inplace) and _may_overlap(call, given, inplace)):
-            return False
-        call.eps, call.scale, call.num_tokens = eps if plan.norm else 1.0, scale, n
-        self._allocate(plan, call, n, inplace)
-        return True
-
-    def _given_outputs(self, plan: _Plan, call: FusedCall, n: int, rows) -> Optional[list]:
-        """The caller's outputs if each passes its test (and none is given for a slot the spec does not write),
-        else None."""
-        for slot in plan.unwritten:
-            if getattr(call, slot) is not None:
-                return None
-        given = []
-        for slot, want, cols, groups in plan.outputs:
-            t = getattr(call, slot)
-            if t is None:
-                continue
-            if groups or not _fits(t, want, rows if cols is None else (n, cols), self.device):
-                return None  # a caller's packed scales: their strides are the full check's
-            given.append(t)
-        return given
-
-    def _allocate(self, plan: _Plan, call: FusedCall, n: int, inplace: bool) -> None:
-        """Fill every output slot the caller left empty: the residual in place, else one new tensor."""
-        device = self.device
-        for slot, want, cols, groups in plan.outputs:
-            if getattr(call, slot) is not None:
-                continue
-            if slot == "residual_out" and inplace:
-                t = call.residual
-            elif groups:
-                t = ue8m0_empty(n, groups, device)
-            else:
-                t = _empty((n, self.hidden) if cols is None else (n, cols), dtype=want, device=device)
-            setattr(call, slot, t)
-
-    def _plan(self, spec: FusionSpec) -> _Plan:
-        plan = self.plans[spec.code] = _Plan(spec, self.hidden, self.dtype)
-        return plan
+        test = self.tests.get(spec.code)
+        if test is None:
+            test = self.tests[spec.code] = compile_accept(spec, self.capacity, dict(
+                moe_tokens=self._moe_tokens, static_scale=self._scale, may_overlap=_may_overlap))
+        return test(call, inplace)
 
     def _moe_tokens(self, call: FusedCall) -> int:
         """The token count if the MoE routing passes its tests (``x``, the expert rows, already did), else -1."""
@@ -159,7 +78,8 @@ class Preparation:
         s = idx.shape
         if len(s) != 2 or s[1] < 1 or s[0] > self.max_tokens:
             return -1
-        if type(escales) is not Tensor or (escales.dtype is not _FLOAT32 and escales.dtype is not self.dtype) \
+        dtype = self.capacity.dtype
+        if type(escales) is not Tensor or (escales.dtype is not _FLOAT32 and escales.dtype is not dtype) \
                 or escales.shape != s or not escales.is_contiguous() or escales.device != device:
             return -1
         n = s[0]
@@ -266,12 +186,6 @@ def check_output(op: str, operand: Operand, spec: FusionSpec, t, tokens: int, ca
         raise ValueError(f"{op}: {label} must be column-major with the token stride padded to a multiple of 4 "
                          f"(strides {stride}, as arfuse.core.math.ue8m0_empty makes), got {t.stride()}")
     return t
-
-
-def _fits(t, dtype: torch.dtype, shape, device) -> bool:
-    """``t`` passes ``check_tensor(dtype=dtype, device=device, shape=shape)`` (exact tensor types only)."""
-    return (type(t) is Tensor or type(t) is Parameter) and t.dtype is dtype and t.shape == shape \
-        and t.is_contiguous() and t.device == device
 
 
 def _may_overlap(call: FusedCall, given: list, inplace: bool) -> bool:

@@ -172,8 +172,10 @@ class FusedCall:
         self.weight_offset, self.scale, self.expert_idx, self.expert_scales = weight_offset, scale, expert_idx, \
             expert_scales
         self.shared, self.residual_out, self.norm_out, self.scale_out = shared, residual_out, norm_out, scale_out
-        rows = expert_idx if expert_idx is not None else x
-        self.num_tokens = rows.shape[0] if isinstance(rows, torch.Tensor) and rows.dim() else 0  # prepare sets it
+        try:  # the preparation step sets it for the public ops' calls, whose x may be anything
+            self.num_tokens = (expert_idx if expert_idx is not None else x).shape[0]
+        except (AttributeError, IndexError, TypeError):
+            self.num_tokens = 0
 
     @property
     def inplace(self) -> bool:

@@ -257,3 +257,18 @@ def test_exotic_argument_types_take_the_checked_path_and_still_run(counted):
     assert slow[0] == 2  # the int offset and the subclass
     fusion.close()
     checked.close()
+
+
+def test_each_spec_s_acceptance_function_is_generated_from_its_operand_table():
+    from arfuse.core import accept, operands
+    from arfuse.core.types import Capacity
+
+    cap = Capacity(MAX, HIDDEN, torch.bfloat16, torch.device("cpu"))
+    for spec in GROUPED:
+        text = accept.source(spec, cap)
+        for o in operands.operands(spec):
+            assert f"call.{o.slot}" in text or o.slot in ("expert_idx", "expert_scales", "scale"), (spec.name, o)
+        for slot in operands.OUTPUT_SLOTS:  # written or refused, never ignored
+            assert f"call.{slot}" in text, (spec.name, slot)
+        assert callable(accept.compile_accept(spec, cap, dict(moe_tokens=None, static_scale=None,
+                                                              may_overlap=None)))
