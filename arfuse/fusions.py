@@ -60,6 +60,13 @@ def fusion_for(group, hidden: int, dtype: torch.dtype, device: torch.device, tok
     return fusion
 
 
+def cached_for(group, hidden: int, dtype: torch.dtype, device: torch.device, tokens: int,
+               backend: str = "auto") -> Optional[AllReduceFusion]:
+    """The cached growing object that serves this call, or None (nothing made, no lock taken)."""
+    entry = _entries.get((vote.group_ranks(group), hidden, dtype, device, backend, None))
+    return entry[1] if _serves(entry, group, tokens, None) else None
+
+
 def _serves(entry, group, tokens: int, max_tokens: Optional[int]) -> bool:
     if entry is None or entry[0] is not group or entry[1].closed:
         return False
