@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import weakref
 from typing import Dict, Optional, Tuple, Union
 
@@ -11,85 +10,19 @@ import torch
 from arfuse.backends import base
 from arfuse.core import op_specs as opspecs
 from arfuse.core import settings, validate as v
-from arfuse.core.counters import StatsView, logger, resolve_strict
-from arfuse.core.errors import FallbackError
+from arfuse.core.counters import StatsView, logger
 from arfuse.core.op_specs import spec_for
 from arfuse.core.prepare import Preparation
 from arfuse.core.spec import ALLREDUCE as _ALL_REDUCE, FusionSpec
 from arfuse.core.types import Capacity, FusedCall, FusedOutput, GroupCaps, Pattern, Plan
-from arfuse.probe import vote
+from arfuse.runtime import arguments
 from arfuse.runtime.custom_op import register_executor, run_call
 from arfuse.runtime.executor import Executor
-from arfuse.select import policy
 
 Tensor = torch.Tensor
 # The acceptance tests of the preparation step (arfuse.core.prepare): on unless ARFUSE_FAST_PATH=0 (read when a
 # fusion object is built).
 FAST_PATH_ENV = "ARFUSE_FAST_PATH"
-
-
-def _default_device(group) -> torch.device:
-    if vote.is_distributed(group) and "nccl" in str(torch.distributed.get_backend(group)).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _normalize_device(device) -> torch.device:
-    """``device`` as a torch.device with its index; ValueError/TypeError naming ``device`` if it is not one this
-    process can use (checked before any collective)."""
-    op = "AllReduceFusion"
-    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
-        raise TypeError(f"{op}: device must be a str, int or torch.device, got {type(device).__name__}")
-    try:
-        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"{op}: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if device.type == "cpu":
-        return torch.device("cpu")
-    if device.type != "cuda":
-        raise ValueError(f"{op}: device must be a cpu or cuda device, got {device}")
-    if torch.version.cuda is None or not torch.cuda.is_available():
-        why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
-               else "no CUDA device is visible")
-        raise ValueError(f"{op}: device {device} cannot be used: {why}")
-    count = torch.cuda.device_count()
-    if device.index is not None and device.index >= count:
-        raise ValueError(f"{op}: device {device} does not exist: {count} CUDA device(s) visible")
-    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-
-
-def _check_backend_name(requested) -> str:
-    if not isinstance(requested, str):
-        raise TypeError(f"AllReduceFusion: backend must be a str, got {type(requested).__name__}")
-    name, variant = policy.parse_request(requested)
-    if name == policy.AUTO:
-        return requested
-    backend = base.get(name)  # ValueError listing the registered names
-    if variant is not None and variant not in backend.variants:
-        raise ValueError(f"AllReduceFusion: backend {name!r} has no variant {variant!r} "
-                         f"(has {', '.join(backend.variants)})")
-    return requested
-
-
-def _check_timeout(timeout_s) -> float:
-    if timeout_s is None:
-        timeout_s = settings.number("ARFUSE_TIMEOUT_S")
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
-        raise TypeError(f"AllReduceFusion: timeout_s must be a number, got {type(timeout_s).__name__}")
-    if not math.isfinite(timeout_s) or timeout_s <= 0:
-        raise ValueError(f"AllReduceFusion: timeout_s must be finite and > 0, got {timeout_s}")
-    return float(timeout_s)
-
-
-def _check_requested_can_run(executor: Executor, requested: str, strict: Optional[bool]) -> None:
-    """In strict mode, a named backend none of whose plans can run (every pattern and token count would fall
-    back) is refused at construction, not at the first call. The plans are computed alike on every rank from the
-    agreed capabilities, so every rank raises together."""
-    if requested == policy.AUTO or not resolve_strict(strict):
-        return
-    reason = executor.never_runs()
-    if reason is not None:
-        raise FallbackError(policy.parse_request(requested)[0], reason)
 
 
 def _close_at_exit(executor: Executor) -> None:
@@ -140,13 +73,13 @@ class AllReduceFusion:
             raise TypeError(f"{op}: dtype must be one of float32/bfloat16/float16, got {dtype}")
         if strict is not None and not isinstance(strict, bool):
             raise TypeError(f"{op}: strict must be a bool or None, got {type(strict).__name__}")
-        requested = _check_backend_name(backend)
-        timeout_s = _check_timeout(timeout_s)
-        device = _normalize_device(device) if device is not None else _default_device(group)
+        requested = arguments.check_backend_name(backend)
+        timeout_s = arguments.check_timeout(timeout_s)
+        device = arguments.normalize_device(device) if device is not None else arguments.default_device(group)
         self.capacity = Capacity(max_tokens, hidden_size, dtype, device, timeout_s)
         self._executor = Executor(group, self.capacity, requested, strict, table_path)
         try:
-            _check_requested_can_run(self._executor, requested, strict)
+            arguments.check_requested_can_run(self._executor, requested, strict)
         except BaseException:
             self._executor.close()
             raise
@@ -282,8 +215,8 @@ class AllReduceFusion:
     def plan(self, pattern: Union[Pattern, str, FusionSpec], num_tokens: int) -> Plan:
         """The plan a call of ``num_tokens`` tokens would run (``pattern``: a Pattern, its name, or a
         :class:`~arfuse.core.spec.FusionSpec`)."""
-        spec = _spec_arg("plan", pattern)
-        _check_tokens("plan", num_tokens, self.capacity.max_tokens)
+        spec = arguments.spec_arg("plan", pattern)
+        arguments.check_tokens("plan", num_tokens, self.capacity.max_tokens)
         return self._executor.plan(spec, num_tokens)
 
     @property
@@ -310,8 +243,8 @@ class AllReduceFusion:
         """
         if self.closed:
             raise ValueError("input_buffer: this AllReduceFusion is closed")
-        _check_tokens("input_buffer", num_tokens, self.capacity.max_tokens)
-        spec = _spec_arg("input_buffer", pattern)
+        arguments.check_tokens("input_buffer", num_tokens, self.capacity.max_tokens)
+        spec = arguments.spec_arg("input_buffer", pattern)
         if spec.moe:
             return None  # the MoE prologue's input is the expert rows, not a (tokens, hidden) tensor
         return self._executor.input_buffer(spec, num_tokens)
@@ -342,25 +275,6 @@ class AllReduceFusion:
         state = "closed" if self.closed else f"backends={list(self.backends)}"
         return (f"AllReduceFusion(world_size={self.caps.world_size}, max_tokens={c.max_tokens}, "
                 f"hidden_size={c.hidden_size}, dtype={v.dtype_name(c.dtype)}, device={c.device}, {state})")
-
-
-def _check_tokens(op: str, num_tokens, max_tokens: int) -> None:
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
-        raise TypeError(f"{op}: num_tokens must be an int, got {type(num_tokens).__name__}")
-    if not 1 <= num_tokens <= max_tokens:
-        raise ValueError(f"{op}: num_tokens must be in 1..{max_tokens}, got {num_tokens}")
-
-
-def _spec_arg(op: str, pattern) -> FusionSpec:
-    if isinstance(pattern, FusionSpec):
-        return pattern
-    if isinstance(pattern, str):
-        try:
-            return Pattern[pattern.upper()].spec
-        except KeyError:
-            raise ValueError(f"{op}: pattern must be one of {', '.join(p.name.lower() for p in Pattern)} or a "
-                             f"FusionSpec, got {pattern!r}") from None
-    return Pattern(pattern).spec
 
 
 def free_idle_workspaces() -> int:
