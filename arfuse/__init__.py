@@ -4,6 +4,10 @@
 >>> sorted(arfuse.__all__)[:3]
 ['AllReduceFusion', 'ArfuseError', 'BackendError']
 """
+from arfuse.core.requirements import require as _require
+
+_require("torch")  # one line naming the version found and the one needed, before anything needs torch
+
 from arfuse import backends as _backends  # noqa: F401  (registers the backends)
 from arfuse.api import AllReduceFusion, free_idle_workspaces
 from arfuse.autofuse import compile, compile_report

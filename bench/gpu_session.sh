@@ -25,11 +25,14 @@ gpu_tests() {  # name file timeout [pytest args...]; returns pytest's status
   return $rc
 }
 
-evidence() {  # path kind world_sizes test_file log: the verification record's entry for a path its test run checked
-  local passed
+evidence() {  # path kind world_sizes test_file log [any-world-size reason]: the verification record's entry for a
+  local passed  # path its test run checked; none if any test was skipped, xfailed or deselected (it vouches for all)
+  if [ -z "${RESULTS_DIR:-}" ]; then echo "evidence: set RESULTS_DIR (where the results will be committed)"; return 1; fi
+  if tail -1 "$5" | grep -qE 'skipped|xfailed|xpassed|deselected'; then echo "evidence: not all tests ran: none"; return 1; fi
   passed=$(grep -oE '[0-9]+ passed' "$5" | tail -1 | cut -d' ' -f1)
   python3 bench/verify_kernels.py evidence --path "$1" --kind "$2" --world-sizes "$3" --cases "${passed:-0}" \
-    --results-dir "${RESULTS_DIR:-bench/results/}" --checked-by "$4" --json "$R/evidence_${1//\//_}.json"
+    --dtypes bfloat16,float16,float32 --any-world-size "${6:-}" --results-dir "$RESULTS_DIR" --checked-by "$4" \
+    --json "$R/evidence_${1//\//_}.json"
   echo "evidence for $1: $R/evidence_${1//\//_}.json"
 }
 
@@ -71,7 +74,8 @@ for stage in "$@"; do
     patterns) python3 -m pytest -p no:cacheprovider tests/gpu --co -q > "$R/pytest_collect_gpu.log" 2>&1  # all import
               tail -1 "$R/pytest_collect_gpu.log"
               if ARFUSE_ALLOW_UNVERIFIED=1 gpu_tests patterns tests/gpu/test_patterns_gpu.py "${T_PATTERNS:-270}"; then
-                evidence nccl one_gpu 1 tests/gpu/test_patterns_gpu.py "$R/pytest_patterns.log"; fi ;;
+                evidence nccl one_gpu 1 tests/gpu/test_patterns_gpu.py "$R/pytest_patterns.log" "the nccl path's own code \
+(its two kernels) does not depend on the world size: NCCL's all_reduce runs between them"; fi ;;
     epilogue) timeout "${T_EPILOGUE:-270}" python3 -m arfuse.cli.main bench --epilogue --no-progress --warmup 2 \
                 --replays 10 ${EPILOGUE_HIDDEN:+--hidden "$EPILOGUE_HIDDEN"} --json "$R/epilogue_h200.json" \
                 > "$R/epilogue_h200.txt" 2>&1; tail -c 4000 "$R/epilogue_h200.txt" ;;

@@ -73,7 +73,8 @@ def _record(args) -> int:
     record = verification.load()
     for path, entry in vrun.evidence(results, args.results_dir).items():
         verification.add(record, path, entry)
-        print(f"{path}: {'vouches for ' + ', '.join(entry['features'] or ['the base pattern']) if entry['ok'] else 'refused'}"
+        verdict = "vouches for " + ", ".join(entry["features"] or ["the base pattern"]) if entry["ok"] else "refused"
+        print(f"{path}: {verdict}"
               f"{'; refused: ' + json.dumps(entry['refused']) if entry['refused'] else ''}")
     verification.save(record)
     return 0
@@ -93,7 +94,9 @@ def _evidence(args) -> int:
     entry = dict(kind=args.kind, date=env["date"], device=env["device"], torch=env["torch"], triton=env["triton"],
                  commit=env["commit"], sources=sources, world_sizes=[int(w) for w in args.world_sizes.split(",")],
                  cases=args.cases, ok=True, features=features, refused={}, results=args.results_dir,
-                 checked_by=args.checked_by)
+                 checked_by=args.checked_by, dtypes=sorted(args.dtypes.split(",")))
+    if args.any_world_size:
+        entry["any_world_size"] = args.any_world_size
     Path(args.json).write_text(json.dumps({"path": args.path, "entry": entry}, indent=1))
     return 0
 
@@ -136,6 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=int, required=True)
     p.add_argument("--results-dir", required=True)
     p.add_argument("--checked-by", required=True, help="what checked it (the test file)")
+    p.add_argument("--dtypes", required=True, help="the dtypes it checked, comma-separated (bfloat16,float16,...)")
+    p.add_argument("--any-world-size", default="", help="why the evidence holds at every world size (the path's "
+                                                         "code does not depend on it); default: only those run")
     p.add_argument("--json", required=True)
     p.set_defaults(fn=_evidence)
     p = sub.add_parser("add", help="add evidence files written by `evidence` to the record")

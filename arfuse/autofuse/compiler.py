@@ -6,6 +6,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from arfuse.core.requirements import MINIMUM
+
 DEFAULT_MAX_TOKENS = 8192
 
 
@@ -19,8 +21,8 @@ def _fusion_pass_module():
     try:
         from arfuse.autofuse import graph_pass
     except ImportError as e:  # torch._inductor.custom_graph_pass / pattern_matcher missing or changed
-        raise RuntimeError(f"arfuse.compile needs torch >= 2.6 (Inductor's CustomGraphPass and pattern matcher); "
-                           f"this torch {torch.__version__} fails to provide them: {e}") from e
+        raise RuntimeError(f"arfuse.compile needs Inductor's CustomGraphPass and pattern matcher (torch >= "
+                           f"{MINIMUM['torch']}); this torch {torch.__version__} fails to provide them: {e}") from e
     return graph_pass
 
 

@@ -56,7 +56,7 @@ class TritonSymmBackend(Backend):
         if not caps.fact("symm_mem"):
             return f"torch symmetric memory unavailable ({caps.note('symm_mem')})"
         if not caps.fact("triton"):
-            return f"Triton not installed ({caps.note('triton')})"
+            return f"Triton unusable ({caps.note('triton')})"
         if caps.sm is None or tuple(caps.sm) < MIN_SM:
             return f"needs compute capability >= {MIN_SM[0]}.{MIN_SM[1]}, group has {caps.sm}"
         return None

@@ -11,9 +11,12 @@ unverified, with that reason, until a new run verifies it (``ARFUSE_ALLOW_UNVERI
 
 Evidence entries (``record["paths"][path]`` is a list of them) hold: ``kind`` (``virtual_ranks``: W ranks on one
 GPU; ``real_ranks``: one rank per GPU; ``one_gpu``: a single-rank path on one GPU), ``date``, ``device``, ``torch``,
-``triton``, ``world_sizes``, ``commit``, ``features``, ``cases``, ``results`` (where the run's files are) and
-``sources`` (the fingerprint). ``record["components"]`` holds evidence for shared code that is not a path of its
-own (the symmetric-memory sync protocol), under the same rule.
+``triton``, ``world_sizes`` (and ``any_world_size``, with its reason, for a path whose code does not depend on the
+rank count), ``dtypes``, ``commit``, ``ok``, ``features``, ``refused`` (specs that failed), ``cases``, ``results``
+(where the run's files are) and ``sources`` (the fingerprint). A path is trusted for a call only at a world size
+and dtype its evidence covers, and not at all while a failed run on its current code is recorded.
+``record["components"]`` holds evidence for shared code that is not a path of its own (the symmetric-memory
+sync protocol), under the same rule.
 """
 from __future__ import annotations
 
@@ -24,10 +27,13 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 RECORD_PATH = Path(__file__).with_name("verified.json")
+log = logging.getLogger("arfuse")
+_WARNED: set = set()
 FOLLOWED = ("arfuse.kernels",)  # imports followed into the fingerprint
 READ_VALUES_FROM = ("arfuse.core",)  # modules whose imported values (constants, enums) are hashed, not their code
 KINDS = ("real_ranks", "virtual_ranks", "one_gpu")
@@ -48,6 +54,18 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
                 and isinstance(body[0].value.value, str):
             node.body = body[1:] or [ast.Pass()]
     return tree
+
+
+def _canonical(node) -> str:
+    """``node`` as text, the same on every Python version: node types and their non-empty fields (``ast.dump``
+    differs between versions, e.g. 3.12's ``type_params=[]`` on every function)."""
+    if isinstance(node, ast.AST):
+        fields = [f"{name}={_canonical(value)}" for name, value in ast.iter_fields(node)
+                  if value is not None and value != []]
+        return f"{type(node).__name__}({', '.join(fields)})"
+    if isinstance(node, list):
+        return "[" + ", ".join(_canonical(item) for item in node) + "]"
+    return repr(node)
 
 
 def _is_package(module: str) -> bool:
@@ -96,7 +114,7 @@ def fingerprint(modules: Tuple[str, ...], follow: bool = True) -> Tuple[str, Tup
             continue
         path = _source_path(name)
         tree = _strip_docstrings(ast.parse(path.read_text(), str(path)))
-        seen[name] = ast.dump(tree, include_attributes=False)
+        seen[name] = _canonical(tree)
         for imported, names in _imports(tree) if follow else ():
             if imported.startswith(FOLLOWED) and imported not in seen:
                 todo.append(imported)
@@ -127,10 +145,13 @@ def _record_cached(path: str, mtime: float) -> dict:
 
 
 def load(path: Optional[Path] = None) -> dict:
-    """The record at ``path`` (default :data:`RECORD_PATH`; ``{"format": 1, "paths": {}, "components": {}}`` if
-    the file is missing)."""
+    """The record at ``path`` (default :data:`RECORD_PATH`; ``{"format": 1, "paths": {}, "components": {}}``, with
+    one warning, if the file is missing: every GPU path is then unverified)."""
     path = RECORD_PATH if path is None else path
     if not path.exists():
+        if path not in _WARNED:
+            _WARNED.add(path)
+            log.warning("arfuse: no verification record at %s: every GPU path counts as unverified", path)
         return {"format": 1, "paths": {}, "components": {}}
     return _record_cached(str(path), path.stat().st_mtime)
 
@@ -140,31 +161,54 @@ def current(evidence: Iterable[dict], sources: str) -> List[dict]:
     return [e for e in evidence if e.get("sources") == sources]
 
 
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 class Verdict:
-    """What the record says of one path now: ``features`` verified on the current code (None: no current
-    evidence), the current ``evidence`` and the ``stale`` entries (made on other code)."""
+    """What the record says of one path now: ``evidence`` made on the current code (``failed``: those of runs
+    that failed, which refuse the path whatever else passed), ``stale`` entries (made on other code), and
+    ``features`` vouched for on the current code (None: no passing evidence)."""
 
     def __init__(self, path: str, sources: str, files: Sequence[str], evidence: List[dict]):
         self.path, self.sources, self.files = path, sources, tuple(files)
-        evidence = [e for e in evidence if e.get("ok", True)]  # a failed run's entry vouches for nothing
-        self.evidence = current(evidence, sources)
-        self.stale = [e for e in evidence if e not in self.evidence]
+        now = current(evidence, sources)
+        self.failed = [e for e in now if not e.get("ok", True)]
+        self.evidence = [e for e in now if e.get("ok", True)]
+        self.stale = [e for e in evidence if e not in now and e.get("ok", True)]
         self.features = frozenset().union(*(e["features"] for e in self.evidence)) if self.evidence else None
 
-    def reason(self, features: Iterable[str], spec_name: Optional[str] = None) -> Optional[str]:
-        """Why a spec needing ``features`` (named ``spec_name``) is not verified on this path, or None."""
+    def reason(self, features: Iterable[str], spec_name: Optional[str] = None, world_size: Optional[int] = None,
+               dtype=None) -> Optional[str]:
+        """Why a spec needing ``features`` (named ``spec_name``) is not verified on this path at ``world_size`` in
+        ``dtype``, or None. An entry covers the world sizes it ran, or every one if it says ``any_world_size`` (with
+        the reason: the nccl path's kernels do not depend on it); an entry without a ``dtypes`` list (older runs)
+        covers every dtype."""
+        if self.failed:
+            e = self.failed[-1]
+            problem = (e.get("problems") or ["see its results"])[0]
+            return f"{self.path}: failed its check on this code ({e['kind']}, {e['date']}): {problem}"
         if self.features is None:
             if self.stale:
                 newest = max(self.stale, key=lambda e: e.get("date", ""))
                 return (f"{self.path}: its code changed since it was verified ({newest.get('kind')}, "
-                        f"{newest.get('date')}, commit {newest.get('commit', '?')[:10]}); not verified since")
+                        f"{newest.get('date')}, commit {str(newest.get('commit') or '?')[:10]}); not verified since")
             return f"{self.path}: never verified on GPUs"
-        missing = sorted(set(features) - self.features)
-        if missing:
-            return f"{self.path}: {', '.join(missing)} not yet verified on GPUs"
         for e in self.evidence:
             if spec_name in e.get("refused", {}):
-                return f"{self.path}: {spec_name} failed its check ({e['kind']}, {e['date']}): {e['refused'][spec_name]}"
+                return (f"{self.path}: {spec_name} failed its check ({e['kind']}, {e['date']}): "
+                        f"{e['refused'][spec_name]}")
+        covering = [e for e in self.evidence
+                    if (world_size is None or e.get("any_world_size") or world_size in e.get("world_sizes", ()))
+                    and (dtype is None or "dtypes" not in e or _dtype_name(dtype) in e["dtypes"])]
+        if not covering:
+            worlds = sorted({w for e in self.evidence for w in e.get("world_sizes", ())})
+            kinds = sorted({d for e in self.evidence for d in e.get("dtypes", ())})
+            return (f"{self.path}: not yet verified at world size {world_size} in {_dtype_name(dtype)} (verified: "
+                    f"world sizes {worlds}, dtypes {kinds or 'any'})")
+        missing = sorted(set(features) - frozenset().union(*(e["features"] for e in covering)))
+        if missing:
+            return f"{self.path}: {', '.join(missing)} not yet verified on GPUs"
         return None
 
 
@@ -187,10 +231,11 @@ def component_verdict(name: str, record: Optional[dict] = None) -> Verdict:
 
 
 def add(record: dict, path: str, entry: dict, section: str = "paths") -> dict:
-    """Add ``entry`` to ``record[section][path]``: it replaces the entries of its kind made on the same code, and of
-    the entries made on other code (history) the newest of each kind stays."""
+    """Add ``entry`` to ``record[section][path]``: it replaces the passing entries of its kind made on the same code
+    (a failed run on that code stays: it keeps refusing the path until the code changes), and of the entries made
+    on other code (history) the newest of each kind stays."""
     kept = [e for e in record.setdefault(section, {}).get(path, [])
-            if not (e.get("kind") == entry["kind"] and e.get("sources") == entry["sources"])]
+            if not (e.get("kind") == entry["kind"] and e.get("sources") == entry["sources"] and e.get("ok", True))]
     history: Dict[str, dict] = {}
     for e in kept:
         if e.get("sources") != entry["sources"]:
@@ -211,9 +256,11 @@ def save(record: dict, path: Optional[Path] = None) -> None:
 
 
 def _evidence_text(e: dict) -> str:
-    worlds = ",".join(str(w) for w in e.get("world_sizes", []))
+    worlds = ",".join(str(w) for w in e.get("world_sizes", [])) + (" (holds at any W)" if e.get("any_world_size") else "")
     cases = e.get("cases")
-    return (f"{e['kind'].replace('_', ' ')}, {e.get('device', '?')}, W={worlds}"
+    dtypes = f", {'/'.join(e['dtypes'])}" if e.get("dtypes") else ""
+    failed = "FAILED: " if not e.get("ok", True) else ""
+    return (f"{failed}{e['kind'].replace('_', ' ')}, {e.get('device', '?')}, W={worlds}{dtypes}"
             f"{f', {cases} cases' if cases else ''}, {e.get('date', '?')} ({str(e.get('commit') or '?')[:10]})")
 
 
@@ -234,7 +281,9 @@ def verdicts(record: Optional[dict] = None) -> List[Verdict]:
 
 def summary(v: Verdict) -> dict:
     """One verdict as plain data: what is verified now, on what evidence, what went stale."""
-    if v.features is None:
+    if v.failed:
+        now = "nothing (failed on this code)"
+    elif v.features is None:
         now = "nothing"
     elif v.path in COMPONENTS:
         now = "the protocol"
@@ -242,7 +291,7 @@ def summary(v: Verdict) -> dict:
         now = ", ".join(sorted(v.features)) or "the base pattern"
         refused = sorted({name for e in v.evidence for name in e.get("refused", {})})
         now += f" (except {', '.join(refused)})" if refused else ""
-    return {"path": v.path, "verified": now, "evidence": [_evidence_text(e) for e in v.evidence],
+    return {"path": v.path, "verified": now, "evidence": [_evidence_text(e) for e in v.evidence + v.failed],
             "stale": [_evidence_text(e) for e in v.stale], "files": list(v.files)}
 
 

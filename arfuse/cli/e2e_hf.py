@@ -3,9 +3,9 @@ transformers' own tensor parallelism, for three paths: ``hf_eager`` (HF TP as is
 ``hf_compile`` (``torch.compile``) and ``arfuse_compile`` (``arfuse.compile``: the same, with the fusion pass).
 
 The model has random weights from a config preset (``tiny`` for CPU, Llama-3-8B/70B shapes for GPUs; ``--layers``
-shortens it), saved once as a local checkpoint that every rank loads with ``DistributedConfig(tp_size=N)``. Each
-path is checked against the reference (greedy logits and picks, full recompute, teacher-forced on the reference's
-tokens), then timed as
+shortens it), saved once as a local checkpoint that every rank loads with transformers' TP (:func:`hf.load`:
+``DistributedConfig(tp_size=N)`` on transformers 5, ``tp_plan="auto"`` on 4.x). Each path is checked against the
+reference (greedy logits and picks, full recompute, teacher-forced on the reference's tokens), then timed as
 :mod:`arfuse.models.hf_timing` describes. Exit 1 if a path disagrees or ``arfuse_compile`` fused nothing at TP>1.
 """
 from __future__ import annotations

@@ -17,8 +17,9 @@ arrives (overlapping the traffic of other rows):
 Consumed rows are reset to the sentinel. An owner that timed out waiting for a peer's rows pushes no sums for them
 (its peers then time out on that chunk instead of finishing from a wrong sum), and a rank records such a
 gather-phase timeout (naming the chunk's owner) only if it recorded none before: a rank that waited for rows of its
-own chunk names the peer that did not send them. Buffers alternate by a device-side call counter; a rank can be two calls
-ahead only after every rank finished the older call (each call needs every rank's contribution to chunk 0).
+own chunk names the peer that did not send them. Buffers alternate by a device-side call counter; a rank can be
+two calls ahead only after every rank finished the older call (each call needs every rank's contribution to
+chunk 0).
 Every rank finishes from the same rounded sums, so outputs are bitwise identical; the epilogue is inlined at two
 call sites (own rows, gathered rows), so FMA contraction is off and both must reduce the row's mean square over
 the same thread split (Triton chose another one for the owner's rows under the FP8 epilogue: those rows now take

@@ -1,8 +1,9 @@
 """HF transformers causal LMs with random weights, for ``arfuse.compile`` tests and ``arfuse e2e --model hf:...``.
 
 A model is built from a config preset (no download), saved once as a local checkpoint, and loaded either whole or
-with transformers' own tensor parallelism (``DistributedConfig(tp_size=N)``: DTensor colwise/rowwise linears, a
-vocabulary-parallel embedding and a gathered lm_head). ``transformers`` is imported only here, when used: it is
+with transformers' own tensor parallelism (DTensor colwise/rowwise linears and the model's own plan for its
+embedding and lm_head): ``distributed_config=DistributedConfig(tp_size=N)`` on transformers 5, ``tp_plan="auto"``
+on 4.x (4.57.6, which has no ``DistributedConfig``). ``transformers`` is imported only here, when used: it is
 optional at run time.
 """
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 from typing import Optional
 
 import torch
+
+from arfuse.core import requirements
 
 FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
             "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
@@ -37,12 +40,44 @@ PRESETS = {
 
 
 def transformers_module():
+    """``transformers``, once checked to be a release arfuse supports (RuntimeError in one line otherwise)."""
+    requirements.require("transformers")
     try:
         import transformers
     except ImportError as e:
-        raise RuntimeError("HF models need transformers (pip install 'arfuse[test]' or transformers and "
-                           "accelerate)") from e
+        raise RuntimeError("HF models need transformers (pip install 'arfuse[hf]')") from e
     return transformers
+
+
+def tp_kwargs(transformers, tp_size: int, config=None) -> dict:
+    """``from_pretrained``'s arguments for transformers' own TP over the default process group: transformers 5's
+    ``DistributedConfig``, or 4.x's ``tp_plan="auto"`` (the world size is the TP size).
+
+    A MoE ``config`` whose TP plan leaves its experts out (transformers >= 5.25 shards experts only by expert
+    parallelism) gets ``ep_size=tp_size`` with the ``all_reduce`` implementation: each rank runs its share of the
+    experts on the whole batch and the outputs are summed, as a TP serving engine shards them. Without it every
+    rank would run every expert, and the experts' allreduce a TP deployment has would not exist."""
+    if hasattr(transformers, "DistributedConfig"):
+        extra = {"ep_size": tp_size, "ep_implementation": "all_reduce"} if experts_need_ep(config) else {}
+        return {"distributed_config": transformers.DistributedConfig(tp_size=tp_size, **extra)}
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise ValueError(f"hf.load: tp_size={tp_size} needs the default process group (tp_plan='auto' shards over it)")
+    if dist.get_world_size() != tp_size:
+        raise ValueError(f"hf.load: transformers {transformers.__version__} shards over the whole default group "
+                         f"(tp_plan='auto'): tp_size must be its size {dist.get_world_size()}, got {tp_size}")
+    return {"tp_plan": "auto"}
+
+
+def experts_need_ep(config) -> bool:
+    """Whether ``config``'s experts are sharded only by its expert-parallel plan (no TP rule names them)."""
+    if config is None:
+        return False
+    tp_plan = getattr(config, "base_model_tp_plan", None) or {}
+    ep_plan = getattr(config, "base_model_ep_plan", None) or {}
+    return (not any("experts" in rule for rule in tp_plan)
+            and any("experts" in rule for rule in ep_plan))
 
 
 def config(family: str, preset: str = "tiny", layers: Optional[int] = None, **overrides):
@@ -91,7 +126,7 @@ def load(path: str, *, dtype: torch.dtype = torch.float32, tp_size: int = 1, dev
     transformers = transformers_module()
     kwargs = {"dtype": dtype}
     if tp_size > 1:
-        kwargs["distributed_config"] = transformers.DistributedConfig(tp_size=tp_size)
+        kwargs.update(tp_kwargs(transformers, tp_size, transformers.AutoConfig.from_pretrained(path)))
     elif device is not None:
         kwargs["device_map"] = str(device)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)

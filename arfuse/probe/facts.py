@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from arfuse.core import requirements
 from arfuse.probe.device import has_module
 
 
@@ -56,11 +57,14 @@ class FactSource:
 
 
 def triton_facts(device: torch.device) -> LocalFacts:
-    """``triton``: Triton is importable (CUDA devices only; a fact of every backend whose kernels are Triton's)."""
+    """``triton``: Triton is importable and at least the release arfuse needs (CUDA devices only; a fact of every
+    backend whose kernels are Triton's). The note says which, in one line."""
     if device.type != "cuda":
         return LocalFacts({"triton": False})
-    ok = has_module("triton")
-    return LocalFacts({"triton": ok}, () if ok else ("triton: not installed",))
+    if not has_module("triton"):
+        return LocalFacts({"triton": False}, ("triton: not installed",))
+    too_old = requirements.problem("triton")
+    return LocalFacts({"triton": too_old is None}, (f"triton: {too_old}",) if too_old else ())
 
 
 _SOURCES: Dict[str, FactSource] = {}

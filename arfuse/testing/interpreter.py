@@ -1,6 +1,6 @@
 """Running arfuse's Triton kernels under Triton 3.6's interpreter (``TRITON_INTERPRET=1``) on the CPU.
 
-:func:`patch` works around two interpreter defects (neither is in the compiled kernels, which the GPU runs):
+:func:`patch` works around three interpreter defects (none is in the compiled kernels, which the GPU runs):
 
 1. ``range(tl.program_id(0), n, tl.num_programs(0))``: the interpreter holds program ids as 1-element arrays and
    converts them with ``int(array)``, which NumPy >= 2.3 refuses; the conversion is done on the element instead.
@@ -8,6 +8,9 @@
    bfloat16, and for e4m3 rounds halves up without carrying a rounded-up mantissa into the exponent (125.5 becomes
    64, not 128). The GPU rounds to nearest even (``cvt.rn.bf16.f32``; ``cvt.rn.satfinite.e4m3x2.f32``, which also
    saturates); the patch converts through torch the same way. (float16 goes through NumPy's own conversion.)
+3. Triton 3.9's interpreter hands its masked load, store and atomic an int32 mask for ``bool block & scalar
+   comparison`` (e.g. ``(offs < H) & (row < n_rows)``), which they refuse ("mask has unsupported dtype"); the mask
+   is passed as the booleans it stands for (Triton 3.6 gives booleans: a no-op there).
 
 :func:`install_sync_standins` gives the symmetric-memory kernels the interpreter versions of ``_sync``'s three PTX
 primitives (:mod:`arfuse.testing.sync_standins`), and :func:`ranks_as_threads` lets several threads run kernels
@@ -53,6 +56,27 @@ def patch() -> None:
         return original_convert(input, input_dtype, output_dtype, rounding_mode)
 
     interpreter._convert_float = convert
+    if not isinstance(interpreter._interpreter, _BoolMasks):
+        interpreter._interpreter = _BoolMasks(interpreter._interpreter)
+
+
+class _BoolMasks:
+    """The interpreter's native module, its masked memory operations given boolean masks (defect 3)."""
+
+    def __init__(self, native):
+        self._native = native
+
+    def __getattr__(self, name):
+        return getattr(self._native, name)
+
+    def load(self, ptrs, mask, other, dtype):
+        return self._native.load(ptrs, np.asarray(mask).astype(bool, copy=False), other, dtype)
+
+    def store(self, ptrs, value, mask):
+        return self._native.store(ptrs, value, np.asarray(mask).astype(bool, copy=False))
+
+    def atomic_rmw(self, op, ptr, val, mask, sem):
+        return self._native.atomic_rmw(op, ptr, val, np.asarray(mask).astype(bool, copy=False), sem)
 
 
 def _tensor_range(*bounds):

@@ -23,7 +23,7 @@ import torch
 
 from arfuse import verify
 from arfuse.backends.triton_symm import max_bytes
-from arfuse.core.spec import FusionSpec, catalogue
+from arfuse.core.spec import RESIDUAL_RMSNORM, FusionSpec, catalogue
 from arfuse.core.types import FusedCall
 from arfuse.kernels.launch_config import kernel_group_size_reason
 from arfuse.testing.calls import fused_call
@@ -136,8 +136,6 @@ def check_timeout(world: int, variant: str, hidden: int, dtype: torch.dtype, dev
     record a timeout naming it, within ``timeout_s + slack_s`` of the launch, and nothing may hang. (With fewer
     rows than ranks, a two-shot rank that owns no rows names the chunk owner it waited for.) Uses (and closes)
     its own virtual ranks: a timed-out workspace cannot be used again."""
-    from arfuse.core.spec import RESIDUAL_RMSNORM
-
     vr = VirtualRanks(world, tokens, hidden, dtype, device, timeout_s=timeout_s)
     try:
         point = Point(variant, RESIDUAL_RMSNORM, world, hidden, tokens, dtype)

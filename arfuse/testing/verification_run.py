@@ -42,6 +42,14 @@ WORLDS = (2, 4, 8)
 # A plan is a list of tiers, most important first; a run with a deadline stops between points and says so.
 PLANS = {
     "smoke": [dict(worlds=WORLDS, hiddens=(7168,), tokens=(1, 17, 128, 1000), specs=(COVER[2], COVER[9]))],
+    # what fits a short device call: every world size on specs covering most features, then every spec at 2 ranks
+    "essential": [
+        dict(name="every world size", worlds=WORLDS, hiddens=(7168,), tokens=TOKENS,
+             specs=(COVER[0], COVER[2], COVER[6], COVER[9])),
+        dict(name="the whole catalogue at 2 ranks", worlds=(2,), hiddens=(7168,), tokens=TOKENS, specs=None),
+        dict(name="hidden sizes", worlds=WORLDS, hiddens=(4096, 8192), tokens=(1, 17, 1000, 2048),
+             specs=(COVER[2],), modes=False),
+    ],
     "full": [
         dict(name="every feature, every world size", worlds=WORLDS, hiddens=(7168,), tokens=TOKENS, specs=COVER),
         dict(name="hidden sizes", worlds=WORLDS, hiddens=(4096, 5120, 8192), tokens=TOKENS,
@@ -128,9 +136,17 @@ def run(tiers_: Sequence[Sequence[checks.Point]], device, protocol: Optional[dic
             results["skipped"].append(f"tier {index}: {len(points)} points (deadline)")
             continue
         if workers and points:
-            from arfuse.testing.precompile import precompile
+            from arfuse.testing.precompile import key, precompile
 
-            results["precompile"].append(precompile(points, workers, lambda n: tick("compile", n)))
+            built = precompile(points, workers, lambda n: tick("compile", n), deadline_s=left())
+            done, failed = set(built.pop("done")), built.pop("failed")
+            results["precompile"].append(built)
+            results["points"] += [dict(p.describe(), errors={}, identical=False, ok=False, tier=index,
+                                       problem=f"compile failed: {failed[key(p)]}") for p in points if key(p) in failed]
+            unbuilt = sum(key(p) not in done and key(p) not in failed for p in points)
+            if unbuilt:
+                results["skipped"].append(f"tier {index}: {unbuilt} points not compiled by the deadline")
+            points = [p for p in points if key(p) in done]
         _points(results, points, device, tick, left, seed, index)
     if protocol_after >= len(tiers_):
         _protocol(results, protocol, device, tick, left)
@@ -195,16 +211,19 @@ def evidence(results: Sequence[dict], results_dir: str, kind: str = "virtual_ran
         worlds = sorted({p["world"] for p in pts})
         problems = [f"no {k} check at {w} ranks" for w in worlds for k in require
                     if not any(c["world"] == w and c["check"] == k for c in protocol)]
-        problems += [f"{c['check']} check at {c['world']} ranks failed: {c['problem']}" for c in protocol if not c["ok"]]
+        problems += [f"{c['check']} check at {c['world']} ranks failed: {c['problem']}"
+                     for c in protocol if not c["ok"]]
         problems += [f"{p['spec']} failed: {p['problem']}" for p in pts if not p["features"] and not p["ok"]]
+        problems += [f"{p['mode']} check ({p['spec']}) failed: {p['problem']}" for p in pts
+                     if p["mode"] != "plain" and not p["ok"]]  # the mode's code path serves every spec
         if not pts:
             problems.append("no points ran")
         specs: Dict[str, List[dict]] = {}
         for p in pts:
             specs.setdefault(p["spec"], []).append(p)
         passing = [v for v in specs.values() if all(p["ok"] for p in v)]
-        refused = {name: next(p["problem"] for p in v if not p["ok"]) for name, v in specs.items()
-                   if not all(p["ok"] for p in v)}
+        refused = {name: next(p["problem"] for p in v if not p["ok"])
+                   for name, v in specs.items() if not all(p["ok"] for p in v)}
         features = sorted(set().union(*(v[0]["features"] for v in passing))) if passing and not problems else []
         entries[path] = dict(kind=kind, date=env["date"], device=env["device"], torch=env["torch"],
                              triton=env["triton"], commit=env["commit"], sources=prints[path], world_sizes=worlds,

@@ -157,6 +157,7 @@ class VirtualRanks:
             ws.index_guard.flag.zero_()
 
     def synchronize(self) -> None:
+        """Wait for every rank's launches (on a GPU)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -165,6 +166,7 @@ class VirtualRanks:
             raise ValueError(f"VirtualRanks: {self.world_size} ranks need {self.world_size} calls, got {len(calls)}")
 
     def close(self) -> None:
+        """Free every rank's memory (after the last call)."""
         for ws in self.workspaces:
             ws.close()
         self.workspaces, self.pads = [], []

@@ -1,14 +1,14 @@
 """``arfuse.compile`` of models nobody here wrote for arfuse, on 2 gloo ranks (float32): HF transformers Llama,
 Qwen2 and the MoE families Qwen3-MoE and Mixtral (their experts' sum reaches the residual add through a reshape)
-with transformers' own TP (``DistributedConfig(tp_size=2)``), and a hand-written decoder sharded with
+with transformers' own TP (``hf.load(..., tp_size=2)``), and a hand-written decoder sharded with
 ``parallelize_module`` (``nn.RMSNorm``, a ``funcol`` embedding allreduce). Every RMSNorm weight is random, so a
 fused norm with the wrong weight would show.
 
 Checked per model: compiled fused logits equal the eager TP logits and the single-process logits; exactly two
 fused arfuse calls per decoder layer per forward; 8 greedy tokens equal eager TP's (dense models; the MoE ones
-skip it to keep CI short: it recompiles per length); the report shows every decoder-layer allreduce fused and the
-embedding allreduce and the lm_head all-gather left alone with their reasons; ranks agree bitwise. One launch
-compiles all of them (CPU compiles take 10-60 s each).
+skip it to keep CI short: it recompiles per length); the report shows every decoder-layer allreduce fused and every
+other collective (the embedding allreduce and the lm_head all-gather, where the model has them) left alone with its
+reason; ranks agree bitwise. One launch compiles all of them (CPU compiles take 10-60 s each).
 """
 from __future__ import annotations
 
@@ -151,21 +151,29 @@ def test_greedy_tokens_equal_eager_tp(ranks, model):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_report_fuses_every_layer_and_explains_the_rest(ranks, model):
+    """Every decoder-layer allreduce fused, every other collective left alone with its reason. Which other
+    collectives there are is the model's business (for the HF models, the transformers release's: 5.18 has no
+    embedding allreduce, later ones do); the hand-written model has both an embedding allreduce and an lm_head
+    all-gather by construction, so there they must be found."""
     graphs = [g for g in ranks[0]["report"]["graphs"] if g["source"] == SOURCES[model] and g["kind"] == "forward"]
     assert graphs, ranks[0]["report_text"]
     layers = ranks[0][model]["layers"]
     for g in graphs:  # the first compile and any recompile for a new shape
         fused = [c for c in g["collectives"] if c["fused"]]
-        alone = {c["where"]: c["reason"] for c in g["collectives"] if not c["fused"]}
+        alone = [c for c in g["collectives"] if not c["fused"]]
         assert len(fused) == 2 * layers, g
         assert {c["into"] for c in fused} == {"residual_rmsnorm"}
         assert all(c["where"].endswith(ALLREDUCED) for c in fused), fused
         assert len({c["where"] for c in fused}) == 2 * layers  # each layer's two allreduces, once each
-        embed = next(reason for where, reason in alone.items() if "embed_tokens" in where)
-        assert embed.startswith("embedding all_reduce: no residual add follows"), embed
-        assert alone["lm_head"] == "all_gather: not an allreduce"
-        assert len(alone) == 2, alone
-    assert "left alone: all_gather: not an allreduce" in ranks[0]["report_text"]
+        for c in alone:
+            if c["op"] != "all_reduce":
+                assert c["reason"].endswith(": not an allreduce"), c
+            else:
+                assert "embed_tokens" in c["where"], f"an allreduce outside the embedding was left alone: {c}"
+                assert c["reason"].startswith("embedding all_reduce: no residual add follows"), c
+        if model == "hand":
+            assert sorted((c["op"], c["where"]) for c in alone) == [
+                ("all_gather_into_tensor", "lm_head"), ("all_reduce", "embed_tokens")], alone
 
 
 def test_call_beyond_capacity_runs_unfused_and_is_counted(ranks):

@@ -30,5 +30,7 @@ def test_e2e_model_hf_runs_all_three_paths_and_fuses_every_layer(tmp_path, capsy
         assert all(v > 0 for v in [*result["ttft_ms"].values(), *result["tpot_ms"].values()])
     assert results["arfuse_compile"]["fused_calls_per_forward"] == 2  # o_proj's and down_proj's allreduce
     assert results["hf_compile"]["fused_calls_per_forward"] == 0
-    assert "fused into residual_rmsnorm" in printed and "left alone: all_gather" in printed
+    assert "fused into residual_rmsnorm" in printed
+    alone = [c for g in record["report"]["graphs"] for c in g["collectives"] if not c["fused"]]
+    assert all(c["reason"] and f"left alone: {c['reason']}" in printed for c in alone), alone  # whichever there are
     assert record["tp"] == 2 and record["compile_mode"] == "default"

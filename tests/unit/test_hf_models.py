@@ -130,6 +130,32 @@ def test_readme_fuse_example_is_the_documented_script():
     for needed in ("DistributedConfig(tp_size=2)", "arfuse.compile(model)", "arfuse.compile_report()",
                    "arfuse.stats()", 'init_process_group("gloo")'):
         assert needed in snippet
+    # the transformers 4.x spelling, which bench/versions.py substitutes to run the example on 4.57.6
+    assert ('write `tp_plan="auto"` in place of `distributed_config=transformers.DistributedConfig(tp_size=2)`'
+            in " ".join(readme.split()))
+
+
+def test_tp_is_asked_for_in_the_installed_transformers_spelling():
+    import types
+
+    import torch.distributed as dist
+
+    five = types.SimpleNamespace(DistributedConfig=lambda tp_size, **ep: ("config", tp_size, ep), __version__="5.25.0")
+    assert hf.tp_kwargs(five, 2) == {"distributed_config": ("config", 2, {})}
+    # a MoE config whose TP plan leaves the experts to its EP plan: experts sharded over the TP ranks and summed
+    moe = types.SimpleNamespace(base_model_tp_plan={"layers.*.self_attn.o_proj": "rowwise"},
+                                base_model_ep_plan={"layers.*.mlp.experts": "ep_dispatch_experts"})
+    assert hf.tp_kwargs(five, 2, moe) == {"distributed_config": ("config", 2, {"ep_size": 2,
+                                                                               "ep_implementation": "all_reduce"})}
+    moe.base_model_tp_plan["layers.*.mlp.experts"] = "moe_tp_experts"  # older plans shard them by TP
+    assert hf.tp_kwargs(five, 2, moe) == {"distributed_config": ("config", 2, {})}
+    assert not hf.experts_need_ep(hf.config("llama", "tiny"))
+    four = types.SimpleNamespace(__version__="4.57.6")  # no DistributedConfig: tp_plan="auto" over the group
+    if not dist.is_initialized():
+        with pytest.raises(ValueError, match="tp_size=2 needs the default process group"):
+            hf.tp_kwargs(four, 2)
+    else:
+        assert hf.tp_kwargs(four, dist.get_world_size()) == {"tp_plan": "auto"}
 
 
 def test_moe_presets_and_random_norm_weights():

@@ -147,7 +147,8 @@ def test_unused_arguments_compile_as_none():
     sig = {"sum_ptr": "*bf16", **_epilogue_io("bf16", RMSNORM), "n_rows": "i32"}
     sig.update({n: "constexpr" for n in none})
     src = ASTSource(fn=rmsnorm_epilogue_kernel, signature=sig, attrs={},
-                    constexprs={**dict.fromkeys(none), "H": 4096, "BLOCK_H": 4096, "ROWS": 2, "EPI": RMSNORM.code})
+                    constexprs={**dict.fromkeys(none), "H": 4096, "BLOCK_H": 4096, "ROWS": 2, "EVICT_FIRST": False,
+                                "EPI": RMSNORM.code})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     spec = FusionSpec(**PER_TOKEN)
     none = {"idx_ptr", "esc_ptr", "shared_ptr", "norm_ptr", "scale_ptr"}

@@ -1,6 +1,7 @@
 """What ``pip install`` gets: the declared license with its text, the package without the repository's pytest
-wiring, matplotlib only for ``--plot``, and the test extra bringing what the tests need (checked on the project
-file; building a wheel needs the network: ``pip wheel --no-deps .``)."""
+wiring, matplotlib only for ``--plot``, the test extra bringing what the tests need, and lower bounds only (the
+ones arfuse checks at run time). Checked on the project file (building a wheel needs the network:
+``pip wheel --no-deps .``)."""
 from __future__ import annotations
 
 import re
@@ -46,7 +47,29 @@ def test_matplotlib_is_only_in_the_plot_and_test_extras(project):
     assert [p.relative_to(ROOT).as_posix() for p in imports] == ["arfuse/bench/plot.py"]
 
 
-def test_the_test_extra_brings_triton_as_on_the_gpu_machine(project):
-    test = project["project"]["optional-dependencies"]["test"]
-    assert 'triton==3.6.0; platform_system == "Linux" and platform_machine == "x86_64"' in test
+def _requirements(project):
+    yield from project["project"]["dependencies"]
+    for extra in project["project"]["optional-dependencies"].values():
+        yield from extra
 
+
+def test_every_requirement_is_a_lower_bound_never_an_exact_pin(project):
+    for requirement in _requirements(project):
+        spec = requirement.split(";")[0]
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+>=[0-9.]+", spec.strip()), requirement  # no ==, ~=, < or bare name
+
+
+def test_the_declared_floors_are_the_ones_arfuse_checks_at_run_time(project):
+    from arfuse.core.requirements import MINIMUM
+
+    floors = {}
+    for requirement in _requirements(project):
+        name, floor = requirement.split(";")[0].strip().split(">=")
+        floors.setdefault(name, set()).add(floor)
+    assert {name: floors[name] for name in MINIMUM} == {name: {v} for name, v in MINIMUM.items()}, floors
+
+
+def test_the_test_extra_brings_triton_on_linux_x86_64(project):
+    test = project["project"]["optional-dependencies"]["test"]
+    assert any(r.startswith("triton>=") and r.endswith('; platform_system == "Linux" and platform_machine == "x86_64"')
+               for r in test), test

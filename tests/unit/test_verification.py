@@ -62,10 +62,54 @@ def test_a_spec_that_failed_is_refused_though_its_features_are_vouched_for(monke
         assert SYMM.check(_problem(FusionSpec(quant=Quant.FP8_STATIC, also_norm=True)), CAPS, "lamport") is None
 
 
-def test_a_failed_run_vouches_for_nothing(monkeypatch, tmp_path):
-    failed = _records.entry("triton_symm/lamport", FEATURES, ok=False)
-    with _records.installed(monkeypatch, tmp_path, ("triton_symm/lamport", failed)):
+def test_a_failed_run_on_this_code_refuses_the_path_whatever_else_passed(monkeypatch, tmp_path):
+    failed = dict(_records.entry("triton_symm/lamport", FEATURES, ok=False), problems=["timeout check failed"])
+    passed = _records.entry("triton_symm/lamport", FEATURES)
+    with _records.installed(monkeypatch, tmp_path, ("triton_symm/lamport", failed), ("triton_symm/lamport", passed)):
+        assert "failed its check on this code (virtual_ranks, 2026-12-07): timeout check failed" in SYMM.check(
+            _problem(), CAPS, "lamport")
+    record = {"paths": {}}
+    verification.add(record, "p", failed)
+    verification.add(record, "p", passed)
+    assert record["paths"]["p"] == [failed, passed]  # a passing rerun does not erase the failure
+
+
+def test_evidence_covers_only_the_world_sizes_and_dtypes_it_ran(monkeypatch, tmp_path):
+    e = _records.entry("triton_symm/lamport", FEATURES, world_sizes=(2,), dtypes=["bfloat16"])
+    with _records.installed(monkeypatch, tmp_path, ("triton_symm/lamport", e)):
+        at2 = Problem(RESIDUAL_RMSNORM, 8, 8192, torch.bfloat16, "cuda", 2)
+        assert SYMM.check(at2, GroupCaps(**{**CAPS.__dict__, "world_size": 2}), "lamport") is None
+        why = SYMM.check(_problem(), CAPS, "lamport")  # 4 ranks
+        assert "not yet verified at world size 4 in bfloat16 (verified: world sizes [2], dtypes ['bfloat16'])" in why
+        fp32 = Problem(RESIDUAL_RMSNORM, 8, 8192, torch.float32, "cuda", 2)
+        assert "at world size 2 in float32" in SYMM.check(fp32, GroupCaps(**{**CAPS.__dict__, "world_size": 2}),
+                                                          "lamport")
+
+
+def test_evidence_that_holds_at_any_world_size_says_why(monkeypatch, tmp_path):
+    nccl = base.get("nccl")
+    e = _records.entry("nccl", FEATURES, kind="one_gpu", world_sizes=(1,), any_world_size="NCCL runs between the kernels")
+    caps = GroupCaps(**{**CAPS.__dict__, "dist_backend": "nccl"})
+    with _records.installed(monkeypatch, tmp_path, ("nccl", e)):
+        assert nccl.check(_problem(GROUP), caps, "default") is None
+        assert "holds at any W" in verification.summary(verification.verdict("nccl", nccl.verified_sources("default"))
+                                                         )["evidence"][0]
+
+
+def test_a_missing_record_refuses_every_path_and_says_so_once(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(verification, "RECORD_PATH", tmp_path / "nowhere.json")
+    with caplog.at_level("WARNING", logger="arfuse"):
         assert "never verified" in SYMM.check(_problem(), CAPS, "lamport")
+        assert "never verified" in SYMM.check(_problem(), CAPS, "one_shot")
+    assert sum("no verification record" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_record_ships_in_the_package():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["arfuse"]
+    rel = verification.RECORD_PATH.relative_to(REPO / "arfuse")
+    assert any(rel.match(pattern) for pattern in data), (rel, data)
 
 
 def _fingerprint_with(monkeypatch, module: str, text: str) -> str:
@@ -147,3 +191,32 @@ def test_the_readme_table_is_the_record_on_this_code():
     readme = (REPO / "README.md").read_text()
     table = verification.table()
     assert table in readme, "README's verification table is out of date: python bench/verify_kernels.py table"
+
+
+CANONICAL_SNIPPET = '''
+"""Doc."""
+import triton
+
+
+@triton.jit
+def k(x, n: int = 4, *, flag=None):
+    """Doc."""
+    y = x + 1  # a comment
+    return f"{y!r:>4}", u"k", b"z"
+
+
+class C:
+    a: int = 1
+'''
+
+
+def test_the_fingerprint_is_the_same_on_every_python():
+    """The GPU machine runs Python 3.12, CI 3.11: ``ast.dump``'s text differs between them (3.12's
+    ``type_params=[]``), the canonical form does not (checked on 3.10-3.13); this pins it."""
+    import ast
+    import hashlib
+
+    text = verification._canonical(verification._strip_docstrings(ast.parse(CANONICAL_SNIPPET)))
+    assert "type_params" not in text and "Doc." not in text and "comment" not in text
+    assert hashlib.sha256(text.encode()).hexdigest() == \
+        "6dea8a3f560a5ceac9e09d845edee3090fdbb7c902810e0ec01f21e317cb2ca0"

@@ -96,8 +96,8 @@ specs = (S.RESIDUAL_RMSNORM, S.ALLREDUCE, S.RESIDUAL_RMSNORM_FP8,
          S.FusionSpec(prologue=S.Prologue.MOE_FINALIZE, shared_expert=True,
                       quant=S.Quant.FP8_PER_TOKEN, scale_layout=S.ScaleLayout.FP32))
 points = checks.matrix((2, 3), (64,), (1, 5), specs)
-timeouts = [dict(world=3, variant=v, hidden=64, dtype=torch.bfloat16, timeout_s=0.5, slack_s=60, tokens=3)
-            for v in checks.VARIANTS]
+timeouts = [dict(world=w, variant=v, hidden=64, dtype=torch.bfloat16, timeout_s=0.5, slack_s=60, tokens=3)
+            for w in (2, 3) for v in checks.VARIANTS]
 results = vrun.run([points], "cpu", protocol=dict(timeouts=timeouts, graphs=[]))
 print(json.dumps(dict(results=results, evidence=vrun.evidence([results], "tests", require=("timeout",)))))
 """
