@@ -55,7 +55,9 @@ class FusedAddRMSNorm(nn.Module):
         if not shape:
             raise ValueError("FusedAddRMSNorm: x must have shape (..., hidden), got a 0-D tensor")
         flat = len(shape) == 2  # (tokens, hidden) already: no views to make and undo
-        weight = self._parameters["weight"]  # what self.weight reads, without nn.Module's attribute lookup
+        weight = self._parameters.get("weight")  # what self.weight reads, without nn.Module's attribute lookup
+        if weight is None:  # parametrized, or re-registered as a buffer: the attribute knows
+            weight = self.weight
         if residual is None:
             out = self.fusion.rmsnorm(x if flat else x.reshape(-1, shape[-1]), weight, self.eps,
                                       weight_offset=self.weight_offset)

@@ -32,7 +32,7 @@ def _key(probe) -> Optional[tuple]:
 
 def agree(mine: LocalFacts, every: Sequence[Any]) -> Tuple[dict, Tuple[str, ...]]:
     """This rank's probe when every rank's key is the same; else the probe marked unavailable, with a note."""
-    probe = mine.values["flashinfer"]
+    probe = mine.values.get("flashinfer")  # {} when this rank's probe failed
     if probe is None:  # not a CUDA group: not probed
         return {"flashinfer": None}, ()
     keys = set(every)
@@ -50,4 +50,4 @@ def _disagreeing(probe):
         return None
 
 
-SOURCE = contribute(FactSource(NAME, local_facts, agree))
+SOURCE = contribute(FactSource(NAME, local_facts, agree, names=("flashinfer",)))

@@ -6,4 +6,4 @@ from __future__ import annotations
 from arfuse.backends.nccl import NAME
 from arfuse.probe.facts import FactSource, contribute, triton_facts
 
-SOURCE = contribute(FactSource(NAME, triton_facts))
+SOURCE = contribute(FactSource(NAME, triton_facts, names=("triton",)))

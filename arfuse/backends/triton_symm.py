@@ -120,4 +120,4 @@ def local_facts(device: torch.device) -> LocalFacts:
 
 
 register(TritonSymmBackend())
-contribute(FactSource(NAME, local_facts))
+contribute(FactSource(NAME, local_facts, names=("symm_mem", "triton")))

@@ -25,7 +25,10 @@ def accept(call, inplace):
     eps = call.eps
     if type(eps) is not float or not TINIEST <= eps <= LARGEST:
         return False
-    if type(call.weight_offset) is not float:
+    if type(call.weight_offset) is not float or call.weight_offset != 0.0:
+        return False
+    if (call.residual is not None or call.scale is not None or call.expert_idx is not None
+            or call.expert_scales is not None or call.shared is not None):
         return False
     if inplace is not False:
         return False
@@ -102,7 +105,18 @@ def _inputs(spec: FusionSpec) -> List[str]:
         lines += ["eps = call.eps", "if type(eps) is not float or not TINIEST <= eps <= LARGEST:", "    return False"]
     if spec.quant is Quant.FP8_STATIC:
         lines += ["scale = static_scale(call.scale)", "if scale is None:", "    return False"]
-    lines += ["if type(call.weight_offset) is not float:", "    return False"]
+    if spec.weight_offset:  # NaN fails the range test too
+        lines += ["wo = call.weight_offset",
+                  "if type(wo) is not float or not -LARGEST <= wo <= LARGEST:", "    return False"]
+    else:
+        lines += ["if type(call.weight_offset) is not float or call.weight_offset != 0.0:", "    return False"]
+    untaken = [s for s in ops.INPUT_SLOTS if s not in {o.slot for o in ops.inputs(spec)}]
+    if untaken:  # a value in a slot the spec does not take: the full check names it
+        tests = [f"call.{s} is not None" for s in untaken]
+        rows = [" or ".join(tests[i:i + 3]) for i in range(0, len(tests), 3)]
+        lines += [f"if ({rows[0]}"] + [f"        or {row}" for row in rows[1:]]
+        lines[-1] += "):"
+        lines.append("    return False")
     if spec.residual:
         return lines + ["if inplace is not False and (inplace is not True or call.residual_out is not None):",
                         "    return False"]

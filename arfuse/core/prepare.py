@@ -2,8 +2,8 @@
 allocated, its :class:`~arfuse.core.types.FusedCall` completed.
 
 A public op puts the caller's values into a ``FusedCall`` by slot (outputs None where the caller gave none) and
-hands it to :meth:`Preparation.prepare` with its spec. Each operand of the spec (:mod:`arfuse.core.operands`)
-first gets a cheap acceptance test: an exact tensor type (``torch.Tensor``, or ``nn.Parameter`` for all but the
+hands it with its spec to :meth:`Preparation.accept`, and when that declines, to :meth:`Preparation.check`. Each
+operand of the spec (:mod:`arfuse.core.operands`) first gets a cheap acceptance test: an exact tensor type (``torch.Tensor``, or ``nn.Parameter`` for all but the
 input), its dtype, shape, contiguity and device compared with what the table says, ``float`` scalars in range,
 caller outputs that cannot overlap anything - one straight-line function per spec, generated from the table
 (:mod:`arfuse.core.accept`). When every operand passes, the outputs are allocated and the call is ready. When any
@@ -19,6 +19,7 @@ written (its version counter or data pointer changes), and never used while a CU
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -47,17 +48,6 @@ class Preparation:
         self.scales: Dict[float, tuple] = {}
         self.tests: Dict[int, Accept] = {}  # by spec code
 
-    def prepare(self, op: str, spec: FusionSpec, call: FusedCall, inplace) -> bool:
-        """Check ``call`` (the caller's values by slot) for ``spec`` and complete it: outputs allocated, scalars
-        normalised, ``residual_out`` the residual in place. True when every argument passed its acceptance test
-        (an eager call of plain tensors, ready for the executor); False after the full checks passed (the call
-        may be traced or hold tensor subclasses: it goes through the ``torch.library`` op). Raises ValueError or
-        TypeError naming ``op`` and the argument."""
-        if self.fast and self.accept(spec, call, inplace):
-            return True
-        self.check(op, spec, call, inplace)
-        return False
-
     # -- the acceptance tests ------------------------------------------------------------------------------------
     def accept(self, spec: FusionSpec, call: FusedCall, inplace) -> bool:
         """Complete ``call`` and return True if every argument passes its cheap test (the spec's generated
@@ -83,6 +73,8 @@ class Preparation:
                 or escales.shape != s or not escales.is_contiguous() or escales.device != device:
             return -1
         n = s[0]
+        if n and call.x.shape[0] == 0:  # routes into no rows: the full check names it
+            return -1
         if n and not self.cuda:  # CPU: the index range, as the full check does (GPU kernels guard it)
             lo, hi = torch.aminmax(idx)
             if int(lo) < 0 or int(hi) >= call.x.shape[0]:
@@ -114,7 +106,13 @@ class Preparation:
     # -- the full checks -----------------------------------------------------------------------------------------
     def check(self, op: str, spec: FusionSpec, call: FusedCall, inplace) -> None:
         """The full checks of every operand of ``spec``, in the table's order (inputs, scalars, then outputs and
-        their aliasing); raise the first problem, else complete ``call``."""
+        their aliasing); raise the first problem (``call`` left as it was), else complete ``call``."""
+        work = copy.copy(call)
+        self._check(op, spec, work, inplace)
+        for slot in FusedCall.__slots__:
+            setattr(call, slot, getattr(work, slot))
+
+    def _check(self, op: str, spec: FusionSpec, call: FusedCall, inplace) -> None:
         cap = self.capacity
         x = call.x
         if spec.moe:
@@ -134,6 +132,13 @@ class Preparation:
         if spec.group_size:
             v.check_group_size(op, spec.group_size, cap.hidden_size)
         call.weight_offset = v.check_weight_offset(op, call.weight_offset)
+        if call.weight_offset != 0.0 and not spec.weight_offset:
+            raise ValueError(f"{op}: weight_offset is {call.weight_offset}, but {spec.name} has no weight offset "
+                             f"(FusionSpec(weight_offset=True))")
+        taken = {o.slot for o in ops.inputs(spec)}
+        for slot in ops.INPUT_SLOTS:
+            if slot not in taken and getattr(call, slot) is not None:
+                raise ValueError(f"{op}: {slot} is not an input of this call ({spec.name})")
         call.scale = v.check_scale(op, call.scale, cap.device) if spec.quant is Quant.FP8_STATIC else None
         if not isinstance(inplace, bool):
             raise TypeError(f"{op}: inplace must be a bool, got {type(inplace).__name__}")

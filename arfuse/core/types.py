@@ -89,18 +89,22 @@ class Problem:
         return self.num_tokens * self.hidden_size * torch.empty((), dtype=self.dtype).element_size()
 
 
+DECLARED_FACTS: set = set()  # every fact name a registered source contributes (arfuse.probe.facts.contribute)
+
+
 @dataclass(frozen=True)
 class GroupCaps:
     """Facts about a process group that all its ranks agree on (built by ``probe.group``).
 
     ``facts``: what each backend contributed to the probe (``arfuse.probe.facts``), by its name: ``{backend:
     {fact: agreed value}}``; :meth:`fact` reads one by name, and so does attribute access (``caps.triton``) for a
-    name that is not a field. A fact no backend contributed reads None: unknown, which every check treats as
+    name a registered source declares (any other name is an AttributeError, as for any object). A fact no backend contributed reads None: unknown, which every check treats as
     missing. ``notes`` records why a capability is missing, e.g. ``("p2p: rank 1 cannot access rank 0",)``.
 
+    >>> import arfuse.backends  # registers the backends' fact sources
     >>> caps = GroupCaps(2, 0, "cuda", facts={"triton_symm": {"symm_mem": True}})
-    >>> caps.fact("symm_mem"), caps.symm_mem, caps.multicast
-    (True, True, None)
+    >>> caps.fact("symm_mem"), caps.symm_mem, caps.triton, caps.fact("multicast")
+    (True, True, None, None)
     """
 
     world_size: int
@@ -124,9 +128,9 @@ class GroupCaps:
         return default
 
     def __getattr__(self, name: str) -> Any:
-        # only for names that are not fields: a contributed fact, or None (unknown); private names stay errors
-        if name.startswith("_") or "facts" not in self.__dict__:
-            raise AttributeError(name)
+        # only for names that are not fields: a fact some source declared (None where none contributed it here)
+        if name.startswith("_") or name not in DECLARED_FACTS or "facts" not in self.__dict__:
+            raise AttributeError(f"GroupCaps has no field or declared fact {name!r}")
         return self.fact(name)
 
     def note(self, prefix: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from arfuse.core import requirements
+from arfuse.core.types import DECLARED_FACTS
 from arfuse.probe.device import has_module
 
 
@@ -48,12 +49,13 @@ def agree_all(mine: LocalFacts, every: Sequence[Any]) -> Tuple[Dict[str, Any], T
 class FactSource:
     """What one backend contributes: ``owner`` (its name), ``local`` and ``agree`` (see the module docstring;
     ``agree(mine, every)`` gets this rank's :class:`LocalFacts` and every rank's ``summary()``, and returns the
-    agreed values and any notes of its own)."""
+    agreed values and any notes of its own). ``names``: the facts it contributes (readable as ``caps.<name>``)."""
 
     owner: str
     local: Callable[[torch.device], LocalFacts]
     agree: Callable[[LocalFacts, Sequence[Any]], Tuple[Dict[str, Any], Tuple[str, ...]]] = field(
         default=agree_all)
+    names: Tuple[str, ...] = ()
 
 
 def triton_facts(device: torch.device) -> LocalFacts:
@@ -71,8 +73,9 @@ _SOURCES: Dict[str, FactSource] = {}
 
 
 def contribute(source: FactSource) -> FactSource:
-    """Register ``source`` (replacing one of the same owner) and return it."""
+    """Register ``source`` (replacing one of the same owner) and declare its fact names; return it."""
     _SOURCES[source.owner] = source
+    DECLARED_FACTS.update(source.names)
     return source
 
 

@@ -142,6 +142,34 @@ def test_functional_forms_cache_and_regrow_their_object():
     assert grown.closed and first.closed and not fusions._entries and not fusions._retired
 
 
+SAME_GROUP = """
+import sys, tempfile, torch, torch.distributed as dist
+import arfuse.functional as F
+from arfuse import fusions
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+x, w = torch.randn(3, 32), torch.rand(32)
+for group in (None, dist.group.WORLD) * 3:
+    F.rmsnorm(x, w, group=group)
+assert len(fusions._entries) == 1 and not fusions._retired, (fusions._entries, fusions._retired)
+other = dist.new_group([0])  # the same ranks, another communicator: an object of its own
+for group in (other, None, other):
+    F.rmsnorm(x, w, group=group)
+assert len(fusions._entries) == 2 and not fusions._retired, (fusions._entries, fusions._retired)
+made = list(fusions.cached())
+F.close_all()
+assert all(f.closed for f in made) and not fusions._entries
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_functional_forms_share_one_object_per_process_group():
+    # group=None and the default group are one group; two groups of the same ranks are two
+    out = subprocess.run([sys.executable, "-c", SAME_GROUP], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_functional_regrow_that_fails_keeps_the_cached_object(monkeypatch):
     F.close_all()
     case = Case(3, 32, torch.float32, seed=11)

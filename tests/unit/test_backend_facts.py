@@ -50,7 +50,7 @@ def total_widgets(mine: LocalFacts, every):
 @contextlib.contextmanager
 def widget_backend():
     register(WidgetBackend())
-    facts.contribute(FactSource(NAME, widget_facts, total_widgets))
+    facts.contribute(FactSource(NAME, widget_facts, total_widgets, names=("widget", "widgets")))
     try:
         yield
     finally:
@@ -92,3 +92,16 @@ def test_every_rank_agrees_on_the_fact_by_the_backend_s_own_rule(missing_on, mon
             assert got["facts"] == {"widget": False, "widgets": 2}
             assert got["plan"].backend == "torch_ref"
             assert "widget: rank 1: none on this rank" in got["notes"]
+
+
+def test_caps_read_declared_facts_and_refuse_other_names():
+    import arfuse.backends  # noqa: F401  (registers the sources)
+    from arfuse.core.types import GroupCaps
+
+    caps = GroupCaps(2, 0, "cuda", facts={"triton_symm": {"symm_mem": True, "triton": False}})
+    assert caps.symm_mem is True and caps.triton is False and caps.flashinfer is None  # declared, not contributed
+    with pytest.raises(AttributeError, match="no field or declared fact 'p2pp'"):
+        caps.p2pp
+    assert not hasattr(caps, "symm_mem_typo")
+    with widget_backend():
+        assert GroupCaps(1, 0, "cpu", facts={NAME: {"widgets": 3}}).widgets == 3

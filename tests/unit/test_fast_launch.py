@@ -3,7 +3,7 @@
 for sm_90, over every spec kind, dtype, token count, alignment and workspace); a fast launch passes the compiled
 kernel's launcher exactly what ``JITFunction.run`` passes it; and every condition that must send a launch back
 through ``kernel[grid]`` does (a launch hook, a replaced kernel, another device, ``TRITON_DEBUG``, a new key).
-Triton runs as on a GPU up to the compiled launcher, which launches nothing (``arfuse.bench.host``'s stand-ins)."""
+Triton runs as on a GPU up to the compiled launcher, which launches nothing (``arfuse.bench.triton_stub``'s stand-ins)."""
 from __future__ import annotations
 
 import importlib

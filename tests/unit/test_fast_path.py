@@ -272,3 +272,45 @@ def test_each_spec_s_acceptance_function_is_generated_from_its_operand_table():
             assert f"call.{slot}" in text, (spec.name, slot)
         assert callable(accept.compile_accept(spec, cap, dict(moe_tokens=None, static_scale=None,
                                                               may_overlap=None)))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["accept", "full"])
+def test_run_refuses_what_its_spec_does_not_take_and_leaves_the_call_as_it_was(fast):
+    from arfuse.core.types import FusedCall
+
+    fusion = arfuse.AllReduceFusion(max_tokens=8, hidden_size=16, dtype=torch.float32, device="cpu")
+    fusion._preparation.fast = fast
+    x, r, w = torch.randn(4, 16), torch.randn(4, 16), torch.rand(16)
+    plain, offset, norm_only = FusionSpec(), FusionSpec(weight_offset=True), FusionSpec(residual=False)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="weight_offset must be finite"):
+            fusion.run(offset, FusedCall(x, None, residual=r, weight=w, weight_offset=bad))
+    with pytest.raises(ValueError, match=r"weight_offset is 1.0, but .* has no weight offset"):
+        fusion.run(plain, FusedCall(x, None, residual=r, weight=w, weight_offset=1.0))
+    call = FusedCall(x, None, residual=r, weight=w, eps=1e-5)
+    with pytest.raises(ValueError, match=r"residual is not an input of this call \(rmsnorm"):
+        fusion.run(norm_only, call)
+    # refused: nothing allocated, nothing normalised
+    assert call.out is None and call.residual_out is None and call.eps == 1e-5 and call.num_tokens == 4
+    with pytest.raises(ValueError, match="scale is not an input"):
+        fusion.run(plain, FusedCall(x, None, residual=r, weight=w, scale=torch.ones(1)))
+    done = fusion.run(offset, FusedCall(x, None, residual=r, weight=w, weight_offset=1.0))
+    assert done.out is not None and done.residual_out is not None
+    fusion.close()
+
+
+def test_moe_rows_missing_are_refused_where_the_index_is_not_read():
+    # on CUDA the acceptance test does not read the routing (the kernels guard it); no expert rows at all is
+    # still the full check's error
+    from arfuse.core.types import FusedCall
+
+    fusion = arfuse.AllReduceFusion(max_tokens=8, hidden_size=16, dtype=torch.float32, device="cpu")
+    prep = fusion._preparation
+    prep.cuda = True
+    moe = FusionSpec(prologue=arfuse.core.spec.Prologue.MOE_FINALIZE)
+    call = FusedCall(torch.empty(0, 16), None, residual=torch.randn(2, 16), weight=torch.rand(16),
+                     expert_idx=torch.zeros(2, 2, dtype=torch.int32), expert_scales=torch.ones(2, 2))
+    assert prep.accept(moe, call, False) is False and call.out is None
+    with pytest.raises(ValueError, match="expert_out has no rows"):
+        prep.check("moe_finalize_residual_rmsnorm", moe, call, False)
+    fusion.close()
