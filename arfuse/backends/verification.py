@@ -96,7 +96,12 @@ def _imports(tree: ast.AST) -> List[Tuple[str, Tuple[str, ...]]]:
 def _value_digest(value) -> str:
     if isinstance(value, type) and issubclass(value, enum.Enum):
         return repr([(m.name, m.value) for m in value])
-    if isinstance(value, (int, float, str, bool, tuple, frozenset, type(None))):
+    if isinstance(value, tuple):  # as repr, with each item digested (a tuple of scalars reads as its repr)
+        items = [_value_digest(v) for v in value]
+        return f"({', '.join(items)}{',' if len(items) == 1 else ''})"
+    if isinstance(value, frozenset):  # sorted: a set's order (and so its repr) changes with the string hash seed
+        return f"frozenset({{{', '.join(sorted(_value_digest(v) for v in value))}}})" if value else "frozenset()"
+    if isinstance(value, (int, float, str, bool, type(None))):
         return repr(value)
     return f"<{type(value).__name__}>"  # a class or function of core: its name, not its code
 

@@ -3,6 +3,7 @@ checked, so a change to a path's code takes its verification away, with that rea
 README's table agree with the code here now."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -220,3 +221,19 @@ def test_the_fingerprint_is_the_same_on_every_python():
     assert "type_params" not in text and "Doc." not in text and "comment" not in text
     assert hashlib.sha256(text.encode()).hexdigest() == \
         "6dea8a3f560a5ceac9e09d845edee3090fdbb7c902810e0ec01f21e317cb2ca0"
+
+
+def test_every_fingerprint_is_the_same_in_every_process():
+    """A value the kernels read may be a set (``spec.FEATURES``), whose repr follows the string hash seed: the
+    fingerprints must not, or evidence made in one process would look stale in the next."""
+    import subprocess
+    import sys
+
+    code = ("from arfuse.backends import verification as v\n"
+            "print(sorted((x.path, x.sources) for x in v.verdicts()))\n")
+    seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env=dict(os.environ, PYTHONHASHSEED=seed), cwd=REPO).stdout for seed in ("1", "2", "3")}
+    assert len(seen) == 1, seen
+    assert verification._value_digest(frozenset({"b", "a"})) == "frozenset({'a', 'b'})"
+    assert verification._value_digest(("a", 1, frozenset())) == repr(("a", 1, frozenset()))
+    assert verification._value_digest((2,)) == "(2,)"
