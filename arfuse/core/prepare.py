@@ -19,7 +19,6 @@ written (its version counter or data pointer changes), and never used while a CU
 """
 from __future__ import annotations
 
-import copy
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -107,10 +106,16 @@ class Preparation:
     def check(self, op: str, spec: FusionSpec, call: FusedCall, inplace) -> None:
         """The full checks of every operand of ``spec``, in the table's order (inputs, scalars, then outputs and
         their aliasing); raise the first problem (``call`` left as it was), else complete ``call``."""
-        work = copy.copy(call)
-        self._check(op, spec, work, inplace)
-        for slot in FusedCall.__slots__:
-            setattr(call, slot, getattr(work, slot))
+        if _is_compiling():  # traced: a refused call raises out of the graph anyway
+            self._check(op, spec, call, inplace)
+            return
+        saved = [getattr(call, slot) for slot in FusedCall.__slots__]
+        try:
+            self._check(op, spec, call, inplace)
+        except BaseException:
+            for slot, value in zip(FusedCall.__slots__, saved):
+                setattr(call, slot, value)
+            raise
 
     def _check(self, op: str, spec: FusionSpec, call: FusedCall, inplace) -> None:
         cap = self.capacity
