@@ -1,48 +1,28 @@
-"""One-off functional forms. Each call reuses a cached :class:`AllReduceFusion` per (group, shape, dtype,
-device, backend), regrown to the next power of two when a call brings more tokens (the outgrown object stays
-open, for a thread still using it, until :func:`close_all`). Collective: every rank must make the same calls in
-the same order (construction of a cached object is collective too; one at a time per process).
+"""One-off functional forms. Each call runs on the fusion object of the shared cache (:mod:`arfuse.fusions`) for
+(group, shape, dtype, device, backend), regrown to the next power of two when a call brings more tokens.
+Collective: every rank must make the same calls in the same order (making a cached object is collective too).
 """
 from __future__ import annotations
 
-import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
+from arfuse import fusions
 from arfuse.api import AllReduceFusion
 from arfuse.core import validate
 from arfuse.core.types import FusedOutput
-from arfuse.probe import vote
-
-_cache: Dict[tuple, AllReduceFusion] = {}
-_retired: List[Tuple[tuple, AllReduceFusion]] = []  # outgrown (ranks, object) a thread may still use; close_all
-_lock = threading.RLock()  # held across construction: one collective construction at a time per process
 
 
 def _fusion_for(op: str, group, x, backend: str, name: str = "x") -> AllReduceFusion:
+    if type(x) is torch.Tensor and type(backend) is str and x.dim() == 2:
+        found = fusions.cached_for(group, x.shape[1], x.dtype, x.device, x.shape[0], backend)
+        if found is not None:  # an object exists for x's hidden size, dtype and device: they were checked then
+            return found
     validate.check_functional_input(op, x, name)
     if not isinstance(backend, str):
         raise TypeError(f"{op}: backend must be a str, got {type(backend).__name__}")
-    key = (vote.group_ranks(group), x.shape[1], x.dtype, x.device, backend)
-    tokens = max(x.shape[0], 1)
-    old = _cache.get(key)  # the hit needs no lock: a dict read is atomic, and a cached object stays open
-    if old is not None and old.capacity.max_tokens >= tokens:
-        return old
-    with _lock:
-        old = _cache.get(key)
-        if old is not None and old.capacity.max_tokens >= tokens:
-            return old
-        capacity = 1 << (tokens - 1).bit_length()
-        if old is not None:
-            capacity = max(capacity, old.capacity.max_tokens * 2)
-        # built before the old one is retired: if construction raises, the cached object still serves
-        fusion = AllReduceFusion(group, max_tokens=capacity, hidden_size=x.shape[1], dtype=x.dtype,
-                                 device=x.device, backend=backend)
-        _cache[key] = fusion
-        if old is not None:
-            _retired.append((key[0], old))
-    return fusion
+    return fusions.fusion_for(group, x.shape[1], x.dtype, x.device, x.shape[0], backend=backend)
 
 
 def residual_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
@@ -87,11 +67,4 @@ def all_reduce(x: torch.Tensor, *, group=None, backend: str = "auto") -> torch.T
 
 def close_all(group: Optional[object] = None) -> None:
     """Close the cached fusion objects (of one group, or all)."""
-    ranks = vote.group_ranks(group) if group is not None else None
-    with _lock:
-        keys = [k for k in _cache if ranks is None or k[0] == ranks]
-        victims = [_cache.pop(k) for k in keys]
-        victims += [f for r, f in _retired if ranks is None or r == ranks]
-        _retired[:] = [(r, f) for r, f in _retired if not (ranks is None or r == ranks)]
-    for fusion in victims:
-        fusion.close()
+    fusions.close_all(group)

@@ -51,28 +51,31 @@ class FusedAddRMSNorm(nn.Module):
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"FusedAddRMSNorm: x must be a torch.Tensor of shape (..., hidden), got {type(x).__name__}")
-        if x.dim() < 1:
-            raise ValueError("FusedAddRMSNorm: x must have shape (..., hidden), got a 0-D tensor")
         shape = x.shape
+        if not shape:
+            raise ValueError("FusedAddRMSNorm: x must have shape (..., hidden), got a 0-D tensor")
         flat = len(shape) == 2  # (tokens, hidden) already: no views to make and undo
+        weight = self._parameters.get("weight")  # what self.weight reads, without nn.Module's attribute lookup
+        if weight is None:  # parametrized, or re-registered as a buffer: the attribute knows
+            weight = self.weight
         if residual is None:
-            out = self.fusion.rmsnorm(x if flat else x.reshape(-1, shape[-1]), self.weight, self.eps,
+            out = self.fusion.rmsnorm(x if flat else x.reshape(-1, shape[-1]), weight, self.eps,
                                       weight_offset=self.weight_offset)
             return out if flat else out.view(shape)
         if not isinstance(residual, torch.Tensor) or residual.shape != shape:
             got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
             raise ValueError(f"FusedAddRMSNorm: residual must have x's shape {tuple(shape)}, got {got}")
-        if self.inplace_residual and not residual.is_contiguous():
+        inplace = self.inplace_residual
+        if inplace and not residual.is_contiguous():
             raise ValueError("FusedAddRMSNorm: with inplace_residual=True, residual must be contiguous (a strided "
                              "residual would be updated in a copy)")
         if flat:
-            normed, res = self.fusion.residual_rmsnorm(x, residual, self.weight, self.eps,
-                                                       weight_offset=self.weight_offset, inplace=self.inplace_residual)
-            return normed, (residual if self.inplace_residual else res)
+            normed, res = self.fusion.residual_rmsnorm(x, residual, weight, self.eps,
+                                                       weight_offset=self.weight_offset, inplace=inplace)
+            return normed, (residual if inplace else res)
         normed, res = self.fusion.residual_rmsnorm(x.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1]),
-                                                   self.weight, self.eps, weight_offset=self.weight_offset,
-                                                   inplace=self.inplace_residual)
-        return normed.view(shape), (residual if self.inplace_residual else res.view(shape))
+                                                   weight, self.eps, weight_offset=self.weight_offset, inplace=inplace)
+        return normed.view(shape), (residual if inplace else res.view(shape))
 
     def extra_repr(self) -> str:
         offset = f", weight_offset={self.weight_offset:g}" if self.weight_offset else ""

@@ -10,7 +10,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from arfuse.core import outputs as out_specs
+from arfuse.core import operands
 from arfuse.core.math import GROUP_MIN_SCALE, PER_TOKEN_MIN_SCALE, unpack_ue8m0
 from arfuse.core.quant import FP8PerToken, FP8PerTokenGroup, FP8Static
 from arfuse.core.spec import FusionSpec, Quant, ScaleLayout
@@ -216,7 +216,7 @@ def run_spec(fusion, spec: FusionSpec, case: Case, inputs: Dict[str, Optional[to
             norm_out=outputs.get("norm_out") if spec.quant else outputs["out"], **res_kw)
         got = {"out": r.quant if spec.quant else r.norm, "residual_out": r.residual, "norm_out": r.norm,
                "scale_out": r.scale}
-        return {k: got[k] for k in out_specs.names(spec)}
+        return {k: got[k] for k in operands.names(spec)}
     x = inputs["x"]
     if not spec.norm:
         return {"out": fusion.all_reduce(x, out=outputs["out"])}
@@ -231,7 +231,7 @@ def run_spec(fusion, spec: FusionSpec, case: Case, inputs: Dict[str, Optional[to
                                       quant_out=outputs["out"], scale_out=outputs.get("scale_out"),
                                       norm_out=outputs.get("norm_out"), **res_kw)
     got = {"out": r.quant, "residual_out": r.residual, "norm_out": r.norm, "scale_out": r.scale}
-    return {k: got[k] for k in out_specs.names(spec)}
+    return {k: got[k] for k in operands.names(spec)}
 
 
 def call_spec(fusion, spec: FusionSpec, case: Case, rank: int, device, outputs: Dict[str, torch.Tensor],
@@ -243,7 +243,7 @@ def call_spec(fusion, spec: FusionSpec, case: Case, rank: int, device, outputs: 
 def poisoned_outputs(spec: FusionSpec, case: Case, device) -> Dict[str, torch.Tensor]:
     """Every output ``spec`` writes, allocated as arfuse would and filled with NaN (int32 scales with -1), so an
     unwritten element fails the check."""
-    made = out_specs.prepare("poisoned_outputs", spec, case.tokens, case.hidden, case.dtype, device, {}, {})
+    made = operands.allocate_all(spec, case.tokens, case.hidden, case.dtype, device)
     for t in made.values():
         t.fill_(-1) if t.dtype == torch.int32 else poison(t)
     return made
@@ -276,7 +276,7 @@ def checked_spec_call(fusion, spec: FusionSpec, case: Case, rank: int, world_siz
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     errors = output_errors(spec, case, world_size, got)
-    return SpecChecked(errors, digest(*(got[k] for k in out_specs.names(spec))))
+    return SpecChecked(errors, digest(*(got[k] for k in operands.names(spec))))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -307,7 +307,7 @@ def digest(*tensors: torch.Tensor) -> str:
 
 def out_dtype(pattern: Pattern, dtype: torch.dtype) -> torch.dtype:
     """The dtype of a classic ``pattern``'s main output for inputs of ``dtype``."""
-    return out_specs.out_dtype(pattern.spec, dtype)
+    return operands.outputs(pattern.spec)[0].torch_dtype(dtype)
 
 
 def call_pattern(fusion, pattern: Pattern, case: Case, x: torch.Tensor, residual: torch.Tensor,

@@ -95,8 +95,8 @@ for stage in "$@"; do
           tail -1 "$R/pytest_collect_gpu.log"
           gpu_tests host_fast_path tests/gpu/test_host_fast_path_gpu.py "${T_HOST_TESTS:-150}"
           ARFUSE_ALLOW_UNVERIFIED=1 timeout "${T_HOST:-150}" python3 -m arfuse.cli.main bench --host --device cuda \
-            --world-sizes 1 --profile --json "$R/host_h200.json" > "$R/host_h200.txt" 2>&1
-          tail -c 6000 "$R/host_h200.txt" ;;
+            --world-sizes 1 --profile --json "$R/host_gpu.json" > "$R/host_gpu.txt" 2>&1
+          tail -c 6000 "$R/host_gpu.txt" ;;
     e2e_hf) hp=${E2E_HF_PRESET:-llama3-8b}  # one GPU: TP1, so arfuse.compile has nothing to fuse (a smoke)
             for mode in ${E2E_HF_MODES:-default}; do
               timeout "${T_E2E_HF:-300}" python3 -m arfuse.cli.main e2e --model hf:llama --preset "$hp" \

@@ -7,7 +7,7 @@ from typing import Dict
 import torch
 
 from arfuse import verify
-from arfuse.core import outputs as out_specs
+from arfuse.core import operands
 from arfuse.core.quant import FP8Static
 from arfuse.core.spec import FusionSpec
 from arfuse.testing.calls import fused_call  # noqa: F401
@@ -25,7 +25,7 @@ def public_call(fusion, spec: FusionSpec, case: verify.Case, mode: str = "fresh"
     offset = c.weight_offset if spec.weight_offset else 0.0
     outs = {}
     if mode == "given":
-        outs = out_specs.prepare("public_call", spec, c.tokens, c.hidden, c.dtype, device, {}, {})
+        outs = operands.allocate_all(spec, c.tokens, c.hidden, c.dtype, device)
         for t in outs.values():
             t.fill_(-1) if t.dtype == torch.int32 else t.view(torch.uint8).fill_(0x7F)
     inplace = mode == "inplace"
@@ -59,7 +59,7 @@ def public_call(fusion, spec: FusionSpec, case: verify.Case, mode: str = "fresh"
         assert got["residual_out"] is residual
     for name, t in outs.items():
         assert got[name] is t, name  # the caller's own tensor is returned
-    return {k: got[k] for k in out_specs.names(spec)}
+    return {k: got[k] for k in operands.names(spec)}
 
 
 def same_outputs(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], label: str) -> None:

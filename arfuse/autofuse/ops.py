@@ -1,33 +1,38 @@
-"""The ops the fusion pass puts into a compiled graph, and the fusion objects behind them.
+"""The op the fusion pass puts into a compiled graph: ``arfuse::autofused``, one op for every spec.
 
-Each op is functional (new outputs, no mutation) with a fake implementation, and carries the process-group name
-the matched allreduce carried. Its eager implementation resolves the group, gets or creates the
-:class:`~arfuse.AllReduceFusion` for (group ranks, hidden size, dtype, device, capacity) and calls its public
-method. Creation is collective: it happens at the first run of the compiled graph, which every rank runs in the
-same order, and never during CUDA-graph capture. A call with more tokens than the capacity runs the same math
-unfused (``torch.distributed.all_reduce``, then add + RMSNorm in torch), counted and logged once.
+Its schema is the operand schema's (:func:`arfuse.core.operands.op_schema`): every input slot, the scalars, then
+``eps_t`` (eps as a 0-d CPU tensor when the graph takes it as an input, as ``dynamic=True`` does to float
+attributes), the spec's code, the process-group name the matched allreduce carried and the capacity; it is
+functional (new outputs, no mutation) and returns the outputs the spec writes, shaped as ``x`` (any shape
+``(..., hidden)``), with a fake implementation read off the same table. Its eager implementation runs the spec
+on the fusion object of the shared cache (:mod:`arfuse.fusions`) for (group ranks, hidden size, dtype, device,
+capacity), made collectively at the first run of the compiled graph, which every rank runs in the same order,
+never during CUDA-graph capture. A call with more tokens than the capacity runs the reference backend's math
+(``torch.distributed.all_reduce``, then the epilogue in torch), counted and logged once.
 """
 from __future__ import annotations
 
-import threading
-from typing import Dict, Optional, Tuple
+from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 
-from arfuse.api import AllReduceFusion
+from arfuse import fusions
+from arfuse.backends.torch_ref import RefWorkspace, TorchRefBackend
+from arfuse.core import operands
 from arfuse.core.counters import Counters, log_once, resolve_strict
 from arfuse.core.errors import FallbackError
-from arfuse.core.math import quantize_fp8, rmsnorm_fp32
-from arfuse.core.types import FP8_DTYPE
+from arfuse.core.operands import Shape
+from arfuse.core.spec import FusionSpec
+from arfuse.core.types import FusedCall
 from arfuse.probe import vote
 
 Tensor = torch.Tensor
 UNFUSED_PATH = "autofuse/unfused (over max_tokens)"
-
-_fusions: Dict[tuple, Tuple[object, AllReduceFusion]] = {}  # key -> (process group, fusion object)
-_lock = threading.RLock()  # held across construction: one collective construction at a time per process
 counters = Counters()  # this module's own fallbacks; part of arfuse.stats() like every fusion object's
+LIB = torch.library.Library("arfuse", "FRAGMENT")
+LIB.define(operands.op_schema("autofused", ("Tensor? eps_t", "int spec", "str group_name", "int max_tokens"),
+                              returns=True))
+_REFERENCE = TorchRefBackend()
 
 
 def _resolve_group(group_name: str):
@@ -36,193 +41,65 @@ def _resolve_group(group_name: str):
     return _resolve_process_group(group_name)
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def _rows(t: Optional[Tensor], hidden: int) -> Optional[Tensor]:
+    return None if t is None else t.reshape(-1, hidden).contiguous()
 
 
-def _create(group, max_tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> AllReduceFusion:
-    """Build the fusion object; on CUDA in a helper thread, so that its long-lived buffers do not come from the
-    memory pool a CUDA-graph tree routes this thread's allocations to during its warm-up run (found on one H200,
-    torch 2.11: "Detected 3 tensor(s) in the cudagraph pool not tracked as outputs" - the nccl scratch and the two
-    index guards; a side stream did not help, the pool takes the thread's allocations on any stream)."""
-    def build() -> AllReduceFusion:
-        return AllReduceFusion(group, max_tokens=max_tokens, hidden_size=hidden, dtype=dtype, device=device)
-
-    if device.type != "cuda":
-        return build()
-    torch.cuda.current_stream(device).synchronize()
-    made: dict = {}
-
-    def target() -> None:
-        try:
-            torch.cuda.set_device(device)
-            made["fusion"] = build()
-            torch.cuda.synchronize(device)
-        except BaseException as e:  # re-raised in the caller's thread
-            made["error"] = e
-
-    worker = threading.Thread(target=target, name="arfuse-compile-fusion", daemon=True)
-    worker.start()
-    worker.join()
-    if "error" in made:
-        raise made["error"]
-    return made["fusion"]
-
-
-def fusion_for(group_name: str, hidden: int, dtype: torch.dtype, device: torch.device,
-               max_tokens: int) -> Tuple[object, AllReduceFusion]:
-    """The cached (group, fusion object) for this call's shape; created (collectively) on first use."""
+def autofused(x, residual, weight, scale, expert_idx, expert_scales, shared, eps, weight_offset, eps_t, spec,
+              group_name, max_tokens) -> List[Tensor]:
+    """The outputs of one call of the spec whose code is ``spec`` over the group ``group_name`` (see the module
+    docstring)."""
+    spec = FusionSpec.from_code(spec)
+    hidden = x.shape[-1]
     group = _resolve_group(group_name)
-    key = (group_name, hidden, dtype, device, max_tokens)
-    cached = _fusions.get(key)
-    if cached is not None and cached[0] is group and not cached[1].closed:
-        return cached
-    with _lock:
-        cached = _fusions.get(key)
-        if cached is not None and cached[0] is group and not cached[1].closed:
-            return cached
-        if _capturing(device):
-            raise RuntimeError(
-                f"arfuse.compile: the fusion object for group {group_name!r} (ranks {vote.group_ranks(group)}, "
-                f"hidden {hidden}, {dtype}, {device}) does not exist yet, and creating one is collective and "
-                f"allocates, which a CUDA graph capture forbids: run the compiled model once eagerly at this size "
-                f"before capturing (torch.compile(mode='reduce-overhead') warms up by itself)")
-        fusion = _create(group, max_tokens, hidden, dtype, device)
-        _fusions[key] = (group, fusion)
-        return group, fusion
+    call = FusedCall(_rows(x, hidden), None, residual=_rows(residual, hidden),
+                     weight=None if weight is None else weight.contiguous(),
+                     eps=eps if eps_t is None else float(eps_t), weight_offset=weight_offset, scale=scale,
+                     expert_idx=expert_idx, expert_scales=expert_scales, shared=_rows(shared, hidden))
+    fusion = fusions.fusion_for(group, hidden, x.dtype, x.device, max_tokens=max_tokens)  # at every size alike
+    if call.num_tokens > max_tokens:
+        _unfused(spec, call, group, max_tokens)
+    else:
+        fusion.run(spec, call)
+    return _returned(spec, {o.slot: getattr(call, o.slot) for o in operands.outputs(spec)},
+                     residual if spec.moe else x)
 
 
-def _like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """A fake output as the real ops return theirs: contiguous, whatever ``x``'s strides (empty_like would keep a
-    transposed input's)."""
-    return x.new_empty(x.shape, dtype=dtype or x.dtype)
+def _returned(spec: FusionSpec, made, like: Tensor) -> List[Tensor]:
+    """The outputs in the op's order, each (tokens, hidden) one viewed as ``like`` (the graph's own shape)."""
+    return [made[o.slot].view(like.shape) if o.shape is Shape.ROWS else made[o.slot] for o in operands.outputs(spec)]
 
 
-def close_all() -> None:
-    """Close every fusion object the compiled graphs created (the next call creates them again). Not
-    collective."""
-    with _lock:
-        victims = [fusion for _, fusion in _fusions.values()]
-        _fusions.clear()
-    for fusion in victims:
-        fusion.close()
-
-
-def _flat(t: Tensor, hidden: int) -> Tensor:
-    return t.reshape(-1, hidden).contiguous()
-
-
-def _over_capacity(op: str, tokens: int, max_tokens: int) -> None:
-    reason = f"{op}: {tokens} tokens > max_tokens {max_tokens} of arfuse.compile: ran unfused"
+def _unfused(spec: FusionSpec, call: FusedCall, group, max_tokens: int) -> None:
+    """The reference backend's math on new outputs, counted as a fallback (raises in strict mode)."""
+    reason = f"{spec.name}: {call.num_tokens} tokens > max_tokens {max_tokens} of arfuse.compile: ran unfused"
     if resolve_strict(None):
         raise FallbackError("arfuse.compile", reason)
     counters.count_fallback(reason)
     counters.count_call(UNFUSED_PATH)
-    log_once(f"autofuse-capacity:{op}:{max_tokens}",
+    log_once(f"autofuse-capacity:{spec.name}:{max_tokens}",
              f"arfuse: {reason} (raise arfuse.compile(..., max_tokens=) to fuse calls this large)")
+    x = call.x if call.expert_idx is None else call.expert_idx
+    for name, t in operands.allocate_all(spec, x.shape[0], call.x.shape[1], call.x.dtype, call.x.device).items():
+        setattr(call, name, t)
+    _REFERENCE.run(RefWorkspace(group, vote.world_size(group)), "default", spec, call)
 
 
-def _unfused(x2: Tensor, residual2: Optional[Tensor], weight: Optional[Tensor], eps: float, weight_offset: float,
-             scale: Optional[Tensor], group, out_dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
-    """arfuse's math (``arfuse.core.math``: add and norm in fp32) after a plain ``torch.distributed.all_reduce``."""
-    summed = x2.clone()
-    if vote.world_size(group) > 1:
-        dist.all_reduce(summed, group=group)
-    if weight is None:
-        return summed, None
-    s = summed.float() if residual2 is None else summed.float() + residual2.float()
-    norm = rmsnorm_fp32(s, weight, eps, weight_offset)
-    out = (quantize_fp8(norm, scale) if scale is not None else norm).to(out_dtype)
-    return out, None if residual2 is None else s.to(x2.dtype)
+def _autofused_fake(x, residual, weight, scale, expert_idx, expert_scales, shared, eps, weight_offset, eps_t, spec,
+                    group_name, max_tokens) -> List[Tensor]:
+    """New outputs as the real op returns them: allocated alike (contiguous whatever ``x``'s strides), shaped as
+    ``x``."""
+    spec = FusionSpec.from_code(spec)
+    like, hidden = residual if spec.moe else x, x.shape[-1]
+    made = operands.allocate_all(spec, like.numel() // max(hidden, 1), hidden, x.dtype, x.device)
+    return _returned(spec, made, like)
 
 
-def _eps(eps: float, eps_t: Optional[Tensor]) -> float:
-    # a graph that takes eps as an input (dynamic=True does that to float attributes) passes a 0-d CPU tensor
-    return eps if eps_t is None else float(eps_t)
+LIB.impl("autofused", autofused, "CompositeExplicitAutograd")
+torch.library.register_fake("arfuse::autofused", _autofused_fake, lib=LIB)
 
 
-def _residual_call(op: str, x: Tensor, residual: Tensor, weight: Tensor, eps: float, weight_offset: float,
-                   scale: Optional[Tensor], group_name: str, max_tokens: int) -> Tuple[Tensor, Tensor]:
-    hidden = x.shape[-1]
-    x2, r2, weight = _flat(x, hidden), _flat(residual, hidden), weight.contiguous()
-    group, fusion = fusion_for(group_name, hidden, x.dtype, x.device, max_tokens)
-    if x2.shape[0] > max_tokens:
-        _over_capacity(op, x2.shape[0], max_tokens)
-        out, res = _unfused(x2, r2, weight, eps, weight_offset, scale, group,
-                            FP8_DTYPE if scale is not None else x.dtype)
-    elif scale is None:
-        out, res = fusion.residual_rmsnorm(x2, r2, weight, eps, weight_offset=weight_offset)
-    else:
-        out, res = fusion.residual_rmsnorm_fp8(x2, r2, weight, scale, eps, weight_offset=weight_offset)
-    return out.view(x.shape), res.view(x.shape)
-
-
-# -- the ops -----------------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("arfuse::autofused_residual_rmsnorm", mutates_args=())
-def autofused_residual_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, eps_t: Optional[Tensor],
-                               weight_offset: float, group_name: str, max_tokens: int) -> Tuple[Tensor, Tensor]:
-    """``(rmsnorm(allreduce(x) + residual) * (weight + weight_offset), allreduce(x) + residual)`` over the group
-    ``group_name``; ``x`` of any shape ``(..., hidden)``. ``eps_t``, if given, holds eps (0-d, CPU)."""
-    return _residual_call("residual_rmsnorm", x, residual, weight, _eps(eps, eps_t), weight_offset, None,
-                          group_name, max_tokens)
-
-
-@autofused_residual_rmsnorm.register_fake
-def _(x, residual, weight, eps, eps_t, weight_offset, group_name, max_tokens):
-    return _like(x), _like(x)
-
-
-@torch.library.custom_op("arfuse::autofused_residual_rmsnorm_fp8", mutates_args=())
-def autofused_residual_rmsnorm_fp8(x: Tensor, residual: Tensor, weight: Tensor, scale: Tensor, eps: float,
-                                   eps_t: Optional[Tensor], weight_offset: float, group_name: str,
-                                   max_tokens: int) -> Tuple[Tensor, Tensor]:
-    """As ``autofused_residual_rmsnorm`` with the normed output quantized to FP8 e4m3 by the static
-    per-tensor ``scale`` (a 1-element float32 tensor)."""
-    return _residual_call("residual_rmsnorm_fp8", x, residual, weight, _eps(eps, eps_t), weight_offset, scale,
-                          group_name, max_tokens)
-
-
-@autofused_residual_rmsnorm_fp8.register_fake
-def _(x, residual, weight, scale, eps, eps_t, weight_offset, group_name, max_tokens):
-    return _like(x, FP8_DTYPE), _like(x)
-
-
-@torch.library.custom_op("arfuse::autofused_rmsnorm", mutates_args=())
-def autofused_rmsnorm(x: Tensor, weight: Tensor, eps: float, eps_t: Optional[Tensor], weight_offset: float,
-                      group_name: str, max_tokens: int) -> Tensor:
-    """``rmsnorm(allreduce(x)) * (weight + weight_offset)`` over the group ``group_name``."""
-    eps = _eps(eps, eps_t)
-    hidden = x.shape[-1]
-    x2, weight = _flat(x, hidden), weight.contiguous()
-    group, fusion = fusion_for(group_name, hidden, x.dtype, x.device, max_tokens)
-    if x2.shape[0] > max_tokens:
-        _over_capacity("rmsnorm", x2.shape[0], max_tokens)
-        out, _ = _unfused(x2, None, weight, eps, weight_offset, None, group, x.dtype)
-    else:
-        out = fusion.rmsnorm(x2, weight, eps, weight_offset=weight_offset)
-    return out.view(x.shape)
-
-
-@autofused_rmsnorm.register_fake
-def _(x, weight, eps, eps_t, weight_offset, group_name, max_tokens):
-    return _like(x)
-
-
-@torch.library.custom_op("arfuse::autofused_all_reduce", mutates_args=())
-def autofused_all_reduce(x: Tensor, group_name: str, max_tokens: int) -> Tensor:
-    """``allreduce(x)`` (sum) over the group ``group_name`` through arfuse's fastest path."""
-    hidden = x.shape[-1]
-    x2 = _flat(x, hidden)
-    group, fusion = fusion_for(group_name, hidden, x.dtype, x.device, max_tokens)
-    if x2.shape[0] > max_tokens:
-        _over_capacity("all_reduce", x2.shape[0], max_tokens)
-        out, _ = _unfused(x2, None, None, 1.0, 0.0, None, group, x.dtype)
-    else:
-        out = fusion.all_reduce(x2)
-    return out.view(x.shape)
-
-
-@autofused_all_reduce.register_fake
-def _(x, group_name, max_tokens):
-    return _like(x)
+def close_all() -> None:
+    """Close every cached fusion object (the compiled graphs' and the functional forms'; the next call makes them
+    again). Not collective."""
+    fusions.close_all()

@@ -7,9 +7,10 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import torch
 
-from arfuse.autofuse import ops  # noqa: F401  (registers torch.ops.arfuse.autofused_*)
+from arfuse.autofuse import ops  # noqa: F401  (registers torch.ops.arfuse.autofused)
 from arfuse.autofuse import explain, views
 from arfuse.autofuse.checks import norm_input_val, val
+from arfuse.core.spec import FusionSpec, Quant
 
 Build = Callable[[Mapping[str, Any], int], Tuple[Callable, List[Any]]]
 
@@ -38,9 +39,13 @@ def _scaled(x: torch.Tensor, multiplier) -> torch.Tensor:
     return x if multiplier is None else x * multiplier
 
 
-def _eps_args(eps):
-    """(eps, eps_t) of the ops: a constant, or a 0-d tensor the graph takes as an input (read at run time)."""
-    return (1e-6, eps) if isinstance(eps, torch.Tensor) else (float(eps), None)
+def _fused(spec: FusionSpec, x, group: str, max_tokens: int, residual=None, weight=None, scale=None, eps=1.0,
+           weight_offset: float = 0.0):
+    """``torch.ops.arfuse.autofused`` for ``spec``: its outputs (out, then residual_out if the spec has one). ``eps``
+    is a constant or a 0-d tensor the graph takes as an input (read at run time)."""
+    eps, eps_t = (1e-6, eps) if isinstance(eps, torch.Tensor) else (float(eps), None)
+    return torch.ops.arfuse.autofused(x, residual, weight, scale, None, None, None, eps, weight_offset, eps_t,
+                                      spec.code, group, max_tokens)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -64,58 +69,50 @@ def _residual_in(a: Dict[str, Any]) -> torch.Tensor:
     return residual if addend is None else residual + addend.reshape(residual.shape)
 
 
-def _residual_rmsnorm(kw, max_tokens):
+def _residual_rmsnorm(kw, max_tokens, fp8: bool = False):
     group, offset = kw["group"], float(kw.get("weight_offset", 0.0))
-    inputs = _Inputs(kw, ("x", "residual", "weight", "eps", "multiplier", "addend"))
+    spec = FusionSpec(weight_offset=offset != 0.0, quant=Quant.FP8_STATIC if fp8 else Quant.NONE)
+    inputs = _Inputs(kw, ("x", "residual", "weight", "eps", "multiplier", "addend") + (("scale",) if fp8 else ()))
     shape = _norm_shape(kw)
 
     def fused(*args):
         a = inputs.bind(args)
-        norm, res = torch.ops.arfuse.autofused_residual_rmsnorm(_rows(_scaled(a["x"], a["multiplier"])),
-                                                                _rows(_residual_in(a)), a["weight"],
-                                                                *_eps_args(a["eps"]), offset, group, max_tokens)
-        return _shaped(norm, shape, a), res.view(a["residual"].shape)
+        scale = a.get("scale")
+        if fp8:
+            scale = (scale.reshape(1) if isinstance(scale, torch.Tensor)
+                     else torch.full((1,), float(scale), dtype=torch.float32, device=a["x"].device))
+        out, res = _fused(spec, _rows(_scaled(a["x"], a["multiplier"])), group, max_tokens,
+                          residual=_rows(_residual_in(a)), weight=a["weight"], scale=scale, eps=a["eps"],
+                          weight_offset=offset)
+        return _shaped(out, shape, a), res.view(a["residual"].shape)
 
     return fused, inputs.nodes
 
 
 def _residual_rmsnorm_fp8(kw, max_tokens):
-    group, offset = kw["group"], float(kw.get("weight_offset", 0.0))
-    inputs = _Inputs(kw, ("x", "residual", "weight", "eps", "multiplier", "scale", "addend"))
-    shape = _norm_shape(kw)
-
-    def fused(*args):
-        a = inputs.bind(args)
-        scale = a["scale"]
-        scale_t = (scale.reshape(1) if isinstance(scale, torch.Tensor)
-                   else torch.full((1,), float(scale), dtype=torch.float32, device=a["x"].device))
-        q, res = torch.ops.arfuse.autofused_residual_rmsnorm_fp8(_rows(_scaled(a["x"], a["multiplier"])),
-                                                                 _rows(_residual_in(a)), a["weight"], scale_t,
-                                                                 *_eps_args(a["eps"]), offset, group, max_tokens)
-        return _shaped(q, shape, a), res.view(a["residual"].shape)
-
-    return fused, inputs.nodes
+    return _residual_rmsnorm(kw, max_tokens, fp8=True)
 
 
 def _rmsnorm(kw, max_tokens):
     group, offset = kw["group"], float(kw.get("weight_offset", 0.0))
+    spec = FusionSpec(residual=False, weight_offset=offset != 0.0)
     inputs = _Inputs(kw, ("x", "weight", "eps"))
     shape = _norm_shape(kw)
 
     def fused(*args):
         a = inputs.bind(args)
-        out = torch.ops.arfuse.autofused_rmsnorm(_rows(a["x"]), a["weight"], *_eps_args(a["eps"]), offset, group,
-                                                 max_tokens)
+        out, = _fused(spec, _rows(a["x"]), group, max_tokens, weight=a["weight"], eps=a["eps"], weight_offset=offset)
         return _shaped(out, shape, a)
 
     return fused, inputs.nodes
 
 
 def _all_reduce(kw, max_tokens):
-    group = kw["group"]
+    group, spec = kw["group"], FusionSpec(residual=False, norm=False)
 
     def fused(x):
-        return torch.ops.arfuse.autofused_all_reduce(x, group, max_tokens)
+        out, = _fused(spec, x, group, max_tokens)
+        return out
 
     return fused, [kw["x"]]
 

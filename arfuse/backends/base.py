@@ -15,12 +15,12 @@ Lifecycle, per fusion object:
 from __future__ import annotations
 
 import abc
-import os
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 
+from arfuse.core import settings
 from arfuse.core.spec import CLASSIC_FEATURES, FEATURES, FusionSpec
 from arfuse.core.types import Capacity, FusedCall, GroupCaps, Problem
 
@@ -32,7 +32,7 @@ ALLOW_UNVERIFIED_ENV = "ARFUSE_ALLOW_UNVERIFIED"
 
 
 def allow_unverified() -> bool:
-    return os.environ.get(ALLOW_UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return settings.switch(ALLOW_UNVERIFIED_ENV)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ from arfuse.backends.base import ALL_FEATURES, Backend, Support, register
 from arfuse.backends.symm_workspace import SymmWorkspace, tokens_within
 from arfuse.core.spec import FusionSpec, Quant
 from arfuse.core.types import Capacity, FusedCall, GroupCaps, Problem
+from arfuse.probe.device import symm_mem_reason
+from arfuse.probe.facts import FactSource, LocalFacts, contribute, triton_facts
 
 NAME = "triton_symm"
 LAMPORT_MAX_BYTES = 2 << 20  # per call; Lamport pushes (world-1)x the tensor and keeps 2 x world copies
@@ -51,9 +53,9 @@ class TritonSymmBackend(Backend):
             return f"ranks are not on one host ({caps.note('single_host')})"
         if not caps.p2p:
             return f"no P2P access between all ranks ({caps.note('p2p')})"
-        if not caps.symm_mem:
+        if not caps.fact("symm_mem"):
             return f"torch symmetric memory unavailable ({caps.note('symm_mem')})"
-        if not caps.triton:
+        if not caps.fact("triton"):
             return f"Triton unusable ({caps.note('triton')})"
         if caps.sm is None or tuple(caps.sm) < MIN_SM:
             return f"needs compute capability >= {MIN_SM[0]}.{MIN_SM[1]}, group has {caps.sm}"
@@ -108,4 +110,14 @@ def _import_launchers() -> dict:
     return _modules
 
 
+def local_facts(device: torch.device) -> LocalFacts:
+    """What this backend needs of each rank: ``symm_mem`` (torch symmetric memory usable) and ``triton``."""
+    found = triton_facts(device)
+    if device.type != "cuda":
+        return LocalFacts({"symm_mem": False, **found.values})
+    why = symm_mem_reason()
+    return LocalFacts({"symm_mem": why is None, **found.values}, ((why,) if why else ()) + found.notes)
+
+
 register(TritonSymmBackend())
+contribute(FactSource(NAME, local_facts, names=("symm_mem", "triton")))

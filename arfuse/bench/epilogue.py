@@ -23,7 +23,7 @@ from arfuse.backends.base import IndexGuard
 from arfuse.bench import launch_ranges
 from arfuse.bench.report import machine_info
 from arfuse.bench.timing import TimingConfig, time_cuda_graph
-from arfuse.core import math as fmath, outputs as out_specs
+from arfuse.core import math as fmath, operands
 from arfuse.core.spec import FusionSpec, Prologue, Quant, ScaleLayout
 from arfuse.core.types import FusedCall
 from arfuse.kernels import launch_config as lc, nccl_launch as nl
@@ -122,7 +122,7 @@ def _random_call(spec: FusionSpec, tokens: int, hidden: int, dtype: torch.dtype,
     """(sum or expert rows, a FusedCall writing fresh outputs) with device-side random inputs (fast at any size)."""
     g = torch.Generator(device=device).manual_seed(tokens + hidden)
     rand = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)  # noqa: E731
-    made = out_specs.prepare("bench", spec, tokens, hidden, dtype, device, {}, {})
+    made = operands.allocate_all(spec, tokens, hidden, dtype, device)
     moe = {}
     if spec.moe:
         rows = tokens * top_k

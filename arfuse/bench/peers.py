@@ -123,7 +123,7 @@ def peer_reasons(caps: GroupCaps, dtype: torch.dtype) -> Dict[str, Optional[str]
     if caps.device_type != "cuda":
         return {GLOO: None}
     symm_why = group_restriction(caps)
-    if symm_why is None and not caps.symm_mem:
+    if symm_why is None and not caps.fact("symm_mem"):
         symm_why = caps.note("symm_mem")
     if symm_why is None and dtype not in _SYMM_DTYPES:
         symm_why = f"torch's symm_mem reductions take bfloat16/float32, not {str(dtype).replace('torch.', '')}"

@@ -87,9 +87,10 @@ def paths_for(cfg: SweepConfig, caps: GroupCaps, hidden: int, dtype: torch.dtype
 
 
 def caps_summary(caps: GroupCaps) -> Dict[str, object]:
-    fi = caps.flashinfer
+    fi = caps.fact("flashinfer")
     return {"gpu": caps.gpu_name, "sm": list(caps.sm) if caps.sm else None, "dist_backend": caps.dist_backend,
-            "single_host": caps.single_host, "p2p": caps.p2p, "symm_mem": caps.symm_mem, "triton": caps.triton,
+            "single_host": caps.single_host, "p2p": caps.p2p, "symm_mem": caps.fact("symm_mem"),
+            "triton": caps.fact("triton"),
             "flashinfer": getattr(fi, "version", None) if fi is not None and getattr(fi, "available", False)
             else None, "notes": list(caps.notes)}
 

@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
 def host_config(args: argparse.Namespace, device: str):
     """The ``--host`` run's configuration, its flags checked (UsageError) before anything is measured."""
     from arfuse.backends import base
-    from arfuse.bench.host import HostConfig
+    from arfuse.bench.host_cases import HostConfig
 
     for flag, values in (("--hidden", args.hidden), ("--tokens", None if tuple(args.tokens) == DEFAULT_TOKENS
                                                      else args.tokens), ("--dtype", args.dtype)):
@@ -272,7 +272,7 @@ def host_config(args: argparse.Namespace, device: str):
 def run_host(args: argparse.Namespace) -> int:
     """``arfuse bench --host``: every world size (a spawn each; under torchrun the current world), then the
     stubbed launch paths on this process's CPU; the tables, and ``--json``."""
-    from arfuse.bench import host
+    from arfuse.bench import host, host_report
     from arfuse.bench.report import machine_info
 
     device = resolve_device(args)
@@ -291,11 +291,13 @@ def run_host(args: argparse.Namespace) -> int:
     try:
         import triton  # noqa: F401 - the stubbed launchers import the kernel modules
 
-        stubbed = host.stubbed_launchers(cfg)
+        from arfuse.bench.host_stubbed import stubbed_launchers
+
+        stubbed = stubbed_launchers(cfg)
     except ImportError:
         print("arfuse bench --host: Triton is not installed: the stubbed launch paths are left out", file=sys.stderr)
-    doc = host.document(machine_info(), cfg, device, runs, stubbed)
-    host.print_report(doc, output.console(200))
+    doc = host_report.document(machine_info(), cfg, device, runs, stubbed)
+    host_report.print_report(doc, output.console(200))
     write_outputs(doc, args.json, None)
     if error:
         print(f"arfuse bench --host: stopped early: {error}", file=sys.stderr)

@@ -120,7 +120,7 @@ def collect(args) -> Dict[str, Any]:
                    "gpu_count": torch.cuda.device_count() if no_gpu is None else 0, "gpu_name": caps.gpu_name,
                    "sm": list(caps.sm) if caps.sm else None, "world_size": caps.world_size, "rank": caps.rank,
                    "under_torchrun": joined, "dist_backend": caps.dist_backend, "single_host": caps.single_host,
-                   "p2p": caps.p2p, "symm_mem": caps.symm_mem, "triton": caps.triton,
+                   "p2p": caps.p2p, "symm_mem": caps.fact("symm_mem"), "triton": caps.fact("triton"),
                    "triton_installed": _triton_version(), "notes": list(caps.notes)},
         "problem": {"pattern": problem.spec.name, "tokens": problem.num_tokens, "hidden_size": args.hidden,
                     "dtype": args.dtype},

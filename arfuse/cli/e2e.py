@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -164,13 +163,7 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
                           enabled=spec.progress and rank == 0)
 
     def each(path: str, points, what: str, fn) -> Dict[str, object]:
-        """``{str(point): fn(point)}``, one progress step per point."""
-        out = {}
-        for point in points:
-            bar.set_description(f"rank 0 of {world_size}: {path}: {what}{point}")
-            out[str(point)] = fn(point)
-            bar.update(1)
-        return out
+        return output.each_point(bar, f"rank 0 of {world_size}: {path}: {what}", points, fn)
 
     with bar, torch.no_grad():
         args = _model_args(spec)
@@ -188,7 +181,7 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
             if ref_logits is None:
                 ref_logits, ref_tokens = logits, tokens
             check = generate.compare(ref_logits, logits, dtype)
-            check["ranks_identical"] = identical_across_ranks(logits)
+            check["ranks_identical"] = generate.identical_across_ranks(logits)
             check["ok"] = check["ok"] and check["ranks_identical"]
             bar.update(1)
             samples = each(path, spec.prompt_lens, "TTFT P=", lambda p: timing.prefill_samples(model, p, cfg))
@@ -216,17 +209,6 @@ def _rank_main(rank: int, world_size: int, spec: Spec) -> dict:
     if spec.graph_prefill:
         method["ttft_graph"] = f"prefill captured in one CUDA graph, mean of {cfg.decode_replays} replays"
     return {"results": results, "device": _device_info(device), "method": method, "model": dataclasses.asdict(args)}
-
-
-def identical_across_ranks(logits) -> bool:
-    """Whether every rank computed bitwise the same logits. Collective."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return True
-    gathered: List[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, hashlib.sha256(logits.numpy().tobytes()).hexdigest())
-    return len(set(gathered)) == 1
 
 
 def _spread(samples: List[float]) -> float:
@@ -351,13 +333,23 @@ def _spec(args) -> Tuple[Spec, int]:
     return spec, tp
 
 
+def _check_hf_flags(args) -> None:
+    """UsageError for a flag of arfuse's own model given with ``--model`` (an HF model has no use for it)."""
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    for name in OWN_MODEL_ONLY:
+        if getattr(args, name) != defaults.get_default(name):
+            raise UsageError(f"--{name.replace('_', '-')} applies to arfuse's own model, not to --model {args.model}")
+
+
 def run(args) -> int:
     from arfuse import launch
 
     if getattr(args, "model", None):
         from arfuse.cli import e2e_hf
 
-        return e2e_hf.run(args, _environment)
+        _check_hf_flags(args)
+        return e2e_hf.run(args, _environment, DEFAULT_PRESET)
     spec, tp = _spec(args)
     if spec.progress:
         output.status(PROG, f"starting {tp} {spec.device} rank{'s' if tp > 1 else ''}: {spec.preset}, paths "

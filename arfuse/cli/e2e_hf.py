@@ -10,7 +10,6 @@ reference (greedy logits and picks, full recompute, teacher-forced on the refere
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -94,7 +93,6 @@ def _rank_main(rank: int, world_size: int, spec: HFSpec, checkpoint: str) -> dic
 
     import arfuse
     from arfuse.cli import output
-    from arfuse.cli.e2e import identical_across_ranks
     from arfuse.models import generate, hf, hf_timing, timing
 
     device = torch.device("cuda", torch.cuda.current_device()) if spec.device == "cuda" else torch.device("cpu")
@@ -110,13 +108,7 @@ def _rank_main(rank: int, world_size: int, spec: HFSpec, checkpoint: str) -> dic
                           enabled=spec.progress and rank == 0)
 
     def each(path: str, points, what: str, fn) -> Dict[str, object]:
-        """``{str(point): fn(point)}``, one progress step per point (a compiled path's first call compiles)."""
-        out = {}
-        for point in points:
-            bar.set_description(f"rank 0 of {world_size}: {path}: {what}{point}")
-            out[str(point)] = fn(point)
-            bar.update(1)
-        return out
+        return output.each_point(bar, f"rank 0 of {world_size}: {path}: {what}", points, fn)
 
     with bar, torch.no_grad():
         for name, runner in _paths(model, spec).items():
@@ -133,7 +125,7 @@ def _rank_main(rank: int, world_size: int, spec: HFSpec, checkpoint: str) -> dic
             tpot = each(name, spec.batches, "TPOT B=",
                         lambda b: hf_timing.time_decode(runner, b, spec.kv_len, vocab, cfg, device))
             check = generate.compare(ref_logits, logits, dtype)
-            check["ranks_identical"] = identical_across_ranks(logits)
+            check["ranks_identical"] = generate.identical_across_ranks(logits)
             check["ok"] = check["ok"] and check["ranks_identical"]
             results[name] = {
                 "check": check,
@@ -181,8 +173,9 @@ def render(record: dict) -> None:
         console.print(f"  {key}: {text}")
 
 
-def run(args, environment) -> int:
-    """``arfuse e2e --model hf:...`` (``environment()``: the host/software record of ``arfuse e2e``)."""
+def run(args, environment, default_preset: Dict[str, str]) -> int:
+    """``arfuse e2e --model hf:...`` (``environment()``: the host/software record of ``arfuse e2e``;
+    ``default_preset``: the preset per device type when ``--preset`` is not given)."""
     import torch
 
     from arfuse import launch
@@ -191,18 +184,11 @@ def run(args, environment) -> int:
 
     from arfuse.cli import args as args_
     from arfuse.cli.args import UsageError
-    from arfuse.cli.e2e import DEFAULT_PRESET, OWN_MODEL_ONLY, add_arguments
-
-    defaults = argparse.ArgumentParser()
-    add_arguments(defaults)
-    for name in OWN_MODEL_ONLY:
-        if getattr(args, name) != defaults.get_default(name):
-            raise UsageError(f"--{name.replace('_', '-')} applies to arfuse's own model, not to --model {args.model}")
     device = args_.resolve_device(args.device or "auto")
     compile_mode = args.compile_mode or "default"
     if compile_mode == "reduce-overhead" and device != "cuda":
         raise UsageError(f"--compile-mode reduce-overhead needs CUDA (CUDA graphs); this run is on {device}")
-    preset = args.preset or DEFAULT_PRESET[device]
+    preset = args.preset or default_preset[device]
     if preset not in hf.PRESETS:
         raise UsageError(f"--preset: with --model, one of {', '.join(hf.PRESETS)}, got {preset!r}")
     try:

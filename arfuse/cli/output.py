@@ -32,6 +32,16 @@ def progress(total: int, description: str, enabled: bool = True, unit: str = "st
                 leave=True)
 
 
+def each_point(bar, label: str, points, fn) -> dict:
+    """``{str(point): fn(point)}``, one step of ``bar`` per point, described as ``label`` followed by the point."""
+    out = {}
+    for point in points:
+        bar.set_description(f"{label}{point}")
+        out[str(point)] = fn(point)
+        bar.update(1)
+    return out
+
+
 def failure(error: BaseException, verbose: bool) -> str:
     """A failed launch in one line: the last line of the failed rank's traceback (all of it with ``arfuse -v``)."""
     text = str(error).strip()

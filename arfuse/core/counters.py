@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import threading
 import weakref
 from typing import Dict, List, Optional
 
+from arfuse.core import settings
+
 logger = logging.getLogger("arfuse")
 
-_strict_global = os.environ.get("ARFUSE_STRICT", "").strip().lower() in ("1", "true", "yes", "on")
+_strict_global = settings.switch("ARFUSE_STRICT")
 _logged: set = set()
 _log_lock = threading.Lock()
 

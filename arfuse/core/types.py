@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -89,12 +89,22 @@ class Problem:
         return self.num_tokens * self.hidden_size * torch.empty((), dtype=self.dtype).element_size()
 
 
+DECLARED_FACTS: set = set()  # every fact name a registered source contributes (arfuse.probe.facts.contribute)
+
+
 @dataclass(frozen=True)
 class GroupCaps:
     """Facts about a process group that all its ranks agree on (built by ``probe.group``).
 
-    ``flashinfer`` holds the (immutable) FlashInfer probe result, or None when not probed.
-    ``notes`` records why a capability is missing, e.g. ``("p2p: rank 1 cannot access rank 0",)``.
+    ``facts``: what each backend contributed to the probe (``arfuse.probe.facts``), by its name: ``{backend:
+    {fact: agreed value}}``; :meth:`fact` reads one by name, and so does attribute access (``caps.triton``) for a
+    name a registered source declares (any other name is an AttributeError, as for any object). A fact no backend contributed reads None: unknown, which every check treats as
+    missing. ``notes`` records why a capability is missing, e.g. ``("p2p: rank 1 cannot access rank 0",)``.
+
+    >>> import arfuse.backends  # registers the backends' fact sources
+    >>> caps = GroupCaps(2, 0, "cuda", facts={"triton_symm": {"symm_mem": True}})
+    >>> caps.fact("symm_mem"), caps.symm_mem, caps.triton, caps.fact("multicast")
+    (True, True, None, None)
     """
 
     world_size: int
@@ -105,11 +115,23 @@ class GroupCaps:
     sm: Optional[Tuple[int, int]] = None
     single_host: bool = True
     p2p: bool = False
-    symm_mem: bool = False
-    triton: bool = False
-    flashinfer: Any = None
+    facts: Dict[str, Dict[str, Any]] = field(default_factory=dict, hash=False)
     notes: Tuple[str, ...] = field(default_factory=tuple)
     allow_unverified: Optional[bool] = None  # agreed at construction (ARFUSE_ALLOW_UNVERIFIED); None: read it
+
+    def fact(self, name: str, default: Any = None) -> Any:
+        """The agreed fact ``name`` from whichever backend contributed it, else ``default`` (None: unknown, which
+        every check treats as missing)."""
+        for values in self.facts.values():
+            if name in values:
+                return values[name]
+        return default
+
+    def __getattr__(self, name: str) -> Any:
+        # only for names that are not fields: a fact some source declared (None where none contributed it here)
+        if name.startswith("_") or name not in DECLARED_FACTS or "facts" not in self.__dict__:
+            raise AttributeError(f"GroupCaps has no field or declared fact {name!r}")
+        return self.fact(name)
 
     def note(self, prefix: str) -> str:
         """The first note that starts with ``prefix``, or a generic text."""
@@ -134,7 +156,8 @@ class Plan:
 
 
 class FusedCall:
-    """One validated call's tensors and scalars, as every backend's ``run`` receives them.
+    """One call's tensors and scalars by slot (the slots of :mod:`arfuse.core.operands`), as every backend's
+    ``run`` receives them once the preparation step (:mod:`arfuse.core.prepare`) has checked and completed it.
 
     ``x``: this rank's input (tokens, hidden), or the permuted expert rows (P, hidden) for the MoE prologue, with
     ``expert_idx`` int32 (tokens, top_k), ``expert_scales`` (tokens, top_k) and optional ``shared`` (tokens,
@@ -153,19 +176,10 @@ class FusedCall:
         self.weight_offset, self.scale, self.expert_idx, self.expert_scales = weight_offset, scale, expert_idx, \
             expert_scales
         self.shared, self.residual_out, self.norm_out, self.scale_out = shared, residual_out, norm_out, scale_out
-        self.num_tokens = (expert_idx if expert_idx is not None else x).shape[0]
-
-    @classmethod
-    def make(cls, x, out, residual, weight, eps, weight_offset, scale, expert_idx, expert_scales, shared,
-             residual_out, norm_out, scale_out, num_tokens: int) -> "FusedCall":
-        """The same call as ``FusedCall(...)`` from positional values (the eager fast path's constructor)."""
-        call = cls.__new__(cls)
-        call.x, call.out, call.residual, call.weight, call.eps, call.weight_offset = (x, out, residual, weight, eps,
-                                                                                      weight_offset)
-        call.scale, call.expert_idx, call.expert_scales, call.shared = scale, expert_idx, expert_scales, shared
-        call.residual_out, call.norm_out, call.scale_out, call.num_tokens = residual_out, norm_out, scale_out, \
-            num_tokens
-        return call
+        try:  # the preparation step sets it for the public ops' calls, whose x may be anything
+            self.num_tokens = (expert_idx if expert_idx is not None else x).shape[0]
+        except (AttributeError, IndexError, TypeError):
+            self.num_tokens = 0
 
     @property
     def inplace(self) -> bool:

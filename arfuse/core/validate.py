@@ -91,11 +91,6 @@ def check_input(op: str, x, capacity: Capacity) -> int:
     return x.shape[0]
 
 
-def check_weight(op: str, weight, capacity: Capacity) -> torch.Tensor:
-    return check_tensor(op, "weight", weight, dtype=capacity.dtype, device=capacity.device,
-                        shape=(capacity.hidden_size,))
-
-
 def check_scale(op: str, scale, device: torch.device) -> torch.Tensor:
     """The FP8 scale: a positive finite float, or a one-element float32 tensor on the device."""
     if isinstance(scale, torch.Tensor):

@@ -9,9 +9,11 @@ larger margin means the error is concentrated somewhere, which the averaged erro
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import hashlib
+from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from arfuse.models.llama import Transformer
 from arfuse.models.timing import DecodeStep
@@ -71,3 +73,12 @@ def compare(ref_logits: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype) 
     tolerance = LOGITS_TOLERANCE[dtype]
     return {"logits_rel_err": err, "tolerance": tolerance, "tokens_equal": ref_pick.numel() - len(differ),
             "tokens": ref_pick.numel(), "near_ties": ties, "ok": err <= tolerance and ties == len(differ)}
+
+
+def identical_across_ranks(logits: torch.Tensor) -> bool:
+    """Whether every rank computed bitwise the same ``logits`` (a CPU tensor). Collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    gathered: List[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, hashlib.sha256(logits.numpy().tobytes()).hexdigest())
+    return len(set(gathered)) == 1

@@ -1,20 +1,20 @@
-"""Local facts about this process's device: arch, name, peer access, symmetric memory, Triton. Never raises."""
+"""Local facts about this process's device: arch, name, host, peer access; and the probes backends use for their
+own facts (symmetric memory, installed packages; see ``arfuse.probe.facts``). Never raises."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import socket
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
 
-from arfuse.core import requirements
+from arfuse.core import settings
 
 
 def hostname() -> str:
     """This host's name; ``ARFUSE_HOSTNAME`` overrides it (used to simulate multi-host groups in tests)."""
-    return os.environ.get("ARFUSE_HOSTNAME") or socket.gethostname()
+    return settings.text("ARFUSE_HOSTNAME") or socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,11 @@ class LocalDevice:
     name: Optional[str] = None
     sm: Optional[Tuple[int, int]] = None
     host: str = ""
-    symm_mem: bool = False
-    triton: bool = False
     notes: Tuple[str, ...] = field(default_factory=tuple)
 
 
-def _has_module(name: str) -> bool:
+def has_module(name: str) -> bool:
+    """Whether ``name`` is importable here (without importing it)."""
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
@@ -54,25 +53,13 @@ def local_device(device: torch.device) -> LocalDevice:
     host = hostname()
     if device.type != "cuda":
         return LocalDevice(device_type=device.type, host=host)
-    notes = []
     try:
         index = device.index if device.index is not None else torch.cuda.current_device()
         name = torch.cuda.get_device_name(index)
         sm = tuple(torch.cuda.get_device_capability(index))
     except (RuntimeError, AssertionError) as e:
         return LocalDevice(device_type="cuda", host=host, notes=(f"cuda: {e}",))
-    symm_reason = symm_mem_reason()
-    if symm_reason:
-        notes.append(symm_reason)
-    triton_ok = _has_module("triton")
-    too_old = requirements.problem("triton") if triton_ok else None
-    if not triton_ok:
-        notes.append("triton: not installed")
-    elif too_old:
-        triton_ok = False
-        notes.append(f"triton: {too_old}")
-    return LocalDevice(device_type="cuda", index=index, name=name, sm=sm, host=host,
-                       symm_mem=symm_reason is None, triton=triton_ok, notes=tuple(notes))
+    return LocalDevice(device_type="cuda", index=index, name=name, sm=sm, host=host)
 
 
 def peer_access(local_index: int, peer_indices) -> Tuple[bool, Optional[str]]:

@@ -6,11 +6,12 @@ with the same ranks (created once per rank set), so a vote never touches a GPU s
 from __future__ import annotations
 
 import datetime
-import os
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
+
+from arfuse.core import settings
 
 _cpu_groups: Dict[Tuple[int, ...], Any] = {}
 _lock = threading.Lock()
@@ -18,7 +19,7 @@ _lock = threading.Lock()
 
 def vote_timeout() -> datetime.timedelta:
     """How long a vote waits for the slowest rank (``ARFUSE_VOTE_TIMEOUT_S``, default 300 s)."""
-    return datetime.timedelta(seconds=float(os.environ.get("ARFUSE_VOTE_TIMEOUT_S", "300")))
+    return datetime.timedelta(seconds=settings.number("ARFUSE_VOTE_TIMEOUT_S"))
 
 
 def is_distributed(group=None) -> bool:

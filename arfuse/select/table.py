@@ -28,7 +28,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from arfuse.core import json_doc
+from arfuse.core import json_doc, settings
 from arfuse.core.counters import log_once
 from arfuse.core.types import GroupCaps
 
@@ -265,7 +265,7 @@ def _load_if_changed(path: Path) -> Table:
 
 def default_tune_path() -> Path:
     """Where ``arfuse tune`` writes and fusion objects read: ``ARFUSE_TUNE_FILE`` or the user's cache dir."""
-    override = os.environ.get("ARFUSE_TUNE_FILE")
+    override = settings.text("ARFUSE_TUNE_FILE")
     if override:
         return Path(override)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

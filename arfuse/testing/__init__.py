@@ -9,9 +9,10 @@ relative error against the float64 reference of any checked output.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+from arfuse.core import settings
 
 RESULTS_ENV = "ARFUSE_RESULTS_DIR"
 PREFIX = "reliability_"
@@ -35,7 +36,7 @@ def save_figures(test: str, figures: Dict[str, Any], details: Optional[Any] = No
 def save_results(filename: str, payload: Any) -> Optional[Path]:
     """Write ``payload`` as JSON to ``$ARFUSE_RESULTS_DIR/filename``; returns the path, or None when the variable
     is unset."""
-    out_dir = os.environ.get(RESULTS_ENV)
+    out_dir = settings.text(RESULTS_ENV)
     if not out_dir:
         return None
     path = Path(out_dir) / filename

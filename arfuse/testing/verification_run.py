@@ -20,7 +20,7 @@ import torch
 
 from arfuse.backends import verification
 from arfuse.backends.base import get
-from arfuse.core import spec as S
+from arfuse.core import settings, spec as S
 from arfuse.testing import symm_checks as checks
 from arfuse.testing.virtual_ranks import BACKEND
 
@@ -69,7 +69,7 @@ def environment(device) -> dict:
     dev = torch.device(device)
     info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
                 device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-                commit=os.environ.get("ARFUSE_COMMIT") or _git_commit())
+                commit=settings.text("ARFUSE_COMMIT") or _git_commit())
     try:
         import triton
 

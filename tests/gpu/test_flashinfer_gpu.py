@@ -19,7 +19,7 @@ import torch.distributed as dist
 from arfuse import AllReduceFusion, Pattern
 from arfuse.backends import flashinfer_patterns
 from arfuse.backends.base import ALLOW_UNVERIFIED_ENV
-from arfuse.core import outputs as out_specs
+from arfuse.core import operands
 from arfuse.core.spec import CLASSIC_FEATURES, FusionSpec, Prologue, Quant, ScaleLayout, catalogue
 from arfuse.launch import run_ranks
 from arfuse.probe import vote
@@ -301,7 +301,7 @@ def spec_graph_worker(rank, world, hidden, tokens_list, replays):
                     o.fill_(-1) if o.dtype == torch.int32 else poison(o)
                 graph.replay()
                 torch.cuda.synchronize()
-                got = {k: outs[k] for k in out_specs.names(spec)}
+                got = {k: outs[k] for k in operands.names(spec)}
                 errors = output_errors(spec, case, world, got)
                 digests = vote.all_gather_object(digest(*got.values()), None)
                 records.append(dict(case=f"graph tp{world}", spec=spec.name, tokens=tokens, replay=it, errors=errors,

@@ -44,7 +44,7 @@ def fusions():
     for name in ("fast", "checked"):
         made[name] = arfuse.AllReduceFusion(max_tokens=64, hidden_size=HIDDEN, dtype=torch.bfloat16, device="cuda",
                                             backend="nccl", strict=True)
-    made["checked"]._fast = None
+    made["checked"]._preparation.fast = False
     yield made
     for f in made.values():
         f.close()
@@ -168,7 +168,7 @@ def test_a_launch_hook_sees_every_launch(fusions):
 
 def test_the_static_scale_cache_is_used_outside_capture_only(fusions):
     spec = FusionSpec(quant=Quant.FP8_STATIC)
-    fast = fusions["fast"]._fast
+    fast = fusions["fast"]._preparation
     before = dict(fast.scales)
     case = verify.Case(4, HIDDEN, torch.bfloat16, 1)
     public_call(fusions["fast"], spec, case, "fresh", "cuda")

@@ -16,7 +16,7 @@ import torch
 
 from arfuse import verify
 from arfuse.backends.base import ALLOW_UNVERIFIED_ENV
-from arfuse.core import outputs as out_specs
+from arfuse.core import operands
 from arfuse.core.spec import (ALLREDUCE, RESIDUAL_RMSNORM, RESIDUAL_RMSNORM_FP8, RMSNORM, FusionSpec, Prologue, Quant,
                               ScaleLayout, catalogue)
 from arfuse.core.types import FP8_DTYPE
@@ -218,7 +218,7 @@ def test_cuda_graph_replays_with_fresh_inputs(kind, tokens):
             o.fill_(-1) if o.dtype == torch.int32 else verify.poison(o)
         graph.replay()
         torch.cuda.synchronize()
-        got = {k: outputs[k] for k in out_specs.names(spec)}
+        got = {k: outputs[k] for k in operands.names(spec)}
         errors = verify.output_errors(spec, case, 1, got)
         assert all(e <= tol for e, tol in errors.values()), (seed, errors)
         worst = {k: max(worst.get(k, 0.0), e) for k, (e, _) in errors.items()}

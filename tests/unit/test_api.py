@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import arfuse
-from arfuse import functional as F
+from arfuse import functional as F, fusions
 from arfuse.core.types import Pattern, Plan
 from arfuse.verify import TOLERANCE, Case, reference, rel_err
 from tests._ranks import OBJECT_CALLS_PER_EXERCISE, RECORDS_PER_EXERCISE, check_records, exercise
@@ -127,35 +127,63 @@ def test_functional_forms_cache_and_regrow_their_object():
     F.close_all()
     case = Case(3, 32, torch.float32, seed=11)
     F.rmsnorm(case.x(0), case.weight())
-    (key, first), = F._cache.items()
+    (key, (_, first)), = fusions._entries.items()
     assert first.capacity.max_tokens == 4
     F.all_reduce(case.x(0))
-    assert F._cache[key] is first  # reused
+    assert fusions._entries[key][1] is first  # reused
     big = Case(9, 32, torch.float32, seed=12)
     norm, res = F.residual_rmsnorm(big.x(0), big.residual(), big.weight(), big.eps)
     ref_norm, ref_res = reference(big, 1, Pattern.RESIDUAL_RMSNORM)
     assert max(rel_err(norm, ref_norm), rel_err(res, ref_res)) <= TOLERANCE[torch.float32]
-    grown = F._cache[key]
+    grown = fusions._entries[key][1]
     assert grown is not first and grown.capacity.max_tokens == 16
     assert not first.closed  # outgrown, kept open for a thread that may still hold it
     F.close_all()
-    assert grown.closed and first.closed and not F._cache and not F._retired
+    assert grown.closed and first.closed and not fusions._entries and not fusions._retired
+
+
+SAME_GROUP = """
+import sys, tempfile, torch, torch.distributed as dist
+import arfuse.functional as F
+from arfuse import fusions
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+x, w = torch.randn(3, 32), torch.rand(32)
+for group in (None, dist.group.WORLD) * 3:
+    F.rmsnorm(x, w, group=group)
+assert len(fusions._entries) == 1 and not fusions._retired, (fusions._entries, fusions._retired)
+other = dist.new_group([0])  # the same ranks, another communicator: an object of its own
+for group in (other, None, other):
+    F.rmsnorm(x, w, group=group)
+assert len(fusions._entries) == 2 and not fusions._retired, (fusions._entries, fusions._retired)
+made = list(fusions.cached())
+F.close_all()
+assert all(f.closed for f in made) and not fusions._entries
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_functional_forms_share_one_object_per_process_group():
+    # group=None and the default group are one group; two groups of the same ranks are two
+    out = subprocess.run([sys.executable, "-c", SAME_GROUP], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_functional_regrow_that_fails_keeps_the_cached_object(monkeypatch):
     F.close_all()
     case = Case(3, 32, torch.float32, seed=11)
     F.rmsnorm(case.x(0), case.weight())
-    (key, first), = F._cache.items()
+    (key, (_, first)), = fusions._entries.items()
 
     def failing(*args, **kwargs):
         raise RuntimeError("out of memory (injected)")
 
-    monkeypatch.setattr(F, "AllReduceFusion", failing)
+    monkeypatch.setattr(fusions, "AllReduceFusion", failing)
     big = Case(9, 32, torch.float32, seed=12)
     with pytest.raises(RuntimeError, match="injected"):
         F.rmsnorm(big.x(0), big.weight())
-    assert F._cache[key] is first and not first.closed
+    assert fusions._entries[key][1] is first and not first.closed
     F.rmsnorm(case.x(0), case.weight())  # calls that fit still work
     F.close_all()
 

@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 import arfuse
+from arfuse import fusions
 from arfuse.autofuse import checks, compiler, graph_pass, ops, patterns, tracing
 from arfuse.autofuse.replace import REPLACEMENTS
+from arfuse.core.spec import ALLREDUCE, FusionSpec, Quant
 from arfuse.core.types import FP8_DTYPE
 from tests._ranks import launch
 
@@ -89,8 +91,7 @@ def test_pattern_table_is_consistent():
     names = [e.name for e in entries]
     assert len(names) == len(set(names))
     assert {e.op for e in entries} <= set(REPLACEMENTS)
-    for op in REPLACEMENTS:
-        assert hasattr(torch.ops.arfuse, f"autofused_{op}")
+    assert hasattr(torch.ops.arfuse, "autofused")  # one op for every replacement
     # every (form, norm, residual, epilogue) combination the table claims
     for casts in (True, False):
         for res in patterns.RESIDUALS:
@@ -223,33 +224,37 @@ def _ops_rank(rank, world):
     s = x + r
     ref = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * w
     out = {}
-    norm, res = torch.ops.arfuse.autofused_residual_rmsnorm(x, r, w, 1e-6, None, 0.0, group, 8)
+    op = torch.ops.arfuse.autofused.default
+    rr, r8 = FusionSpec(), FusionSpec(quant=Quant.FP8_STATIC)
+    rn, rn_offset, ar = FusionSpec(residual=False), FusionSpec(residual=False, weight_offset=True), ALLREDUCE
+
+    def args(spec, x, residual=None, weight=None, scale=None, eps=1e-6, eps_t=None, offset=0.0, max_tokens=8):
+        return (x, residual, weight, scale, None, None, None, eps, offset, eps_t, spec.code, group, max_tokens)
+
+    norm, res = op(*args(rr, x, r, w))
     out["residual_rmsnorm"] = ((norm - ref).abs().max().item(), (res - s).abs().max().item(), tuple(norm.shape))
-    norm, res = torch.ops.arfuse.autofused_residual_rmsnorm(x, r, w, 1.0, torch.tensor(1e-6), 0.0, group, 4)
+    norm, res = op(*args(rr, x, r, w, eps=1.0, eps_t=torch.tensor(1e-6), max_tokens=4))
     out["over_capacity"] = ((norm - ref).abs().max().item(), (res - s).abs().max().item())
     out["stats"] = arfuse.stats()
-    out["objects"] = len(ops._fusions)
-    q, _ = torch.ops.arfuse.autofused_residual_rmsnorm_fp8(x, r, w, torch.tensor([0.5]), 1e-6, None, 0.0, group, 8)
+    out["objects"] = len(fusions.cached())
+    q, _ = op(*args(r8, x, r, w, torch.tensor([0.5])))
     out["fp8"] = (q.dtype, (q.float() - (ref / 0.5).clamp(-448, 448).to(FP8_DTYPE).float()).abs().max().item())
-    out["rmsnorm"] = (torch.ops.arfuse.autofused_rmsnorm(x, w, 1e-6, None, 0.0, group, 8)
-                      - x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w).abs().max().item()
-    offset_norm, _ = torch.ops.arfuse.autofused_residual_rmsnorm(x, r, w - 1.0, 1e-6, None, 1.0, group, 8)
+    rms, = op(*args(rn, x, weight=w))
+    out["rmsnorm"] = (rms - x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w).abs().max().item()
+    offset_norm, _ = op(*args(FusionSpec(weight_offset=True), x, r, w - 1.0, offset=1.0))
     out["weight_offset"] = (offset_norm - ref).abs().max().item()
-    out["all_reduce"] = torch.equal(torch.ops.arfuse.autofused_all_reduce(x, group, 8), x)
+    out["all_reduce"] = torch.equal(op(*args(ar, x, eps=1.0))[0], x)
+    transposed = x.transpose(0, 1).contiguous().transpose(0, 1)
     results = {}
-    for name, op, args in (
-            ("residual_rmsnorm", torch.ops.arfuse.autofused_residual_rmsnorm.default, (x, r, w, 1e-6, None, 0.0, group, 8)),
-            ("rmsnorm", torch.ops.arfuse.autofused_rmsnorm.default, (x, w, 1e-6, None, 1.0, group, 8)),
-            ("all_reduce", torch.ops.arfuse.autofused_all_reduce.default, (x, group, 8)),
-            # a transposed input: the fakes must promise the real ops' contiguous outputs
-            ("residual_rmsnorm transposed x", torch.ops.arfuse.autofused_residual_rmsnorm.default,
-             (x.transpose(0, 1).contiguous().transpose(0, 1), r, w, 1e-6, None, 0.0, group, 8)),
-            ("all_reduce transposed x", torch.ops.arfuse.autofused_all_reduce.default,
-             (x.transpose(0, 1).contiguous().transpose(0, 1), group, 8))):
-        results[name] = sorted(set(torch.library.opcheck(op, args).values()))
+    for name, call in (("residual_rmsnorm", args(rr, x, r, w)), ("rmsnorm", args(rn_offset, x, weight=w, offset=1.0)),
+                       ("all_reduce", args(ar, x, eps=1.0)),
+                       # a transposed input: the fake must promise the real op's contiguous outputs
+                       ("residual_rmsnorm transposed x", args(rr, transposed, r, w)),
+                       ("all_reduce transposed x", args(ar, transposed, eps=1.0))):
+        results[name] = sorted(set(torch.library.opcheck(op, call).values()))
     out["opcheck"] = results
     ops.close_all()
-    out["objects_after_close"] = len(ops._fusions)
+    out["objects_after_close"] = len(fusions.cached())
     return out
 
 

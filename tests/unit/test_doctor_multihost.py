@@ -8,7 +8,8 @@ from arfuse.core.types import GroupCaps, Pattern, Problem
 
 def test_doctor_explains_multi_host_restriction():
     caps = GroupCaps(world_size=2, rank=0, device_type="cuda", dist_backend="cpu:gloo,cuda:nccl",
-                     gpu_name="NVIDIA H200", sm=(9, 0), single_host=False, p2p=False, symm_mem=True, triton=True,
+                     gpu_name="NVIDIA H200", sm=(9, 0), single_host=False, p2p=False,
+                     facts={"triton_symm": {"symm_mem": True, "triton": True}},
                      notes=("single_host: ranks span hosts ['hostA', 'hostB']",), allow_unverified=True)
     problem = Problem(Pattern.RESIDUAL_RMSNORM, 8, 8192, torch.bfloat16, "cuda", 2)
     symm = _backend_entry(base.get("triton_symm"), problem, caps, None)

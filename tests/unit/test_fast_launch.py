@@ -3,7 +3,7 @@
 for sm_90, over every spec kind, dtype, token count, alignment and workspace); a fast launch passes the compiled
 kernel's launcher exactly what ``JITFunction.run`` passes it; and every condition that must send a launch back
 through ``kernel[grid]`` does (a launch hook, a replaced kernel, another device, ``TRITON_DEBUG``, a new key).
-Triton runs as on a GPU up to the compiled launcher, which launches nothing (``arfuse.bench.host``'s stand-ins)."""
+Triton runs as on a GPU up to the compiled launcher, which launches nothing (``arfuse.bench.triton_stub``'s stand-ins)."""
 from __future__ import annotations
 
 import importlib
@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from arfuse.bench import host  # noqa: E402
+from arfuse.bench import host_cases, host_stubbed, triton_stub  # noqa: E402
 from arfuse.core.spec import FusionSpec, catalogue  # noqa: E402
 from arfuse.kernels import _launch  # noqa: E402
 from arfuse.kernels import nccl_epilogue as ne  # noqa: E402
@@ -72,11 +72,11 @@ def _calls():
 
 
 def _workspaces():
-    cfg = host.HostConfig(hidden=HIDDEN, tokens=17)
+    cfg = host_cases.HostConfig(hidden=HIDDEN, tokens=17)
     for world in (2, 4):
-        a = host._symm_args(cfg, world)
+        a = host_stubbed.symm_args(cfg, world)
         yield a
-    a = host._symm_args(cfg, 8)
+    a = host_stubbed.symm_args(cfg, 8)
     a.guard_ptr, a.timeout_ns, a.lamport_off = 1, 2 ** 31 + 16, 8  # values Triton specializes differently
     yield a
 
@@ -88,16 +88,16 @@ def _recorded():
         if spec.norm:
             summed = torch.empty(call.num_tokens, HIDDEN, dtype=call.x.dtype)
             for guard in ((0x2000, 0x2008, 1) if spec.moe else (0,)):
-                launches += host.recorded_launches(lambda: ne.moe_finalize(call, spec, guard, summed)) \
+                launches += triton_stub.recorded_launches(lambda: ne.moe_finalize(call, spec, guard, summed)) \
                     if spec.moe else []
-            launches += host.recorded_launches(lambda: ne.rmsnorm_epilogue(summed, call, spec))
+            launches += triton_stub.recorded_launches(lambda: ne.rmsnorm_epilogue(summed, call, spec))
         for a in _workspaces():
             for variant in VARIANTS:
                 module = MODULES[variant]
                 extra = {"copy_in": True} if variant == "one_shot" else {}
-                launches += host.recorded_launches(lambda: getattr(module, variant)(a, call, spec, **extra))
+                launches += triton_stub.recorded_launches(lambda: getattr(module, variant)(a, call, spec, **extra))
             if not spec.moe:
-                launches += host.recorded_launches(lambda: MODULES["one_shot"].one_shot(a, call, spec, copy_in=False))
+                launches += triton_stub.recorded_launches(lambda: MODULES["one_shot"].one_shot(a, call, spec, copy_in=False))
         for kernel, grid, args, kwargs in launches:
             yield kernel.fn.__name__, grid, args, kwargs
 
@@ -145,8 +145,8 @@ class _Seen:
 @pytest.fixture
 def stubbed(monkeypatch):
     seen = _Seen()
-    monkeypatch.setattr(host._StubLauncher, "__call__", lambda self, *a: seen(*a))
-    with host.triton_stubbed():
+    monkeypatch.setattr(triton_stub._StubLauncher, "__call__", lambda self, *a: seen(*a))
+    with triton_stub.triton_stubbed():
         yield seen
 
 
@@ -218,7 +218,7 @@ def test_a_launch_hook_a_replaced_kernel_another_device_or_debug_take_tritons_pa
     monkeypatch.setattr(driver.active, "get_current_device", lambda: 0)
     ne.rmsnorm_epilogue(summed, call, spec)
     assert slow[0] == 4  # back on device 0: fast again
-    recorded = host.recorded_launches(lambda: ne.rmsnorm_epilogue(summed, call, spec))
+    recorded = triton_stub.recorded_launches(lambda: ne.rmsnorm_epilogue(summed, call, spec))
     assert len(recorded) == 1  # a replaced kernel (a test's recorder) sees every launch
 
 

@@ -1,9 +1,10 @@
-"""The eager fast path (``arfuse.core.fast``) against the checked path it stands in for, on CPU: bitwise the same
+"""The preparation step's acceptance tests (``arfuse.core.prepare``, the eager fast path) against its full checks,
+on CPU: bitwise the same
 outputs for every spec kind, with fresh, caller-provided and in-place outputs, across changes of token count,
 dtype and spec on the same objects; the same error, word for word, for every bad input after a long run of good
 calls (a caller's output aliasing an input included); a closed object refuses; exact counters after 10,000 calls;
-the cached static-scale tensor never serves a stale value. The fast path is on by default; an object with
-``_fast = None`` runs the checked path only (what ``ARFUSE_FAST_PATH=0`` gives)."""
+the cached static-scale tensor never serves a stale value. The fast path is on by default; an object whose
+preparation has ``fast = False`` runs the full checks only (what ``ARFUSE_FAST_PATH=0`` gives)."""
 from __future__ import annotations
 
 import gc
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import arfuse
-from arfuse.core import fast
+from arfuse.core import prepare
 from arfuse.core.counters import Counters, process_stats
 from arfuse.core.spec import FusionSpec, ScaleLayout, catalogue
 from arfuse.verify import Case
@@ -27,22 +28,22 @@ GROUPED = catalogue(group_size=16)  # every spec kind, groups that divide HIDDEN
 def _pair(dtype, max_tokens=MAX, hidden=HIDDEN):
     fast_one = arfuse.AllReduceFusion(max_tokens=max_tokens, hidden_size=hidden, dtype=dtype, device="cpu")
     checked = arfuse.AllReduceFusion(max_tokens=max_tokens, hidden_size=hidden, dtype=dtype, device="cpu")
-    checked._fast = None
+    checked._preparation.fast = False
     return fast_one, checked
 
 
 @pytest.fixture
 def counted(monkeypatch):
-    """``counted(fusion)``: how many calls of ``fusion`` ran the checked path (a list holding the count)."""
+    """``counted(fusion)``: how many calls of ``fusion`` ran the full checks (a list holding the count)."""
     def watch(fusion):
         n = [0]
-        real = fusion._fused
+        real = fusion._preparation.check
 
         def checked(*args, **kwargs):
             n[0] += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(fusion, "_fused", checked)
+        monkeypatch.setattr(fusion._preparation, "check", checked)
         return n
     return watch
 
@@ -230,9 +231,9 @@ def test_a_cached_static_scale_never_serves_a_stale_value():
     with torch.inference_mode():
         fourth = fusion.residual_rmsnorm_quant(x, residual, weight, quant=arfuse.FP8Static(0.5))
     assert fourth.scale is third.scale  # cached outside inference mode, usable inside it
-    for k in range(2 * fast.MAX_SCALES):
+    for k in range(2 * prepare.MAX_SCALES):
         fusion.residual_rmsnorm_fp8(x, residual, weight, 0.01 * (k + 1))
-    assert len(fusion._fast.scales) <= fast.MAX_SCALES
+    assert len(fusion._preparation.scales) <= prepare.MAX_SCALES
     fusion.close()
     checked.close()
 
@@ -256,3 +257,60 @@ def test_exotic_argument_types_take_the_checked_path_and_still_run(counted):
     assert slow[0] == 2  # the int offset and the subclass
     fusion.close()
     checked.close()
+
+
+def test_each_spec_s_acceptance_function_is_generated_from_its_operand_table():
+    from arfuse.core import accept, operands
+    from arfuse.core.types import Capacity
+
+    cap = Capacity(MAX, HIDDEN, torch.bfloat16, torch.device("cpu"))
+    for spec in GROUPED:
+        text = accept.source(spec, cap)
+        for o in operands.operands(spec):
+            assert f"call.{o.slot}" in text or o.slot in ("expert_idx", "expert_scales", "scale"), (spec.name, o)
+        for slot in operands.OUTPUT_SLOTS:  # written or refused, never ignored
+            assert f"call.{slot}" in text, (spec.name, slot)
+        assert callable(accept.compile_accept(spec, cap, dict(moe_tokens=None, static_scale=None,
+                                                              may_overlap=None)))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["accept", "full"])
+def test_run_refuses_what_its_spec_does_not_take_and_leaves_the_call_as_it_was(fast):
+    from arfuse.core.types import FusedCall
+
+    fusion = arfuse.AllReduceFusion(max_tokens=8, hidden_size=16, dtype=torch.float32, device="cpu")
+    fusion._preparation.fast = fast
+    x, r, w = torch.randn(4, 16), torch.randn(4, 16), torch.rand(16)
+    plain, offset, norm_only = FusionSpec(), FusionSpec(weight_offset=True), FusionSpec(residual=False)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="weight_offset must be finite"):
+            fusion.run(offset, FusedCall(x, None, residual=r, weight=w, weight_offset=bad))
+    with pytest.raises(ValueError, match=r"weight_offset is 1.0, but .* has no weight offset"):
+        fusion.run(plain, FusedCall(x, None, residual=r, weight=w, weight_offset=1.0))
+    call = FusedCall(x, None, residual=r, weight=w, eps=1e-5)
+    with pytest.raises(ValueError, match=r"residual is not an input of this call \(rmsnorm"):
+        fusion.run(norm_only, call)
+    # refused: nothing allocated, nothing normalised
+    assert call.out is None and call.residual_out is None and call.eps == 1e-5 and call.num_tokens == 4
+    with pytest.raises(ValueError, match="scale is not an input"):
+        fusion.run(plain, FusedCall(x, None, residual=r, weight=w, scale=torch.ones(1)))
+    done = fusion.run(offset, FusedCall(x, None, residual=r, weight=w, weight_offset=1.0))
+    assert done.out is not None and done.residual_out is not None
+    fusion.close()
+
+
+def test_moe_rows_missing_are_refused_where_the_index_is_not_read():
+    # on CUDA the acceptance test does not read the routing (the kernels guard it); no expert rows at all is
+    # still the full check's error
+    from arfuse.core.types import FusedCall
+
+    fusion = arfuse.AllReduceFusion(max_tokens=8, hidden_size=16, dtype=torch.float32, device="cpu")
+    prep = fusion._preparation
+    prep.cuda = True
+    moe = FusionSpec(prologue=arfuse.core.spec.Prologue.MOE_FINALIZE)
+    call = FusedCall(torch.empty(0, 16), None, residual=torch.randn(2, 16), weight=torch.rand(16),
+                     expert_idx=torch.zeros(2, 2, dtype=torch.int32), expert_scales=torch.ones(2, 2))
+    assert prep.accept(moe, call, False) is False and call.out is None
+    with pytest.raises(ValueError, match="expert_out has no rows"):
+        prep.check("moe_finalize_residual_rmsnorm", moe, call, False)
+    fusion.close()

@@ -214,7 +214,8 @@ def test_signature_less_release_still_binds(tmp_path, mode):
 # -- the backend and the manager --------------------------------------------------------------------------------
 def _caps(p, world=1, **kw):
     kw.setdefault("allow_unverified", True)  # the rules of the adapter, not the verification record
-    return GroupCaps(world_size=world, rank=0, device_type=kw.pop("device_type", "cpu"), flashinfer=p, **kw)
+    return GroupCaps(world_size=world, rank=0, device_type=kw.pop("device_type", "cpu"),
+                     facts={"flashinfer": {"flashinfer": p}}, **kw)
 
 
 @pytest.mark.parametrize("version", ff.versions())

@@ -17,7 +17,7 @@ from arfuse.backends.base import ALLOW_UNVERIFIED_ENV
 from arfuse.backends.flashinfer import FlashInferBackend, flashinfer_scales, guarded_indices, moe_row_reason
 from arfuse.backends.flashinfer_workspace import WorkspaceManager
 from arfuse.cli.doctor import flashinfer_fusions
-from arfuse.core import outputs as out_specs
+from arfuse.core import operands, prepare
 from arfuse.core.math import ue8m0_empty
 from arfuse.core.spec import CLASSIC_FEATURES, FusionSpec, Prologue, Quant, ScaleLayout, catalogue
 from arfuse.core.types import Capacity, FusedCall, GroupCaps, Problem
@@ -87,7 +87,8 @@ def _variants():
 
 
 def _caps(p, world=4, sm=(9, 0)):
-    return GroupCaps(world_size=world, rank=0, device_type="cuda", sm=sm, p2p=True, flashinfer=p)
+    return GroupCaps(world_size=world, rank=0, device_type="cuda", sm=sm, p2p=True,
+                     facts={"flashinfer": {"flashinfer": p}})
 
 
 def test_model_covers_every_recorded_release():
@@ -143,7 +144,7 @@ OFFSET = 1.0
 
 def _call(spec, n, scales_dtype=torch.float32):
     """A FusedCall for ``spec`` with distinct tensors (outputs as arfuse allocates them)."""
-    made = out_specs.prepare("test", spec, n, H, BF16, "cpu", {}, {})
+    made = operands.allocate_all(spec, n, H, BF16, "cpu")
     residual = torch.randn(n, H, dtype=BF16) if spec.residual else None
     kw = dict(residual=residual, weight=torch.randn(H, dtype=BF16), eps=1e-5,
               weight_offset=OFFSET if spec.weight_offset else 0.0, scale=torch.full((1,), 0.25),
@@ -258,7 +259,8 @@ def test_ue8m0_layout_is_flashinfer_s_exactly():
 def test_a_valid_scale_tensor_with_another_unit_stride_gets_flashinfer_s_strides():
     spec = FusionSpec(quant=Quant.FP8_PER_TOKEN_GROUP, group_size=128, scale_layout=ScaleLayout.UE8M0)
     t = torch.zeros(5, 1, dtype=torch.int32)  # contiguous: stride (1, 1); arfuse accepts it (one pack column)
-    assert out_specs.check_given("op", spec, "scale_out", "scale_out", t, 5, 128, BF16, "cpu") is t
+    cap = Capacity(8, 128, BF16, torch.device("cpu"))
+    assert prepare.check_output("op", operands.outputs(spec)[-1], spec, t, 5, cap) is t
     view = flashinfer_scales(t, spec)
     assert view.stride() == (1, 8) and view.data_ptr() == t.data_ptr() and view.shape == t.shape
     view[3, 0] = 7

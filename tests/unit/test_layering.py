@@ -25,7 +25,8 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("arfuse.select",),                      # pure selection and tuning tables
     ("arfuse.runtime",),                     # executor and the torch.library op
     ("arfuse.api",),                         # the public fusion object
-    ("arfuse.functional", "arfuse.module"),  # one-off functions and the nn.Module drop-in
+    ("arfuse.functional", "arfuse.module",   # one-off functions and the nn.Module drop-in;
+     "arfuse.fusions"),                      # the fusion objects they and arfuse.compile make for callers
     ("arfuse.autofuse",),                    # arfuse.compile: the Inductor pass fusing existing models
     ("arfuse",),                             # the package's public surface (__init__)
     ("arfuse.verify", "arfuse.launch",       # float64 oracle and the rank launcher, for tools and tests;

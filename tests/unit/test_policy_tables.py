@@ -21,7 +21,8 @@ from arfuse.select.table import Entry, Range
 
 # allow_unverified: selection is tested here, the verification record in test_verification.py
 CUDA = GroupCaps(world_size=4, rank=0, device_type="cuda", dist_backend="nccl", gpu_name="NVIDIA H200", sm=(9, 0),
-                 single_host=True, p2p=True, symm_mem=True, triton=True, allow_unverified=True)
+                 single_host=True, p2p=True, facts={"triton_symm": {"symm_mem": True, "triton": True}},
+                 allow_unverified=True)
 TWO_HOSTS = replace(CUDA, single_host=False, p2p=False,
                     notes=("single_host: ranks span hosts ['hostA', 'hostB']", "p2p: ranks are not on one host"))
 NO_P2P = replace(CUDA, p2p=False, notes=("p2p: rank 1: GPU 1 cannot access GPU 0",))

@@ -106,7 +106,7 @@ def test_named_path_falls_back_with_the_reason_or_raises_in_strict(capped):
 
 def _flashinfer_caps(probe) -> GroupCaps:
     return GroupCaps(world_size=4, rank=0, device_type="cuda", sm=(9, 0), single_host=True, p2p=True,
-                     flashinfer=probe, allow_unverified=True)
+                     facts={"flashinfer": {"flashinfer": probe}}, allow_unverified=True)
 
 
 def test_flashinfer_refuses_too_many_expert_rows_in_check_before_0_6_15(tmp_path):

@@ -71,23 +71,24 @@ def test_import_arfuse_with_a_too_old_torch_says_so_in_one_line():
 def test_a_too_old_triton_is_a_probe_note_the_triton_backends_report(monkeypatch):
     from arfuse.backends.nccl import NcclNormBackend
     from arfuse.core.types import GroupCaps
-    from arfuse.probe import device
+    from arfuse.probe import facts
 
     pytest.importorskip("triton")
     old = _older("triton")
     _fake_version(monkeypatch, "triton", old)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "stand-in GPU")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
-    local = device.local_device(torch.device("cuda", 0))
-    assert not local.triton
+    local = facts.triton_facts(torch.device("cuda", 0))  # the fact the Triton backends contribute to the probe
+    assert local.values == {"triton": False}
     note = f"triton: arfuse's Triton kernels need triton >= {MINIMUM['triton']}, found {old}"
-    assert note in local.notes
-    caps = GroupCaps(world_size=1, rank=0, device_type="cuda", dist_backend="nccl", triton=local.triton,
+    assert local.notes == (note,)
+    caps = GroupCaps(world_size=1, rank=0, device_type="cuda", dist_backend="nccl", sm=(9, 0),
+                     facts={"nccl": dict(local.values), "triton_symm": dict(local.values, symm_mem=True)},
                      notes=local.notes)
     # the reason carries the version note (nccl's wording waits for its next GPU verification:
     # bench/pending/launch_triton_api_check.patch)
     assert NcclNormBackend().check_group(caps).endswith(f"({note})")
     assert base.get("triton_symm").check_group(caps) is not None
+    _fake_version(monkeypatch, "triton", MINIMUM["triton"])
+    assert facts.triton_facts(torch.device("cuda", 0)) == facts.LocalFacts({"triton": True})
 
 
 def test_a_too_old_transformers_is_refused_by_the_hf_helpers_and_the_cli(monkeypatch, capsys):

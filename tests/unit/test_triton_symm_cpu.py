@@ -15,7 +15,8 @@ from tests import _records
 SYMM = base.get("triton_symm")
 # allow_unverified: these tests are about capabilities and limits (the verification record: test_verification.py)
 GOOD = GroupCaps(world_size=4, rank=0, device_type="cuda", dist_backend="cpu:gloo,cuda:nccl", gpu_name="NVIDIA H200",
-                 sm=(9, 0), single_host=True, p2p=True, symm_mem=True, triton=True, allow_unverified=True)
+                 sm=(9, 0), single_host=True, p2p=True, facts={"triton_symm": {"symm_mem": True, "triton": True}},
+                 allow_unverified=True)
 
 
 def problem(tokens, hidden=8192, dtype=torch.bfloat16, pattern=Pattern.RESIDUAL_RMSNORM, world=4):
@@ -23,8 +24,10 @@ def problem(tokens, hidden=8192, dtype=torch.bfloat16, pattern=Pattern.RESIDUAL_
 
 
 @pytest.mark.parametrize("change,needle", [
-    (dict(single_host=False), "one host"), (dict(p2p=False), "P2P"), (dict(symm_mem=False), "symmetric memory"),
-    (dict(triton=False), "Triton"), (dict(sm=(7, 5)), "compute capability"),
+    (dict(single_host=False), "one host"), (dict(p2p=False), "P2P"),
+    (dict(facts={"triton_symm": {"symm_mem": False, "triton": True}}), "symmetric memory"),
+    (dict(facts={"triton_symm": {"symm_mem": True, "triton": False}}), "Triton"),
+    (dict(sm=(7, 5)), "compute capability"),
 ])
 def test_group_requirements_are_explained(change, needle):
     caps = GroupCaps(**{**GOOD.__dict__, **change})

@@ -18,7 +18,7 @@ from tests import _records
 REPO = Path(__file__).resolve().parents[2]
 SYMM = base.get("triton_symm")
 CAPS = GroupCaps(world_size=4, rank=0, device_type="cuda", dist_backend="cpu:gloo,cuda:nccl", sm=(9, 0),
-                 single_host=True, p2p=True, symm_mem=True, triton=True)
+                 single_host=True, p2p=True, facts={"triton_symm": {"symm_mem": True, "triton": True}})
 GROUP = FusionSpec(quant=Quant.FP8_PER_TOKEN_GROUP, group_size=128, scale_layout=ScaleLayout.UE8M0)
 
 
