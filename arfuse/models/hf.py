@@ -58,7 +58,9 @@ def tp_kwargs(transformers, tp_size: int, config=None) -> dict:
     experts on the whole batch and the outputs are summed, as a TP serving engine shards them. Without it every
     rank would run every expert, and the experts' allreduce a TP deployment has would not exist."""
     if hasattr(transformers, "DistributedConfig"):
-        extra = {"ep_size": tp_size, "ep_implementation": "all_reduce"} if experts_need_ep(config) else {}
+        extra = {"ep_size": tp_size, "ep_implementation": "all_reduce"}
+        if not (experts_need_ep(config) and _accepts(transformers.DistributedConfig, extra)):
+            extra = {}
         return {"distributed_config": transformers.DistributedConfig(tp_size=tp_size, **extra)}
     import torch.distributed as dist
 
@@ -68,6 +70,17 @@ def tp_kwargs(transformers, tp_size: int, config=None) -> dict:
         raise ValueError(f"hf.load: transformers {transformers.__version__} shards over the whole default group "
                          f"(tp_plan='auto'): tp_size must be its size {dist.get_world_size()}, got {tp_size}")
     return {"tp_plan": "auto"}
+
+
+def _accepts(factory, kwargs: dict) -> bool:
+    """Whether ``factory`` takes every keyword of ``kwargs`` (a release without expert parallelism does not)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_KEYWORD for p in params.values()) or all(k in params for k in kwargs)
 
 
 def experts_need_ep(config) -> bool:
