@@ -199,6 +199,10 @@ def run(args, environment, default_preset: Dict[str, str]) -> int:
     args_.check_writable("--json", args.json)
     tp = args.tp or (args_.cuda_device_count() if device == "cuda" else 2)
     args_.check_ranks("--tp", tp, device)
+    try:
+        hf.check_tp_size(hf.transformers_module(), cfg, tp)
+    except ValueError as e:
+        raise UsageError(f"--tp {tp}: {e}") from None
     args.preset = preset
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     spec = HFSpec(family, args.preset, args.layers, args.prompt_lens, args.batches, args.kv_len, dtype, device,

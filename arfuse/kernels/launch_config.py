@@ -67,8 +67,9 @@ class SymmArgs:
     ``guard_ptr``: a MoE index out of range), rank layout, region offsets (in elements of the workspace dtype), the
     per-family call counters (int32 device tensors ``[epoch, arrivals]``), the per-block barrier generations
     (int32, one per signal-pad block slot) and the grid limits: ``max_grid`` (the most CTAs of any launch),
-    ``barrier_slots`` (block ids the signal pad holds) and ``sms`` (the SMs a grid that needs all its CTAs resident
-    may span)."""
+    ``barrier_slots`` (block ids the signal pad holds) and ``sms`` (the SMs the Lamport push splits its rows for; a
+    grid that needs all its CTAs resident spans at most ``min(sms, max_grid)``: virtual ranks share one GPU, so
+    their ``max_grid`` is their share of it and their ``sms`` the whole GPU's)."""
 
     __slots__ = ("peer_ptrs", "pad_ptrs", "err_ptr", "guard_ptr", "lamport_state", "one_shot_state", "lts_state",
                  "barrier_gen", "rank", "world_size", "timeout_ns", "max_grid", "barrier_slots", "sms", "one_shot_off",

@@ -9,6 +9,7 @@ optional at run time.
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 import torch
@@ -61,6 +62,8 @@ def tp_kwargs(transformers, tp_size: int, config=None) -> dict:
         extra = {"ep_size": tp_size, "ep_implementation": "all_reduce"}
         if not (experts_need_ep(config) and _accepts(transformers.DistributedConfig, extra)):
             extra = {}
+        else:
+            check_tp_size(transformers, config, tp_size)
         return {"distributed_config": transformers.DistributedConfig(tp_size=tp_size, **extra)}
     import torch.distributed as dist
 
@@ -70,6 +73,19 @@ def tp_kwargs(transformers, tp_size: int, config=None) -> dict:
         raise ValueError(f"hf.load: transformers {transformers.__version__} shards over the whole default group "
                          f"(tp_plan='auto'): tp_size must be its size {dist.get_world_size()}, got {tp_size}")
     return {"tp_plan": "auto"}
+
+
+def check_tp_size(transformers, config, tp_size: int) -> None:
+    """ValueError (one line) if transformers would shard ``config``'s experts by expert parallelism over
+    ``tp_size`` ranks and their count does not divide by it (see :func:`tp_kwargs`)."""
+    if not experts_need_ep(config) or not hasattr(transformers, "DistributedConfig"):
+        return
+    experts = next((getattr(config, a) for a in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if isinstance(getattr(config, a, None), int)), None)
+    if experts is not None and experts % tp_size:
+        raise ValueError(f"transformers {transformers.__version__} shards this model's experts only by expert "
+                         f"parallelism, and its {experts} experts do not split over {tp_size} ranks: use a TP size "
+                         f"that divides {experts}")
 
 
 def _accepts(factory, kwargs: dict) -> bool:
@@ -89,8 +105,10 @@ def experts_need_ep(config) -> bool:
         return False
     tp_plan = getattr(config, "base_model_tp_plan", None) or {}
     ep_plan = getattr(config, "base_model_ep_plan", None) or {}
-    return (not any("experts" in rule for rule in tp_plan)
-            and any("experts" in rule for rule in ep_plan))
+    def names_experts(rule: str) -> bool:  # a module path through ".experts" (not ".shared_experts")
+        return re.search(r"(^|\.)experts(\.|$)", rule) is not None
+
+    return not any(map(names_experts, tp_plan)) and any(map(names_experts, ep_plan))
 
 
 def config(family: str, preset: str = "tiny", layers: Optional[int] = None, **overrides):

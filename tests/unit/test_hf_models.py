@@ -150,9 +150,15 @@ def test_tp_is_asked_for_in_the_installed_transformers_spelling():
     moe.base_model_tp_plan["layers.*.mlp.experts"] = "moe_tp_experts"  # older plans shard them by TP
     assert hf.tp_kwargs(five, 2, moe) == {"distributed_config": ("config", 2, {})}
     assert not hf.experts_need_ep(hf.config("llama", "tiny"))
+    shared_only = types.SimpleNamespace(base_model_tp_plan={"layers.*.mlp.shared_experts.down_proj": "rowwise"},
+                                        base_model_ep_plan={"layers.*.mlp.shared_experts": "x"})
+    assert not hf.experts_need_ep(shared_only)  # a shared expert is not the routed experts
     older = types.SimpleNamespace(DistributedConfig=lambda tp_size: ("config", tp_size, {}), __version__="5.0.0")
     moe.base_model_tp_plan.pop("layers.*.mlp.experts")  # a release whose DistributedConfig has no EP: TP alone
     assert hf.tp_kwargs(older, 2, moe) == {"distributed_config": ("config", 2, {})}
+    moe.num_experts = 4  # experts must split evenly over the ranks: a clear error before transformers' own
+    with pytest.raises(ValueError, match="its 4 experts do not split over 8 ranks: use a TP size that divides 4"):
+        hf.tp_kwargs(five, 8, moe)
     four = types.SimpleNamespace(__version__="4.57.6")  # no DistributedConfig: tp_plan="auto" over the group
     if not dist.is_initialized():
         with pytest.raises(ValueError, match="tp_size=2 needs the default process group"):
