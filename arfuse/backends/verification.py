@@ -264,7 +264,10 @@ def _evidence_text(e: dict) -> str:
     worlds = ",".join(str(w) for w in e.get("world_sizes", [])) + (" (holds at any W)" if e.get("any_world_size") else "")
     cases = e.get("cases")
     dtypes = f", {'/'.join(e['dtypes'])}" if e.get("dtypes") else ""
-    failed = "FAILED: " if not e.get("ok", True) else ""
+    failed = ""
+    if not e.get("ok", True):  # what failed, in a few words (the record keeps the whole message)
+        problem = (e.get("problems") or ["see its results"])[0].split(":")[0]
+        failed = f"FAILED ({problem}): "
     return (f"{failed}{e['kind'].replace('_', ' ')}, {e.get('device', '?')}, W={worlds}{dtypes}"
             f"{f', {cases} cases' if cases else ''}, {e.get('date', '?')} ({str(e.get('commit') or '?')[:10]})")
 

@@ -246,6 +246,10 @@ def render(record: dict) -> None:
                                      for p in paths])
     table.add_row("check", *["ok" if results[p]["check"]["ok"] else "FAILED" for p in paths])
     console.print(table)
+    if record["device"]["type"] == "cpu":
+        from arfuse.bench.report import CPU_NOTE
+
+        console.print(f"  {CPU_NOTE}")
     for key, text in record["method"].items():
         console.print(f"  {key}: {text}")
     if any("profile" in r for r in results.values()):
