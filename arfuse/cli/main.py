@@ -45,11 +45,12 @@ def build_parser() -> Parser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    args, unknown = parser.parse_known_args(argv)
     if not args.command:
-        parser.print_help(sys.stderr)
-        return 2
+        fail("arfuse", f"a command is required: one of {', '.join(COMMANDS)}")
+    if unknown:  # named against the command they were given to, whose --help lists what it takes
+        fail(f"arfuse {args.command}", f"unrecognized arguments: {' '.join(unknown)}")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except UsageError as e:

@@ -207,6 +207,11 @@ def test_the_version_has_one_source():
     assert re.fullmatch(r"\d+\.\d+\.\d+\S*", arfuse.__version__)
 
 
-def test_no_command_prints_help_and_exits_2(capsys):
-    assert cli.main([]) == 2
-    assert "COMMAND" in capsys.readouterr().err
+def test_no_command_or_an_unknown_flag_is_one_line_naming_the_command(capsys):
+    for argv, expected in (([], "arfuse: error: a command is required: one of demo, doctor, bench, tune, e2e"),
+                           (["demo", "--nope"], "arfuse demo: error: unrecognized arguments: --nope (see arfuse "
+                                                "demo --help)")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(expected), err
