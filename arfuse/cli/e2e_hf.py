@@ -200,7 +200,7 @@ def run(args, environment, default_preset: Dict[str, str]) -> int:
     tp = args.tp or (args_.cuda_device_count() if device == "cuda" else 2)
     args_.check_ranks("--tp", tp, device)
     try:
-        hf.check_tp_size(hf.transformers_module(), cfg, tp)
+        hf.ep_kwargs(hf.transformers_module(), cfg, tp)  # its ValueError: the experts do not split over --tp
     except ValueError as e:
         raise UsageError(f"--tp {tp}: {e}") from None
     args.preset = preset

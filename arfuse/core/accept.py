@@ -110,13 +110,8 @@ def _inputs(spec: FusionSpec) -> List[str]:
                   "if type(wo) is not float or not -LARGEST <= wo <= LARGEST:", "    return False"]
     else:
         lines += ["if type(call.weight_offset) is not float or call.weight_offset != 0.0:", "    return False"]
-    untaken = [s for s in ops.INPUT_SLOTS if s not in {o.slot for o in ops.inputs(spec)}]
-    if untaken:  # a value in a slot the spec does not take: the full check names it
-        tests = [f"call.{s} is not None" for s in untaken]
-        rows = [" or ".join(tests[i:i + 3]) for i in range(0, len(tests), 3)]
-        lines += [f"if ({rows[0]}"] + [f"        or {row}" for row in rows[1:]]
-        lines[-1] += "):"
-        lines.append("    return False")
+    taken = {o.slot for o in ops.inputs(spec)}
+    lines += _all_none([s for s in ops.INPUT_SLOTS if s not in taken])  # the full check names any it finds
     if spec.residual:
         return lines + ["if inplace is not False and (inplace is not True or call.residual_out is not None):",
                         "    return False"]
@@ -125,10 +120,7 @@ def _inputs(spec: FusionSpec) -> List[str]:
 
 def _given(spec: FusionSpec) -> List[str]:
     """The caller's outputs: none for a slot the spec does not write, each fit, none overlapping anything."""
-    unwritten = [s for s in ops.OUTPUT_SLOTS if s not in ops.names(spec)]
-    lines = []
-    if unwritten:
-        lines += [f"if {' or '.join(f'call.{s} is not None' for s in unwritten)}:", "    return False"]
+    lines = _all_none([s for s in ops.OUTPUT_SLOTS if s not in ops.names(spec)])
     lines.append("given = ()")
     for o in ops.outputs(spec):
         lines += [f"t = call.{o.slot}  # {ops.describe(o)}", "if t is not None:"]
@@ -140,6 +132,18 @@ def _given(spec: FusionSpec) -> List[str]:
     inplace = "inplace" if spec.residual else "False"
     check = "(given or inplace)" if spec.residual else "given"
     return lines + [f"if {check} and may_overlap(call, given, {inplace}):", "    return False"]
+
+
+def _all_none(slots: List[str]) -> List[str]:
+    """Lines: return False unless every slot of ``slots`` (ones the spec does not have) is None."""
+    if not slots:
+        return []
+    tests = [f"call.{s} is not None" for s in slots]
+    rows = [" or ".join(tests[i:i + 3]) for i in range(0, len(tests), 3)]
+    if len(rows) == 1:
+        return [f"if {rows[0]}:", "    return False"]
+    return [f"if ({rows[0]}"] + [f"        or {row}" for row in rows[1:-1]] + [f"        or {rows[-1]}):",
+                                                                          "    return False"]
 
 
 def _allocate(spec: FusionSpec) -> List[str]:

@@ -19,6 +19,7 @@ from arfuse.core import requirements
 FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
             "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
 EXPERTS, TOP_K = 4, 2
+_EXPERTS_RULE = re.compile(r"(^|\.)experts(\.|$)")  # a plan rule through ".experts" (not ".shared_experts")
 
 
 def _moe(family: str, values: dict) -> dict:
@@ -59,12 +60,8 @@ def tp_kwargs(transformers, tp_size: int, config=None) -> dict:
     experts on the whole batch and the outputs are summed, as a TP serving engine shards them. Without it every
     rank would run every expert, and the experts' allreduce a TP deployment has would not exist."""
     if hasattr(transformers, "DistributedConfig"):
-        extra = {"ep_size": tp_size, "ep_implementation": "all_reduce"}
-        if not (experts_need_ep(config) and _accepts(transformers.DistributedConfig, extra)):
-            extra = {}
-        else:
-            check_tp_size(transformers, config, tp_size)
-        return {"distributed_config": transformers.DistributedConfig(tp_size=tp_size, **extra)}
+        return {"distributed_config": transformers.DistributedConfig(tp_size=tp_size,
+                                                                     **ep_kwargs(transformers, config, tp_size))}
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -75,17 +72,21 @@ def tp_kwargs(transformers, tp_size: int, config=None) -> dict:
     return {"tp_plan": "auto"}
 
 
-def check_tp_size(transformers, config, tp_size: int) -> None:
-    """ValueError (one line) if transformers would shard ``config``'s experts by expert parallelism over
-    ``tp_size`` ranks and their count does not divide by it (see :func:`tp_kwargs`)."""
-    if not experts_need_ep(config) or not hasattr(transformers, "DistributedConfig"):
-        return
+def ep_kwargs(transformers, config, tp_size: int) -> dict:
+    """The ``DistributedConfig`` keywords that shard ``config``'s experts over the ``tp_size`` ranks by expert
+    parallelism (see :func:`tp_kwargs`): none where its TP plan shards them or this transformers has no expert
+    parallelism. ValueError (one line) if the expert count does not divide by ``tp_size``."""
+    extra = {"ep_size": tp_size, "ep_implementation": "all_reduce"}
+    if not (hasattr(transformers, "DistributedConfig") and experts_need_ep(config)
+            and _accepts(transformers.DistributedConfig, extra)):
+        return {}
     experts = next((getattr(config, a) for a in ("num_experts", "num_local_experts", "n_routed_experts")
                     if isinstance(getattr(config, a, None), int)), None)
     if experts is not None and experts % tp_size:
         raise ValueError(f"transformers {transformers.__version__} shards this model's experts only by expert "
                          f"parallelism, and its {experts} experts do not split over {tp_size} ranks: use a TP size "
                          f"that divides {experts}")
+    return extra
 
 
 def _accepts(factory, kwargs: dict) -> bool:
@@ -105,10 +106,7 @@ def experts_need_ep(config) -> bool:
         return False
     tp_plan = getattr(config, "base_model_tp_plan", None) or {}
     ep_plan = getattr(config, "base_model_ep_plan", None) or {}
-    def names_experts(rule: str) -> bool:  # a module path through ".experts" (not ".shared_experts")
-        return re.search(r"(^|\.)experts(\.|$)", rule) is not None
-
-    return not any(map(names_experts, tp_plan)) and any(map(names_experts, ep_plan))
+    return not any(map(_EXPERTS_RULE.search, tp_plan)) and any(map(_EXPERTS_RULE.search, ep_plan))
 
 
 def config(family: str, preset: str = "tiny", layers: Optional[int] = None, **overrides):
@@ -157,7 +155,8 @@ def load(path: str, *, dtype: torch.dtype = torch.float32, tp_size: int = 1, dev
     transformers = transformers_module()
     kwargs = {"dtype": dtype}
     if tp_size > 1:
-        kwargs.update(tp_kwargs(transformers, tp_size, transformers.AutoConfig.from_pretrained(path)))
+        kwargs["config"] = transformers.AutoConfig.from_pretrained(path)  # read once: the plan and the model's
+        kwargs.update(tp_kwargs(transformers, tp_size, kwargs["config"]))
     elif device is not None:
         kwargs["device_map"] = str(device)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
