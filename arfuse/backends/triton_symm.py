@@ -46,7 +46,8 @@ class TritonSymmBackend(Backend):
     priority = 10
 
     def verified_sources(self, variant: str):
-        return (f"arfuse.kernels.{variant}", "arfuse.backends.symm_workspace")
+        # the host side too: which tokens and specs reach a variant, and how its workspace is laid out
+        return (f"arfuse.kernels.{variant}", "arfuse.backends.symm_workspace", "arfuse.backends.triton_symm")
 
     def check_group(self, caps: GroupCaps) -> Optional[str]:
         if not caps.single_host:

@@ -116,6 +116,14 @@ def test_the_launchers_pass_each_position_the_kind_its_key_reads(launches):
                                                                          ("num_warps", "enable_fp_fusion")]]
 
 
+def test_every_launch_says_whether_triton_may_fuse_multiply_adds(launches):
+    # Triton's default for FP fusion is a release's choice (3.10 announced turning it off): the kernels' rounding,
+    # and so their verification evidence, must not follow it silently
+    assert launches
+    for name, _, _, kwargs in launches:
+        assert isinstance(kwargs.get("enable_fp_fusion"), bool), f"{name} leaves enable_fp_fusion to Triton"
+
+
 def test_launches_that_share_a_key_share_tritons_specialization(launches):
     backend = make_backend(GPUTarget("cuda", 90, 32))
     binders = {name: create_function_from_signature(_kernel(name).signature, _kernel(name).params, backend)
@@ -247,3 +255,109 @@ def test_a_compiled_kernel_of_another_shape_is_never_cached(stubbed, monkeypatch
     monkeypatch.setattr(ne, "rmsnorm_epilogue_kernel", Odd())
     ne.rmsnorm_epilogue(summed, call, spec)
     assert not LAUNCHERS["rmsnorm_epilogue_kernel"].entries
+
+
+# -- the check of Triton's private API (once, at import), whatever Triton is installed ------------------------
+def test_the_installed_triton_either_fits_the_fast_launch_or_turns_it_off():
+    problem, extra = _launch.triton_api_problem()
+    assert _launch._API_OK == (problem is None), problem
+    assert [(s, name) for s, name in _launch._EXTRA_KNOBS] == [(getattr(knobs, sec), name) for sec, name in extra]
+    if problem is not None:
+        assert not _launch.ENABLED
+
+
+class _Knobs:
+    class runtime:
+        debug = interpret = False
+        launch_enter_hook = launch_exit_hook = None
+
+    class compilation:
+        instrumentation_mode = ""
+
+    HookChain = knobs.HookChain
+
+
+LAUNCH = """
+            kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata,
+                       knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())
+"""
+
+
+def _jit(tmp_path, body: str):
+    """A stand-in JITFunction whose ``run`` has ``body`` (in a module file, so its source can be read)."""
+    import importlib.util
+
+    path = tmp_path / f"jit_{abs(hash(body))}.py"
+    path.write_text("class JITFunction:\n    def run(self, *args, grid, warmup, **kwargs):\n        if warmup:\n"
+                    + body)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.JITFunction
+
+
+def test_a_triton_that_launches_its_compiled_kernel_otherwise_is_refused(tmp_path):
+    assert _launch.triton_api_problem(_jit(tmp_path, LAUNCH), _Knobs) == (None, ())
+    other = _jit(tmp_path, LAUNCH.replace("kernel.packed_metadata, ", ""))
+    assert _launch.triton_api_problem(other, _Knobs) == (
+        "JITFunction.run no longer calls the compiled kernel's launcher as arfuse does", ())
+    reads_more = _jit(tmp_path, "            x = knobs.compilation.fpsan_homomorphic_casts" + LAUNCH)
+    assert _launch.triton_api_problem(reads_more, _Knobs)[0] == \
+        "triton.knobs.compilation.fpsan_homomorphic_casts is missing"
+    _Knobs.compilation.fpsan_homomorphic_casts = False
+    try:
+        assert _launch.triton_api_problem(reads_more, _Knobs) == (None, (("compilation", "fpsan_homomorphic_casts"),))
+    finally:
+        del _Knobs.compilation.fpsan_homomorphic_casts
+
+
+def test_a_knob_jitfunction_run_reads_is_part_of_the_key(stubbed, monkeypatch):
+    class Section:
+        value = 0
+
+    monkeypatch.setattr(_launch, "_EXTRA_KNOBS", ((Section, "value"),))
+    slow = _runs(ne.rmsnorm_epilogue_kernel, monkeypatch)
+    summed, call, spec = _epilogue_call()
+    ne.rmsnorm_epilogue(summed, call, spec)
+    ne.rmsnorm_epilogue(summed, call, spec)
+    assert slow[0] == 1
+    Section.value = 1  # e.g. Triton 3.9's fpsan_homomorphic_casts turned on: another compilation
+    ne.rmsnorm_epilogue(summed, call, spec)
+    assert slow[0] == 2
+
+
+def test_a_triton_of_another_shape_takes_kernel_grid_with_one_log_line():
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import logging, triton.runtime.jit as jit
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        original, count = jit.JITFunction.run, [0]
+        def run(self, *args, **kwargs):  # not the JITFunction.run whose source the check reads
+            count[0] += 1
+            return original(self, *args, **kwargs)
+        jit.JITFunction.run = run
+        import torch
+        from arfuse.bench import triton_stub
+        from arfuse.kernels import _launch, nccl_epilogue as ne
+        from arfuse.core.spec import FusionSpec
+        from arfuse.verify import Case
+        from tests._calls import fused_call
+        call, _ = fused_call(FusionSpec(), Case(5, 256, torch.bfloat16, seed=5))
+        summed = torch.randn(5, 256, dtype=torch.bfloat16)
+        with triton_stub.triton_stubbed():
+            for _ in range(3):
+                ne.rmsnorm_epilogue(summed, call, FusionSpec())
+        print("ENABLED", _launch.ENABLED, "launches", count[0], "cached", len(_launch.LAUNCHERS[0].entries))
+    """)
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["ENABLED", "False", "launches", "3", "cached", "0"], done.stdout
+    lines = [line for line in done.stderr.splitlines() if "fast kernel launch off" in line]
+    assert len(lines) == 1 and lines[0].endswith("launches take kernel[grid]"), done.stderr[-3000:]
+    assert f"Triton {triton.__version__} (" in lines[0]
