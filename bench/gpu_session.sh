@@ -103,9 +103,11 @@ for stage in "$@"; do
                 --layers "${E2E_HF_LAYERS:-2}" --tp 1 --prompt-lens "${E2E_HF_P:-128,512}" --batches "${E2E_HF_B:-1,8}" \
                 --kv-len 512 --compile-mode "$mode" --json "$R/e2e_hf_${hp}_tp1_$mode.json" > "$R/e2e_hf_${hp}_$mode.txt" 2>&1
               echo "rc $?"; tail -c 2200 "$R/e2e_hf_${hp}_$mode.txt"; done ;;
-    virtual) vp=${VIRTUAL_PLAN:-smoke}  # the kernels on virtual ranks: results for bench/verify_kernels.py record
-             timeout "${T_VIRTUAL:-540}" python3 bench/verify_kernels.py run --plan "$vp" --deadline \
+    virtual) vp=${VIRTUAL_PLAN:-smoke}${VIRTUAL_TIERS:+_tiers${VIRTUAL_TIERS//,/}}  # results for verify_kernels record;
+             # a long plan runs in parts (VIRTUAL_TIERS=0,1 then VIRTUAL_TIERS=2,3 VIRTUAL_PROTOCOL=0)
+             timeout "${T_VIRTUAL:-540}" python3 bench/verify_kernels.py run --plan "${VIRTUAL_PLAN:-smoke}" --deadline \
                "${VIRTUAL_DEADLINE:-420}" --workers "${VIRTUAL_WORKERS:-14}" --json "$R/virtual_$vp.json" \
+               ${VIRTUAL_TIERS:+--tiers "$VIRTUAL_TIERS"} $([ "${VIRTUAL_PROTOCOL:-1}" = 0 ] && echo --no-protocol) \
                > "$R/virtual_$vp.txt" 2>&1
              echo "rc $?"; tail -c 3000 "$R/virtual_$vp.txt" ;;
     virtualtest) gpu_tests virtual_ranks tests/gpu/test_virtual_ranks_gpu.py "${T_VIRTUAL_TESTS:-300}" ;;

@@ -1,6 +1,7 @@
 """Verify arfuse's multi-rank kernels on virtual ranks (one GPU), and keep the verification record.
 
-  python bench/verify_kernels.py run --plan smoke --json OUT.json [--workers 14]    (on a GPU)
+  python bench/verify_kernels.py run --plan smoke --json OUT.json [--workers 14] [--tiers 0,1] [--no-protocol]
+                                                                                    (on a GPU)
   python bench/verify_kernels.py record OUT.json [...] --results-dir bench/results/DIR
   python bench/verify_kernels.py evidence --path nccl --kind one_gpu --world-sizes 1 --cases N --json OUT.json
   python bench/verify_kernels.py table                                              (the README's table)
@@ -28,14 +29,17 @@ def _run(args) -> int:
 
     device = torch.device("cuda", torch.cuda.current_device())
     tiers = vrun.tiers(args.plan)
-    protocol = vrun.protocol_checks(replays=args.replays)
+    if args.tiers:  # a plan too long for one device call runs in parts; `record` takes the parts' results together
+        tiers = [t if i in args.tiers else [] for i, t in enumerate(tiers)]
+    protocol = vrun.protocol_checks(replays=args.replays) if args.protocol else None
     n = sum(len(t) for t in tiers)
-    bar = progress(n * (2 if args.workers else 1) + len(protocol["timeouts"]) + len(protocol["graphs"]),
+    bar = progress(n * (2 if args.workers else 1) + (len(protocol["timeouts"]) + len(protocol["graphs"]) if protocol else 0),
                    f"verify {args.plan}", unit="check")
     results = vrun.run(tiers, device, protocol, args.workers, deadline_s=args.deadline,
                        progress=lambda stage, k: (bar.set_postfix_str(stage, refresh=False), bar.update(k)))
     bar.close()
     results["plan"] = args.plan
+    results["tiers"] = sorted(args.tiers) if args.tiers else "all"
     Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     console().print(summary(results))
     for line in results["skipped"]:
@@ -117,6 +121,13 @@ def _table(args) -> int:
     return 0
 
 
+def _indices(text: str) -> set:
+    try:
+        return {int(i) for i in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected tier numbers like 0,1 - got {text!r}") from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="verify_kernels", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +137,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0, help="compile in this many processes first")
     p.add_argument("--deadline", type=float, default=float("inf"), help="seconds after which no new check starts")
     p.add_argument("--replays", type=int, default=1000, help="CUDA-graph replays per graph check")
+    p.add_argument("--tiers", type=_indices, default=None, help="run only these tiers of the plan (0,1,...)")
+    p.add_argument("--no-protocol", dest="protocol", action="store_false",
+                   help="leave out the timeout and graph checks (another part of the run has them)")
     p.set_defaults(fn=_run)
     p = sub.add_parser("record", help="add a run's evidence to arfuse/backends/verified.json")
     p.add_argument("results", nargs="+")
