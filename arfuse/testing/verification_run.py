@@ -62,6 +62,10 @@ PLANS = {
     ],
 }
 PROTOCOL = dict(hidden=7168, timeout_tokens=16, graph_tokens=17)  # shapes the first tiers already compiled
+# the protocol checks on their own (a part of a plan run over several device calls): their shapes compiled first
+PLANS["protocol"] = [dict(name="the protocol checks' shapes", worlds=WORLDS, hiddens=(PROTOCOL["hidden"],),
+                          tokens=(PROTOCOL["timeout_tokens"], PROTOCOL["graph_tokens"]), specs=(S.RESIDUAL_RMSNORM,),
+                          modes=False)]
 
 
 def environment(device) -> dict:
