@@ -12,7 +12,7 @@ unverified, with that reason, until a new run verifies it (``ARFUSE_ALLOW_UNVERI
 Evidence entries (``record["paths"][path]`` is a list of them) hold: ``kind`` (``virtual_ranks``: W ranks on one
 GPU; ``real_ranks``: one rank per GPU; ``one_gpu``: a single-rank path on one GPU), ``date``, ``device``, ``torch``,
 ``triton``, ``world_sizes`` (and ``any_world_size``, with its reason, for a path whose code does not depend on the
-rank count), ``dtypes``, ``commit``, ``ok``, ``features``, ``refused`` (specs that failed), ``cases``, ``results``
+rank count), ``dtypes``, ``commit``, ``ok``, ``features`` (and ``features_by_world``, where they differ by world size), ``refused`` (specs that failed), ``cases``, ``results``
 (where the run's files are) and ``sources`` (the fingerprint). A path is trusted for a call only at a world size
 and dtype its evidence covers, and not at all while a failed run on its current code is recorded.
 ``record["components"]`` holds evidence for shared code that is not a path of its own (the symmetric-memory
@@ -173,6 +173,14 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _features_at(entry: dict, world_size: Optional[int]) -> Iterable[str]:
+    """The features ``entry`` vouches for at ``world_size`` (``features_by_world`` where the run recorded it)."""
+    by_world = entry.get("features_by_world")
+    if world_size is None or not by_world or entry.get("any_world_size"):
+        return entry["features"]
+    return by_world.get(str(world_size), ())
+
+
 class Verdict:
     """What the record says of one path now: ``evidence`` made on the current code (``failed``: those of runs
     that failed, which refuse the path whatever else passed), ``stale`` entries (made on other code), and
@@ -214,7 +222,7 @@ class Verdict:
             kinds = sorted({d for e in self.evidence for d in e.get("dtypes", ())})
             return (f"{self.path}: not yet verified at world size {world_size} in {_dtype_name(dtype)} (verified: "
                     f"world sizes {worlds}, dtypes {kinds or 'any'})")
-        missing = sorted(set(features) - frozenset().union(*(e["features"] for e in covering)))
+        missing = sorted(set(features) - frozenset().union(*(_features_at(e, world_size) for e in covering)))
         if missing:
             return f"{self.path}: {', '.join(missing)} not yet verified on GPUs"
         return None

@@ -201,7 +201,8 @@ def evidence(results: Sequence[dict], results_dir: str, kind: str = "virtual_ran
 
     A path is vouched for (``ok``) only if at every world size it ran, a check of each kind in ``require`` ran
     and passed, and its points without features passed; then ``features`` are those of the specs whose every
-    point passed, and ``refused`` names each spec with a failed point (``Verdict.reason`` refuses those specs
+    point passed (``features_by_world``: those of the specs that ran at each world size; a plan cut by its
+    deadline may reach fewer specs at some), and ``refused`` names each spec with a failed point (``Verdict.reason`` refuses those specs
     even where their features are vouched for by others)."""
     fps = {tuple(sorted(r["fingerprints"].items())) for r in results}
     if len(fps) != 1:
@@ -229,10 +230,13 @@ def evidence(results: Sequence[dict], results_dir: str, kind: str = "virtual_ran
         refused = {name: next(p["problem"] for p in v if not p["ok"])
                    for name, v in specs.items() if not all(p["ok"] for p in v)}
         features = sorted(set().union(*(v[0]["features"] for v in passing))) if passing and not problems else []
+        by_world = {str(w): sorted(set().union(*(v[0]["features"] for v in passing if any(p["world"] == w for p in v))))
+                    for w in worlds} if features else {}
         entries[path] = dict(kind=kind, date=env["date"], device=env["device"], torch=env["torch"],
                              triton=env["triton"], commit=env["commit"], sources=prints[path], world_sizes=worlds,
                              dtypes=sorted({p["dtype"] for p in pts}), hiddens=sorted({p["hidden"] for p in pts}),
                              cases=len(pts), passed=sum(p["ok"] for p in pts), protocol_checks=len(protocol),
-                             ok=not problems, problems=problems[:10], features=features, refused=refused,
+                             ok=not problems, problems=problems[:10], features=features,
+                             features_by_world=by_world, refused=refused,
                              results=results_dir)
     return entries

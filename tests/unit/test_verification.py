@@ -87,6 +87,20 @@ def test_evidence_covers_only_the_world_sizes_and_dtypes_it_ran(monkeypatch, tmp
                                                           "lamport")
 
 
+def test_evidence_vouches_at_each_world_size_only_for_the_specs_that_ran_there(monkeypatch, tmp_path):
+    e = dict(_records.entry("triton_symm/lamport", FEATURES, world_sizes=(2, 8)),
+             features_by_world={"2": sorted(FEATURES), "8": sorted(CLASSIC_FEATURES)})
+    with _records.installed(monkeypatch, tmp_path, ("triton_symm/lamport", e)):
+        for world in (2, 8):
+            caps = GroupCaps(**{**CAPS.__dict__, "world_size": world})
+            assert SYMM.check(Problem(RESIDUAL_RMSNORM, 8, 8192, torch.bfloat16, "cuda", world), caps, "lamport") is None
+        caps = GroupCaps(**{**CAPS.__dict__, "world_size": 8})
+        why = SYMM.check(Problem(GROUP, 8, 8192, torch.bfloat16, "cuda", 8), caps, "lamport")
+        assert "fp8_group, ue8m0 not yet verified on GPUs" in why
+        caps = GroupCaps(**{**CAPS.__dict__, "world_size": 2})
+        assert SYMM.check(Problem(GROUP, 8, 8192, torch.bfloat16, "cuda", 2), caps, "lamport") is None
+
+
 def test_evidence_that_holds_at_any_world_size_says_why(monkeypatch, tmp_path):
     nccl = base.get("nccl")
     e = _records.entry("nccl", FEATURES, kind="one_gpu", world_sizes=(1,), any_world_size="NCCL runs between the kernels")
@@ -248,3 +262,23 @@ def test_values_read_by_name_are_digested_with_their_identity():
 
 def rel_digest_probe():
     """A function for the digest test."""
+
+
+def test_a_run_cut_short_vouches_at_each_world_size_for_what_ran_there():
+    from arfuse.testing import verification_run as vrun
+
+    def point(world, spec, features, ok=True):
+        return dict(variant="lamport", world=world, spec=spec, features=features, ok=ok, mode="plain",
+                    dtype="bfloat16", hidden=7168, problem=None if ok else "differs")
+
+    prints = {f"triton_symm/{v}": "sha256:x" for v in ("lamport", "lamport_two_shot", "one_shot", "two_shot")}
+    results = dict(environment=dict(date="2026-12-07", device="gpu", torch="2", triton="3", commit="c"),
+                   fingerprints=prints, timeouts=[dict(variant="lamport", world=w, check="timeout", ok=True)
+                                                  for w in (2, 8)],
+                   graphs=[dict(variant="lamport", world=w, check="graph", ok=True) for w in (2, 8)],
+                   points=[point(2, "allreduce", []), point(2, "fp8g", ["fp8_group", "residual"]),
+                           point(8, "allreduce", []), point(8, "res", ["residual"])])
+    entry = vrun.evidence([results], "here")["triton_symm/lamport"]
+    assert entry["ok"] and entry["world_sizes"] == [2, 8]
+    assert entry["features"] == ["fp8_group", "residual"]
+    assert entry["features_by_world"] == {"2": ["fp8_group", "residual"], "8": ["residual"]}
