@@ -11,10 +11,11 @@ from arfuse.backends import base, verification
 def entry(path: str, features: Iterable[str], kind: str = "virtual_ranks", stale: bool = False, ok: bool = True,
           date: str = "2026-12-07", world_sizes=(1, 2, 4, 8), **extra) -> dict:
     """An evidence entry for ``path`` (``backend`` or ``backend/variant``) on the current code (``stale``: on
-    other code), at ``world_sizes``; ``extra``: more fields (``dtypes``, ``any_world_size``, ...)."""
+    other code), at ``world_sizes``, with the Triton installed here; ``extra``: more fields (``dtypes``, ``any_world_size``, ...)."""
     name, _, variant = path.partition("/")
     sources = verification.fingerprint(base.get(name).verified_sources(variant or "default"))[0]
-    return dict(dict(kind=kind, date=date, device="test", torch="x", triton="x", world_sizes=list(world_sizes),
+    return dict(dict(kind=kind, date=date, device="test", torch="x", triton=verification.triton_version(),
+                     world_sizes=list(world_sizes),
                      commit="0" * 40, sources="sha256:other" if stale else sources, features=sorted(features),
                      cases=1, ok=ok, refused={}, results="tests"), **extra)
 

@@ -168,7 +168,8 @@ class Backend(abc.ABC):
 
         key = self.name if variant in ("", "default") else f"{self.name}/{variant}"
         reason = verification.verdict(key, modules).reason(problem.spec.features, problem.spec.name,
-                                                           problem.world_size, problem.dtype)
+                                                           problem.world_size, problem.dtype,
+                                                           verification.triton_version())
         return f"{reason} ({ALLOW_UNVERIFIED_ENV}=1 runs it)" if reason else None
 
     def check_group(self, caps: GroupCaps) -> Optional[str]:

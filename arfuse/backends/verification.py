@@ -31,6 +31,8 @@ import logging
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from arfuse.core import requirements
+
 RECORD_PATH = Path(__file__).with_name("verified.json")
 log = logging.getLogger("arfuse")
 _WARNED: set = set()
@@ -173,6 +175,19 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _minor(version: str) -> Tuple[int, ...]:
+    try:
+        return requirements.release(str(version))[:2]
+    except ValueError:
+        return ()
+
+
+@functools.lru_cache(maxsize=1)
+def triton_version() -> Optional[str]:
+    """The installed Triton's version (None if it is not installed)."""
+    return requirements.installed_version("triton")
+
+
 def _features_at(entry: dict, world_size: Optional[int]) -> Iterable[str]:
     """The features ``entry`` vouches for at ``world_size`` (``features_by_world`` where the run recorded it)."""
     by_world = entry.get("features_by_world")
@@ -195,11 +210,12 @@ class Verdict:
         self.features = frozenset().union(*(e["features"] for e in self.evidence)) if self.evidence else None
 
     def reason(self, features: Iterable[str], spec_name: Optional[str] = None, world_size: Optional[int] = None,
-               dtype=None) -> Optional[str]:
+               dtype=None, triton: Optional[str] = None) -> Optional[str]:
         """Why a spec needing ``features`` (named ``spec_name``) is not verified on this path at ``world_size`` in
         ``dtype``, or None. An entry covers the world sizes it ran, or every one if it says ``any_world_size`` (with
         the reason: the nccl path's kernels do not depend on it); an entry without a ``dtypes`` list (older runs)
-        covers every dtype."""
+        covers every dtype. With ``triton`` (the version here), an entry covers only the Triton release (major.minor)
+        it ran with: another release compiles the same sources into other code."""
         if self.failed:
             e = self.failed[-1]
             problem = (e.get("problems") or ["see its results"])[0]
@@ -222,6 +238,12 @@ class Verdict:
             kinds = sorted({d for e in self.evidence for d in e.get("dtypes", ())})
             return (f"{self.path}: not yet verified at world size {world_size} in {_dtype_name(dtype)} (verified: "
                     f"world sizes {worlds}, dtypes {kinds or 'any'})")
+        if triton is not None and covering:
+            ran = sorted({str(e.get("triton")) for e in covering})
+            covering = [e for e in covering if not e.get("triton") or _minor(e["triton"]) == _minor(triton)]
+            if not covering:
+                return (f"{self.path}: verified with Triton {', '.join(ran)}, not with this Triton {triton} (its "
+                        f"compiler may build other code from the same sources)")
         missing = sorted(set(features) - frozenset().union(*(_features_at(e, world_size) for e in covering)))
         if missing:
             return f"{self.path}: {', '.join(missing)} not yet verified on GPUs"
@@ -279,7 +301,8 @@ def _evidence_text(e: dict) -> str:
     if not e.get("ok", True):  # what failed, in a few words (the record keeps the whole message)
         problem = (e.get("problems") or ["see its results"])[0].split(":")[0]
         failed = f"FAILED ({problem}): "
-    return (f"{failed}{e['kind'].replace('_', ' ')}, {e.get('device', '?')}, W={worlds}{dtypes}"
+    triton = f", Triton {e['triton']}" if e.get("triton") else ""
+    return (f"{failed}{e['kind'].replace('_', ' ')}, {e.get('device', '?')}{triton}, W={worlds}{dtypes}"
             f"{f', {cases} cases' if cases else ''}, {e.get('date', '?')} ({str(e.get('commit') or '?')[:10]})")
 
 

@@ -282,3 +282,14 @@ def test_a_run_cut_short_vouches_at_each_world_size_for_what_ran_there():
     assert entry["ok"] and entry["world_sizes"] == [2, 8]
     assert entry["features"] == ["fp8_group", "residual"]
     assert entry["features_by_world"] == {"2": ["fp8_group", "residual"], "8": ["residual"]}
+
+
+def test_evidence_covers_only_the_triton_release_it_ran_with(monkeypatch, tmp_path):
+    e = dict(_records.entry("triton_symm/lamport", FEATURES), triton="3.6.0")
+    with _records.installed(monkeypatch, tmp_path, ("triton_symm/lamport", e)):
+        for here in ("3.6.0", "3.6.1+git0a1b"):
+            monkeypatch.setattr(verification, "triton_version", lambda: here)
+            assert SYMM.check(_problem(), CAPS, "lamport") is None
+        monkeypatch.setattr(verification, "triton_version", lambda: "3.9.0")
+        why = SYMM.check(_problem(), CAPS, "lamport")
+        assert "verified with Triton 3.6.0, not with this Triton 3.9.0" in why and base.ALLOW_UNVERIFIED_ENV in why
