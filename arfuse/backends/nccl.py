@@ -47,7 +47,7 @@ class NcclNormBackend(Backend):
         if caps.world_size > 1 and "nccl" not in (caps.dist_backend or ""):
             return f"the process group has no NCCL backend ({caps.dist_backend})"
         if not caps.triton:
-            return f"Triton unusable ({caps.note('triton')})"
+            return f"Triton not installed ({caps.note('triton')})"
         return None
 
     def check_variant(self, problem: Problem, caps: GroupCaps, variant: str) -> Optional[str]:

@@ -10,7 +10,6 @@ Multicast is never used: only the peers' own pointers (peer-to-peer NVLink).
 """
 from __future__ import annotations
 
-import time
 from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
 import torch
@@ -103,8 +102,7 @@ class RankMemory:
         dev = torch.device(capacity.device)
         self.buffer = empty(lay.total, dtype=capacity.dtype, device=dev)
         self.state = torch.zeros(6 + limits.barrier_slots, dtype=torch.int32, device=dev)
-        # two records of [flag, op, peer, rank]: the second for timeouts that name only the rank waited for
-        self.err = torch.zeros(8, dtype=torch.int32, pin_memory=dev.type == "cuda")
+        self.err = torch.zeros(4, dtype=torch.int32, pin_memory=dev.type == "cuda")
         self.index_guard = IndexGuard(dev)
         fill_sentinel(self.buffer, lay.offsets["lamport"])
 
@@ -208,30 +206,14 @@ class SymmWorkspace(Workspace):
         return x.data_ptr() == self.buffer.data_ptr() + self.offsets["zero_copy"] * x.element_size()
 
     def raise_if_failed(self) -> None:
-        if self.failed is None and (self._err_view[0] != 0 or self._err_view[4] != 0):
-            op, peer = self._error_fields()
-            whom = f"rank {peer}" if peer is not None else "a peer"
-            self.failed = (f"arfuse triton_symm: the {OP_NAMES.get(op, 'unknown')} kernel on rank {self.rank} "
-                           f"waited more than {self.capacity.timeout_s:g} s for {whom} (it skipped the call, "
-                           f"passed other shapes, or died); this fusion object can no longer be used: close it")
+        if self.failed is None and self._err_view[0] != 0:
+            _, op, peer, rank = (int(v) for v in self._err_view)
+            whom = f"rank {peer}" if peer >= 0 else "a peer"
+            self.failed = (f"arfuse triton_symm: the {OP_NAMES.get(op, 'unknown')} kernel on rank {rank} waited "
+                           f"more than {self.capacity.timeout_s:g} s for {whom} (it skipped the call, passed "
+                           f"other shapes, or died); this fusion object can no longer be used: close it")
         if self.failed is not None:
             raise PeerTimeoutError(self.failed)
-
-    def _error_fields(self, wait_s: float = 0.01):
-        """(op, peer) of the error record, peer None unless it names another rank of the group. The first record
-        is preferred: it names the rank that did not arrive; the second (a rank waited for, which may only have
-        waited itself) is read when the first stays empty for ``wait_s``. A record still being written (flag 2: a
-        kernel claimed it) is waited for as long."""
-        view = self._err_view
-        deadline = time.monotonic() + wait_s
-        while (view[0] == 0 or view[0] == 2 or view[4] == 2) and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        record = view[0:4] if view[0] != 0 else view[4:8]
-        flag, op, peer, rank = (int(v) for v in record)
-        if flag != 1:
-            return None, None
-        named = 0 <= peer < self.world_size and peer != self.rank and rank == self.rank
-        return op, (peer if named else None)
 
     def _release(self) -> None:
         self.args = self.handle = self.memory = None

@@ -46,8 +46,7 @@ class TritonSymmBackend(Backend):
     priority = 10
 
     def verified_sources(self, variant: str):
-        # the host side too: which tokens and specs reach a variant, and how its workspace is laid out
-        return (f"arfuse.kernels.{variant}", "arfuse.backends.symm_workspace", "arfuse.backends.triton_symm")
+        return (f"arfuse.kernels.{variant}", "arfuse.backends.symm_workspace")
 
     def check_group(self, caps: GroupCaps) -> Optional[str]:
         if not caps.single_host:

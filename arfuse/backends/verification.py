@@ -103,12 +103,9 @@ def _value_digest(value) -> str:
         return f"({', '.join(items)}{',' if len(items) == 1 else ''})"
     if isinstance(value, frozenset):  # sorted: a set's order (and so its repr) changes with the string hash seed
         return f"frozenset({{{', '.join(sorted(_value_digest(v) for v in value))}}})" if value else "frozenset()"
-    if isinstance(value, enum.Enum):  # a member: which one, and its value
-        return f"{type(value).__name__}.{value.name}={value.value!r}"
     if isinstance(value, (int, float, str, bool, type(None))):
         return repr(value)
-    name = getattr(value, "__qualname__", None)
-    return f"<{name or type(value).__name__}>"  # a class or function of core: its name, not its code
+    return f"<{type(value).__name__}>"  # a class or function of core: its name, not its code
 
 
 @functools.lru_cache(maxsize=None)

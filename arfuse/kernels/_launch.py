@@ -19,12 +19,7 @@ against Triton's own binder (launches that share a key share Triton's specializa
 - a launch hook or pre-run hook is set (a profiler wants to see the launch); the current CUDA device and
   ``TRITON_DEBUG`` / the instrumentation mode (which change Triton's options) are part of the key;
 - the compiled kernel Triton returned does not have a launcher of the shape this module calls (another Triton);
-- ``ARFUSE_FAST_LAUNCH=0``;
-- the installed Triton's private API is not what this module reads (:func:`triton_api_problem`, checked once at
-  import: every launch then takes ``kernel[grid]``, and one log line says why).
-
-Every knob ``JITFunction.run`` reads into a launch's options beyond ``debug`` and the instrumentation mode (e.g.
-Triton 3.9's ``fpsan_homomorphic_casts`` and stage-inspection hook) is part of the key too.
+- ``ARFUSE_FAST_LAUNCH=0``.
 
 Thread-safe (a cache miss in two threads only compiles or inserts twice). Graph-capturable: both paths launch on
 the current stream.
@@ -36,11 +31,8 @@ way before any of them launches, so none waits on a peer that is still compiling
 from __future__ import annotations
 
 import contextlib
-import inspect
-import logging
 import operator
 import os
-import re
 import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -48,60 +40,10 @@ try:
     from triton import knobs as _knobs
     from triton.knobs import HookChain as _HookChain
     from triton.runtime.driver import driver as _driver
-    from triton.runtime.jit import JITFunction as _JITFunction
 except ImportError:  # another Triton: every launch takes kernel[grid]
-    _knobs = _HookChain = _driver = _JITFunction = None
+    _knobs = _HookChain = _driver = None
 
-# What JITFunction.run does that this module repeats: its call of the compiled kernel's launcher; and the knobs
-# this module already handles (debug and the instrumentation mode are in the key, the launch hooks are checked
-# idle, the interpreter turns the fast launch off).
-LAUNCH_CALL = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata, "
-               "knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())")
-KEYED_KNOBS = {("runtime", "debug"), ("compilation", "instrumentation_mode"), ("runtime", "launch_enter_hook"),
-               ("runtime", "launch_exit_hook"), ("runtime", "interpret")}
-log = logging.getLogger(__name__)
-
-
-def triton_api_problem(jit_function=None, knobs=None) -> Tuple[Optional[str], tuple]:
-    """Whether the installed Triton's private API has the shape the fast launch reads: ``(problem, extra_knobs)``,
-    ``problem`` one line (None if it fits) and ``extra_knobs`` the ``(section, name)`` of every other knob
-    ``JITFunction.run`` reads (their values join the key). Arguments: stand-ins for tests (default: Triton's). The
-    active driver is not touched (it exists only with a GPU); a launch without one takes ``kernel[grid]``."""
-    jit_function, knobs = jit_function or _JITFunction, knobs or _knobs
-    if jit_function is None or knobs is None or _driver is None:
-        return "triton.knobs / triton.runtime.driver / JITFunction not importable", ()
-    try:
-        source = inspect.getsource(jit_function.run)
-    except (OSError, TypeError, AttributeError) as e:
-        return f"JITFunction.run's source unreadable ({e})", ()
-    if LAUNCH_CALL not in " ".join(source.split()).replace("( ", "("):
-        return "JITFunction.run no longer calls the compiled kernel's launcher as arfuse does", ()
-    read = set(re.findall(r"knobs\.(\w+)\.(\w+)", source))
-    for section, name in sorted(KEYED_KNOBS | read):
-        if not hasattr(getattr(knobs, section, None), name):
-            return f"triton.knobs.{section}.{name} is missing", ()
-    if not hasattr(knobs, "HookChain") or not hasattr(knobs.HookChain(), "calls"):
-        return "triton.knobs.HookChain has no calls list", ()
-    return None, tuple(sorted(read - KEYED_KNOBS))
-
-
-def _check_triton_api() -> Tuple[bool, tuple]:
-    """Checked once, at import: whether the fast launch may run on this Triton, and the extra knobs it keys on."""
-    try:
-        problem, extra = triton_api_problem()
-    except Exception as e:  # noqa: BLE001  (any surprise in another Triton's internals means: do not rely on them)
-        problem, extra = f"{type(e).__name__}: {e}", ()
-    if problem:
-        import triton
-
-        log.warning("arfuse: fast kernel launch off for Triton %s (%s); launches take kernel[grid]",
-                    getattr(triton, "__version__", "?"), problem)
-        return False, ()
-    return True, tuple((getattr(_knobs, section), name) for section, name in extra)
-
-
-_API_OK, _EXTRA_KNOBS = _check_triton_api()
-ENABLED = _API_OK and not _knobs.runtime.interpret and os.environ.get(
+ENABLED = _knobs is not None and not _knobs.runtime.interpret and os.environ.get(
     "ARFUSE_FAST_LAUNCH", "1").strip().lower() not in ("0", "false", "no", "off")
 # The symmetric-memory kernels' specialized int parameters: peer and signal-pad addresses, host-mapped records,
 # the timeout and the region offsets and strides (fixed for a workspace, so keyed by value).
@@ -237,7 +179,7 @@ class Launcher:
                 rt = _knobs.runtime
                 values = tuple(consts.values())
                 key = (drv.get_current_device(), rt.debug, _knobs.compilation.instrumentation_mode, self.key(args),
-                       values, tuple(options.values()), *[getattr(s, name) for s, name in _EXTRA_KNOBS])
+                       values, tuple(options.values()))
             except (AttributeError, TypeError, IndexError, RuntimeError):
                 key = None  # an argument of another kind than the key expects, or no active Triton driver
             else:

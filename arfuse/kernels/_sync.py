@@ -25,9 +25,6 @@ ERR_FLAG = tl.constexpr(0)
 ERR_OP = tl.constexpr(1)
 ERR_PEER = tl.constexpr(2)
 ERR_RANK = tl.constexpr(3)
-# A second record, 16 bytes on (``err_ptr + ERR_SECOND``): for timeouts that can name only the rank waited for,
-# not necessarily the one missing (lamport_two_shot's gather phase); the host reads it when the first is empty.
-ERR_SECOND = tl.constexpr(16)
 OP_LAMPORT = tl.constexpr(1)
 OP_ONE_SHOT = tl.constexpr(2)
 OP_TWO_SHOT = tl.constexpr(3)
@@ -117,15 +114,12 @@ def _wait(addrs, active, gen, timeout_ns):
 
 @triton.jit
 def record_error(err_ptr, peer, OP: tl.constexpr, RANK: tl.constexpr):
-    """Write ``[1, OP, peer, RANK]`` into the host-mapped error record (``err_ptr``: its address as an int), unless
-    it holds one: the first failing block claims it (flag 0 -> 2), writes the fields, then publishes it (flag 1,
-    a system-scope release, so a host that reads 1 reads the fields; blocks that fail later leave it)."""
+    """Write ``[1, OP, peer, RANK]`` into the host-mapped error record (``err_ptr``: its address as an int)."""
     err = err_ptr.to(tl.pointer_type(tl.int32))
-    if tl.atomic_cas(err + ERR_FLAG, 0, 2, sem="relaxed", scope="sys") == 0:
-        tl.store(err + ERR_OP, OP)
-        tl.store(err + ERR_PEER, peer)
-        tl.store(err + ERR_RANK, RANK)
-        tl.atomic_xchg(err + ERR_FLAG, 1, sem="release", scope="sys")
+    tl.store(err + ERR_OP, OP)
+    tl.store(err + ERR_PEER, peer)
+    tl.store(err + ERR_RANK, RANK)
+    tl.store(err + ERR_FLAG, 1)
 
 
 @triton.jit
@@ -168,19 +162,18 @@ def sentinel_of(BITS: tl.constexpr):
 @triton.jit
 def poll(ptrs, mask, sentinel, start, timeout_ns):
     """Volatile-load ``ptrs`` (an int view of a Lamport buffer, 1-D or 2-D) until no masked element is the
-    sentinel or ``timeout_ns`` has passed since ``start``; returns (bits, ok).
-
-    Each thread reads its own clock, so whether the time is up is decided by the same reduction over the tile
-    that finds the pending elements: every warp of the CTA leaves the loop at the same iteration with the same
-    ``ok`` (a warp that left alone would meet its peers' reductions at the wrong barriers)."""
+    sentinel or ``timeout_ns`` has passed since ``start``; returns (bits, ok)."""
     bits = tl.load(ptrs, mask=mask, other=0, volatile=True)
-    state = tl.max(tl.ravel(((bits == sentinel) & mask).to(tl.int32)), axis=0)
-    while state == 1:
-        late = (globaltimer() - start > timeout_ns).to(tl.int32)
+    pending = tl.sum(tl.ravel((bits == sentinel) & mask).to(tl.int32), axis=0)
+    ok = 1
+    while pending > 0:
         bits = tl.load(ptrs, mask=mask, other=0, volatile=True)
-        # 0: nothing pending; 1: pending, no waiting thread out of time; 2: a waiting thread is out of time
-        state = tl.max(tl.ravel(((bits == sentinel) & mask).to(tl.int32) * (1 + late)), axis=0)
-    return bits, (state == 0).to(tl.int32)
+        pending = tl.sum(tl.ravel((bits == sentinel) & mask).to(tl.int32), axis=0)
+        if pending > 0:
+            if globaltimer() - start > timeout_ns:
+                ok = 0
+                pending = 0
+    return bits, ok
 
 
 @triton.jit

@@ -94,4 +94,4 @@ def lamport(a, call, spec) -> None:
         (*a.peer_ptrs, a.err_ptr, a.lamport_state, call.x, *prologue_args(call, a.guard_ptr),
          *epilogue_args(call, spec), n, a.timeout_ns, a.lamport_off, a.lamport_slot, a.lamport_buffer),
         {"RANK": a.rank, "WS": a.world_size, "WS_P2": next_power_of_2(a.world_size), "H": hidden, "BLOCK_H": block_h,
-         "SPLIT": split, "EPI": spec.code, "BITS": 8 * call.x.element_size()}, {"num_warps": num_warps, "enable_fp_fusion": True})
+         "SPLIT": split, "EPI": spec.code, "BITS": 8 * call.x.element_size()}, {"num_warps": num_warps})

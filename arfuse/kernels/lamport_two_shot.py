@@ -15,10 +15,9 @@ arrives (overlapping the traffic of other rows):
      the input dtype, pushes the sums into every peer's gather buffer and runs the epilogue at once;
   3. for its rows of the other chunks it polls its own gather buffer and runs the epilogue.
 Consumed rows are reset to the sentinel. An owner that timed out waiting for a peer's rows pushes no sums for them
-(its peers then time out on that chunk instead of finishing from a wrong sum). A gather-phase timeout names the
-chunk's owner, which may only have waited itself, so it goes into the second error record (``ERR_SECOND``), read
-only when the first is empty: a rank that waited for rows of its own chunk names the peer that did not send them,
-whichever of its blocks timed out first. Buffers alternate by a device-side call counter; a rank can be
+(its peers then time out on that chunk instead of finishing from a wrong sum), and a rank records such a
+gather-phase timeout (naming the chunk's owner) only if it recorded none before: a rank that waited for rows of its
+own chunk names the peer that did not send them. Buffers alternate by a device-side call counter; a rank can be
 two calls ahead only after every rank finished the older call (each call needs every rank's contribution to
 chunk 0).
 Every rank finishes from the same rounded sums, so outputs are bitwise identical; the epilogue is inlined at two
@@ -34,11 +33,18 @@ import triton.language as tl
 from arfuse.kernels._epilogue import finish_row, load_residual, load_weight
 from arfuse.kernels._prologue import input_row
 from arfuse.kernels._spec import QUANT_NONE, field
-from arfuse.kernels._sync import (ERR_SECOND, OP_LAMPORT_TWO_SHOT, bump_epoch, first_missing_slot, globaltimer, load_epoch,
+from arfuse.kernels._sync import (OP_LAMPORT_TWO_SHOT, bump_epoch, first_missing_slot, globaltimer, load_epoch,
                                   no_negative_zero, peer_base, poll, record_error, sentinel_of)
 from arfuse.kernels._launch import SYMM_INTS, ArgKey, Launcher
 from arfuse.kernels.launch_config import (RUNTIME_ARGS, block_config, epilogue_args, grid_size,
                                           next_power_of_2, prologue_args)
+
+
+@triton.jit
+def record_if_first(err_ptr, peer, OP: tl.constexpr, RANK: tl.constexpr):
+    """``record_error`` unless this rank already recorded one."""
+    if tl.load(err_ptr.to(tl.pointer_type(tl.int32)), volatile=True) == 0:
+        record_error(err_ptr, peer, OP, RANK)
 
 
 @triton.jit
@@ -132,7 +138,7 @@ def lamport_two_shot_kernel(P0, P1, P2, P3, P4, P5, P6, P7, err_ptr, state_ptr, 
                     res = load_residual(res_ptr, offs, mask, EPI)
                     bits, ok = poll(gathered + offs, mask, sentinel, start, timeout_ns)
                     if ok == 0:
-                        record_error(err_ptr + ERR_SECOND, c, OP_LAMPORT_TWO_SHOT, RANK)
+                        record_if_first(err_ptr, c, OP_LAMPORT_TWO_SHOT, RANK)
                     tl.store(gathered + offs, tl.full([BLOCK_H], sentinel, bits_ty), mask=mask)
                     if ok != 0:
                         acc = bits.to(dtype, bitcast=True).to(tl.float32)

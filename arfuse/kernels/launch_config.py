@@ -19,11 +19,9 @@ def next_power_of_2(n: int) -> int:
 
 
 def block_config(hidden: int):
-    """(BLOCK_H, num_warps) for rows of ``hidden`` elements: 16 to 32 elements per thread, and never fewer than
-    one element of a row per thread (a smaller row is replicated across warps, and each warp would then decide a
-    poll's timeout on its own: ``_sync.poll`` relies on one reduction across the whole CTA)."""
+    """(BLOCK_H, num_warps) for rows of ``hidden`` elements: 16 to 32 elements per thread."""
     block_h = next_power_of_2(hidden)
-    num_warps = min(16, max(4, block_h // 512), max(1, block_h // 32))
+    num_warps = min(16, max(4, block_h // 512))
     return block_h, num_warps
 
 

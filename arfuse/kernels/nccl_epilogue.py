@@ -87,7 +87,7 @@ def moe_finalize(call, spec, guard_ptr: int, out: torch.Tensor, launch: MoeLaunc
     launch = launch or moe_launch(hidden, n, out.dtype, out.get_device())
     _PROLOGUE.launch(moe_grid(n, hidden, launch), (call.x, *prologue_args(call, guard_ptr), out, n),
                      {"H": hidden, "BLOCK_H": launch.block_h, "SLOTS": launch.slots, "EPI": spec.code},
-                     {"num_warps": launch.num_warps, "enable_fp_fusion": True})
+                     {"num_warps": launch.num_warps})
 
 
 def rmsnorm_epilogue(summed: torch.Tensor, call, spec, launch: EpilogueLaunch = None) -> None:
@@ -97,4 +97,4 @@ def rmsnorm_epilogue(summed: torch.Tensor, call, spec, launch: EpilogueLaunch = 
     launch = launch or epilogue_launch(hidden, n, summed.dtype, summed.get_device())
     _EPILOGUE.launch(epilogue_grid(n, launch), (summed, *epilogue_args(call, spec), n),
                      {"H": hidden, "BLOCK_H": launch.block_h, "ROWS": launch.rows, "EVICT_FIRST": launch.evict_first,
-                      "EPI": spec.code}, {"num_warps": launch.num_warps, "enable_fp_fusion": True})
+                      "EPI": spec.code}, {"num_warps": launch.num_warps})

@@ -86,4 +86,4 @@ def one_shot(a, call, spec, copy_in: bool) -> None:
          *prologue_args(call, a.guard_ptr), *epilogue_args(call, spec), n, a.timeout_ns,
          a.one_shot_off if copy_in else a.zero_copy_off, a.one_shot_half),
         {"RANK": a.rank, "WS": a.world_size, "H": hidden, "BLOCK_H": block_h, "EPI": spec.code, "COPY_IN": copy_in,
-         "NTHREADS": 32 * num_warps}, {"num_warps": num_warps, "enable_fp_fusion": True})
+         "NTHREADS": 32 * num_warps}, {"num_warps": num_warps})
