@@ -104,7 +104,7 @@ for stage in "$@"; do
                 --kv-len 512 --compile-mode "$mode" --json "$R/e2e_hf_${hp}_tp1_$mode.json" > "$R/e2e_hf_${hp}_$mode.txt" 2>&1
               echo "rc $?"; tail -c 2200 "$R/e2e_hf_${hp}_$mode.txt"; done ;;
     virtual) vp=${VIRTUAL_PLAN:-smoke}${VIRTUAL_TIERS:+_tiers${VIRTUAL_TIERS//,/}}  # results for verify_kernels record;
-             # a long plan runs in parts (VIRTUAL_TIERS=0,1 then VIRTUAL_TIERS=2,3 VIRTUAL_PROTOCOL=0)
+             # a long plan runs in parts: VIRTUAL_PLAN=protocol, then VIRTUAL_TIERS=0 VIRTUAL_PROTOCOL=0 (0 = off), ...
              timeout "${T_VIRTUAL:-540}" python3 bench/verify_kernels.py run --plan "${VIRTUAL_PLAN:-smoke}" --deadline \
                "${VIRTUAL_DEADLINE:-420}" --workers "${VIRTUAL_WORKERS:-14}" --json "$R/virtual_$vp.json" \
                ${VIRTUAL_TIERS:+--tiers "$VIRTUAL_TIERS"} $([ "${VIRTUAL_PROTOCOL:-1}" = 0 ] && echo --no-protocol) \

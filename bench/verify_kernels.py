@@ -27,8 +27,15 @@ def _run(args) -> int:
     from arfuse.cli.output import console, progress
     from arfuse.testing import verification_run as vrun
 
-    device = torch.device("cuda", torch.cuda.current_device())
+    if args.plan not in vrun.PLANS:
+        print(f"verify_kernels run: --plan: expected one of {', '.join(vrun.PLANS)}, got {args.plan!r}", file=sys.stderr)
+        return 2
     tiers = vrun.tiers(args.plan)
+    if args.tiers and not args.tiers <= set(range(len(tiers))):
+        print(f"verify_kernels run: --tiers: plan {args.plan!r} has tiers 0-{len(tiers) - 1}, got "
+              f"{','.join(map(str, sorted(args.tiers)))}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", torch.cuda.current_device())
     if args.tiers:  # a plan too long for one device call runs in parts; `record` takes the parts' results together
         tiers = [t if i in args.tiers else [] for i, t in enumerate(tiers)]
     protocol = vrun.protocol_checks(replays=args.replays) if args.protocol else None
@@ -76,6 +83,11 @@ def _record(args) -> int:
     results = [json.loads(Path(f).read_text()) for f in args.results]
     record = verification.load()
     for path, entry in vrun.evidence(results, args.results_dir).items():
+        for gap in entry["gaps"]:
+            print(f"{path}: {gap}", file=sys.stderr)
+        if not entry.pop("recordable"):
+            print(f"{path}: nothing recorded (no world size with its timeout and graph checks)")
+            continue
         verification.add(record, path, entry)
         verdict = "vouches for " + ", ".join(entry["features"] or ["the base pattern"]) if entry["ok"] else "refused"
         print(f"{path}: {verdict}"

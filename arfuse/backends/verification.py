@@ -179,18 +179,47 @@ def _minor(version: str) -> Tuple[int, ...]:
         return ()
 
 
+def same_release(a: str, b: str) -> bool:
+    """Whether Triton versions ``a`` and ``b`` are one release (major.minor); unreadable ones only if equal."""
+    ma, mb = _minor(a), _minor(b)
+    return ma == mb if ma and mb else str(a) == str(b)
+
+
+TRITON_DISTRIBUTIONS = ("triton", "pytorch-triton", "pytorch-triton-rocm")
+
+
 @functools.lru_cache(maxsize=1)
 def triton_version() -> Optional[str]:
-    """The installed Triton's version (None if it is not installed)."""
-    return requirements.installed_version("triton")
+    """The installed Triton's version: its distribution's, else ``triton.__version__``, else ``"unknown"`` (which
+    matches no evidence); None if Triton is not installed."""
+    for name in TRITON_DISTRIBUTIONS:
+        found = requirements.installed_version(name)
+        if found:
+            return found
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        import triton
+
+        return str(getattr(triton, "__version__", None) or "unknown")
+    except Exception:  # noqa: BLE001 - a broken install is an unknown version here (the probe says why)
+        return "unknown"
 
 
-def _features_at(entry: dict, world_size: Optional[int]) -> Iterable[str]:
-    """The features ``entry`` vouches for at ``world_size`` (``features_by_world`` where the run recorded it)."""
+def _features_at(entry: dict, world_size: Optional[int], dtype: Optional[str] = None) -> Iterable[str]:
+    """The features ``entry`` vouches for at ``world_size`` in ``dtype`` (``features_by_world``, world size ->
+    dtype -> features, where the run recorded it; older entries hold one list per world size, or none)."""
     by_world = entry.get("features_by_world")
     if world_size is None or not by_world or entry.get("any_world_size"):
         return entry["features"]
-    return by_world.get(str(world_size), ())
+    at = by_world.get(str(world_size))
+    if at is None:
+        return ()
+    if isinstance(at, dict):
+        if dtype is None:
+            return frozenset().union(*at.values())
+        return at.get(dtype, ())
+    return at
 
 
 class Verdict:
@@ -227,23 +256,27 @@ class Verdict:
             if spec_name in e.get("refused", {}):
                 return (f"{self.path}: {spec_name} failed its check ({e['kind']}, {e['date']}): "
                         f"{e['refused'][spec_name]}")
-        covering = [e for e in self.evidence
-                    if (world_size is None or e.get("any_world_size") or world_size in e.get("world_sizes", ()))
-                    and (dtype is None or "dtypes" not in e or _dtype_name(dtype) in e["dtypes"])]
-        if not covering:
-            worlds = sorted({w for e in self.evidence for w in e.get("world_sizes", ())})
-            kinds = sorted({d for e in self.evidence for d in e.get("dtypes", ())})
-            return (f"{self.path}: not yet verified at world size {world_size} in {_dtype_name(dtype)} (verified: "
-                    f"world sizes {worlds}, dtypes {kinds or 'any'})")
-        if triton is not None and covering:
-            ran = sorted({str(e.get("triton")) for e in covering})
-            covering = [e for e in covering if not e.get("triton") or _minor(e["triton"]) == _minor(triton)]
-            if not covering:
+        matching = self.evidence
+        if triton is not None:
+            matching = [e for e in self.evidence if not e.get("triton") or same_release(e["triton"], triton)]
+            if not matching:
+                ran = sorted({str(e.get("triton")) for e in self.evidence})
                 return (f"{self.path}: verified with Triton {', '.join(ran)}, not with this Triton {triton} (its "
                         f"compiler may build other code from the same sources)")
-        missing = sorted(set(features) - frozenset().union(*(_features_at(e, world_size) for e in covering)))
+        name = None if dtype is None else _dtype_name(dtype)
+        covering = [e for e in matching
+                    if (world_size is None or e.get("any_world_size") or world_size in e.get("world_sizes", ()))
+                    and (name is None or "dtypes" not in e or name in e["dtypes"])]
+        if not covering:
+            worlds = sorted({w for e in matching for w in e.get("world_sizes", ())})
+            kinds = sorted({d for e in matching for d in e.get("dtypes", ())})
+            with_triton = f" with Triton {triton}" if triton is not None else ""
+            return (f"{self.path}: not yet verified at world size {world_size} in {name}{with_triton} (verified: "
+                    f"world sizes {worlds}, dtypes {kinds or 'any'})")
+        missing = sorted(set(features) - frozenset().union(*(_features_at(e, world_size, name) for e in covering)))
         if missing:
-            return f"{self.path}: {', '.join(missing)} not yet verified on GPUs"
+            at = f" at world size {world_size}" if world_size is not None else ""
+            return f"{self.path}: {', '.join(missing)} not yet verified on GPUs{at}"
         return None
 
 
@@ -267,10 +300,12 @@ def component_verdict(name: str, record: Optional[dict] = None) -> Verdict:
 
 def add(record: dict, path: str, entry: dict, section: str = "paths") -> dict:
     """Add ``entry`` to ``record[section][path]``: it replaces the passing entries of its kind made on the same code
-    (a failed run on that code stays: it keeps refusing the path until the code changes), and of the entries made
+    with the same Triton release (a failed run on that code stays, whatever its Triton: it keeps refusing the path
+    until the code changes), and of the entries made
     on other code (history) the newest of each kind stays."""
     kept = [e for e in record.setdefault(section, {}).get(path, [])
-            if not (e.get("kind") == entry["kind"] and e.get("sources") == entry["sources"] and e.get("ok", True))]
+            if not (e.get("kind") == entry["kind"] and e.get("sources") == entry["sources"] and e.get("ok", True)
+                    and same_release(e.get("triton"), entry.get("triton")))]
     history: Dict[str, dict] = {}
     for e in kept:
         if e.get("sources") != entry["sources"]:
@@ -328,6 +363,10 @@ def summary(v: Verdict) -> dict:
         now = "the protocol"
     else:
         now = ", ".join(sorted(v.features)) or "the base pattern"
+        for w in sorted({w for e in v.evidence for w in e.get("world_sizes", ())}):
+            at = frozenset().union(*(_features_at(e, w) for e in v.evidence if w in e.get("world_sizes", ())))
+            if at != v.features:
+                now += f"; at W={w} only {', '.join(sorted(at)) or 'the base pattern'}"
         refused = sorted({name for e in v.evidence for name in e.get("refused", {})})
         now += f" (except {', '.join(refused)})" if refused else ""
     return {"path": v.path, "verified": now, "evidence": [_evidence_text(e) for e in v.evidence + v.failed],

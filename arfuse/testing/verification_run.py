@@ -197,32 +197,45 @@ def _protocol(results, protocol, device, tick, left) -> None:
 
 def evidence(results: Sequence[dict], results_dir: str, kind: str = "virtual_ranks",
              require: Sequence[str] = ("timeout", "graph")) -> Dict[str, dict]:
-    """Per ``triton_symm`` path, the evidence entry ``results`` (one or more runs on the same code) support.
+    """Per ``triton_symm`` path, the evidence entry ``results`` (one or more runs, or parts of one run, on the same
+    code with the same torch and Triton releases) support.
 
-    A path is vouched for (``ok``) only if at every world size it ran, a check of each kind in ``require`` ran
-    and passed, and its points without features passed; then ``features`` are those of the specs whose every
-    point passed (``features_by_world``: those of the specs that ran at each world size; a plan cut by its
-    deadline may reach fewer specs at some), and ``refused`` names each spec with a failed point (``Verdict.reason`` refuses those specs
-    even where their features are vouched for by others)."""
+    A world size counts only where a check of each kind in ``require`` ran for the path; points at other world
+    sizes are left out (``gaps``), and a path with no such world size gets ``recordable=False`` (nothing to record:
+    a gap is not a failure). A path is vouched for (``ok``) only if those checks passed and its points without
+    features passed; then ``features`` are those of the specs whose every point passed, ``features_by_world``
+    (world size -> dtype -> features) those that ran at each world size in each dtype (a plan cut by its deadline
+    reaches fewer at some), and ``refused`` names each spec with a failed point (``Verdict.reason`` refuses those
+    specs even where their features are vouched for by others)."""
     fps = {tuple(sorted(r["fingerprints"].items())) for r in results}
     if len(fps) != 1:
         raise ValueError("evidence: the results come from runs on different code; record each run on its own")
+    for key in ("torch", "triton"):
+        found = {str(r["environment"].get(key)) for r in results}
+        if key == "triton" and all(verification.same_release(a, b) for a in found for b in found):
+            continue
+        if len(found) > 1:
+            raise ValueError(f"evidence: the results come from different {key} releases ({', '.join(sorted(found))});"
+                             f" record each on its own")
     env, prints = results[0]["environment"], results[0]["fingerprints"]
+    device = ", ".join(sorted({r["environment"]["device"] for r in results}))
     entries = {}
     for variant in checks.VARIANTS:
         path = f"triton_symm/{variant}"
-        pts = [p for r in results for p in r["points"] if p["variant"] == variant]
         protocol = [c for r in results for c in r["timeouts"] + r["graphs"] if c["variant"] == variant]
-        worlds = sorted({p["world"] for p in pts})
-        problems = [f"no {k} check at {w} ranks" for w in worlds for k in require
-                    if not any(c["world"] == w and c["check"] == k for c in protocol)]
-        problems += [f"{c['check']} check at {c['world']} ranks failed: {c['problem']}"
-                     for c in protocol if not c["ok"]]
+        ran = [p for r in results for p in r["points"] if p["variant"] == variant]
+        checked = {w for w in {p["world"] for p in ran}
+                   if all(any(c["world"] == w and c["check"] == k for c in protocol) for k in require)}
+        gaps = [f"{sum(p['world'] == w for p in ran)} points at {w} ranks left out: no "
+                f"{' or '.join(k for k in require if not any(c['world'] == w and c['check'] == k for c in protocol))}"
+                f" check there" for w in sorted({p["world"] for p in ran} - checked)]
+        pts = [p for p in ran if p["world"] in checked]
+        worlds = sorted(checked)
+        problems = [f"{c['check']} check at {c['world']} ranks failed: {c['problem']}"
+                    for c in protocol if not c["ok"]]
         problems += [f"{p['spec']} failed: {p['problem']}" for p in pts if not p["features"] and not p["ok"]]
         problems += [f"{p['mode']} check ({p['spec']}) failed: {p['problem']}" for p in pts
                      if p["mode"] != "plain" and not p["ok"]]  # the mode's code path serves every spec
-        if not pts:
-            problems.append("no points ran")
         specs: Dict[str, List[dict]] = {}
         for p in pts:
             specs.setdefault(p["spec"], []).append(p)
@@ -230,13 +243,15 @@ def evidence(results: Sequence[dict], results_dir: str, kind: str = "virtual_ran
         refused = {name: next(p["problem"] for p in v if not p["ok"])
                    for name, v in specs.items() if not all(p["ok"] for p in v)}
         features = sorted(set().union(*(v[0]["features"] for v in passing))) if passing and not problems else []
-        by_world = {str(w): sorted(set().union(*(v[0]["features"] for v in passing if any(p["world"] == w for p in v))))
+        by_world = {str(w): {d: sorted(set().union(*(v[0]["features"] for v in passing
+                                                    if any(p["world"] == w and p["dtype"] == d for p in v))))
+                             for d in sorted({p["dtype"] for p in pts if p["world"] == w})}
                     for w in worlds} if features else {}
-        entries[path] = dict(kind=kind, date=env["date"], device=env["device"], torch=env["torch"],
+        entries[path] = dict(kind=kind, date=env["date"], device=device, torch=env["torch"],
                              triton=env["triton"], commit=env["commit"], sources=prints[path], world_sizes=worlds,
                              dtypes=sorted({p["dtype"] for p in pts}), hiddens=sorted({p["hidden"] for p in pts}),
                              cases=len(pts), passed=sum(p["ok"] for p in pts), protocol_checks=len(protocol),
                              ok=not problems, problems=problems[:10], features=features,
-                             features_by_world=by_world, refused=refused,
-                             results=results_dir)
+                             features_by_world=by_world, refused=refused, gaps=gaps,
+                             recordable=bool(pts) or bool(problems), results=results_dir)
     return entries

@@ -81,7 +81,8 @@ def test_evidence_covers_only_the_world_sizes_and_dtypes_it_ran(monkeypatch, tmp
         at2 = Problem(RESIDUAL_RMSNORM, 8, 8192, torch.bfloat16, "cuda", 2)
         assert SYMM.check(at2, GroupCaps(**{**CAPS.__dict__, "world_size": 2}), "lamport") is None
         why = SYMM.check(_problem(), CAPS, "lamport")  # 4 ranks
-        assert "not yet verified at world size 4 in bfloat16 (verified: world sizes [2], dtypes ['bfloat16'])" in why
+        assert "not yet verified at world size 4 in bfloat16" in why
+        assert "(verified: world sizes [2], dtypes ['bfloat16'])" in why
         fp32 = Problem(RESIDUAL_RMSNORM, 8, 8192, torch.float32, "cuda", 2)
         assert "at world size 2 in float32" in SYMM.check(fp32, GroupCaps(**{**CAPS.__dict__, "world_size": 2}),
                                                           "lamport")
@@ -254,24 +255,59 @@ def test_every_fingerprint_is_the_same_in_every_process():
 
 
 
-def test_a_run_cut_short_vouches_at_each_world_size_for_what_ran_there():
+def _results(points, protocol_worlds=(2, 8), triton="3.6.0", device="gpu"):
+    prints = {f"triton_symm/{v}": "sha256:x" for v in ("lamport", "lamport_two_shot", "one_shot", "two_shot")}
+    return dict(environment=dict(date="2026-12-07", device=device, torch="2.11", triton=triton, commit="c"),
+                fingerprints=prints, points=points,
+                timeouts=[dict(variant="lamport", world=w, check="timeout", ok=True) for w in protocol_worlds],
+                graphs=[dict(variant="lamport", world=w, check="graph", ok=True) for w in protocol_worlds])
+
+
+def _point(world, spec, features, ok=True, dtype="bfloat16"):
+    return dict(variant="lamport", world=world, spec=spec, features=features, ok=ok, mode="plain", dtype=dtype,
+                hidden=7168, problem=None if ok else "differs")
+
+
+def test_a_run_cut_short_vouches_at_each_world_size_and_dtype_for_what_ran_there():
     from arfuse.testing import verification_run as vrun
 
-    def point(world, spec, features, ok=True):
-        return dict(variant="lamport", world=world, spec=spec, features=features, ok=ok, mode="plain",
-                    dtype="bfloat16", hidden=7168, problem=None if ok else "differs")
-
-    prints = {f"triton_symm/{v}": "sha256:x" for v in ("lamport", "lamport_two_shot", "one_shot", "two_shot")}
-    results = dict(environment=dict(date="2026-12-07", device="gpu", torch="2", triton="3", commit="c"),
-                   fingerprints=prints, timeouts=[dict(variant="lamport", world=w, check="timeout", ok=True)
-                                                  for w in (2, 8)],
-                   graphs=[dict(variant="lamport", world=w, check="graph", ok=True) for w in (2, 8)],
-                   points=[point(2, "allreduce", []), point(2, "fp8g", ["fp8_group", "residual"]),
-                           point(8, "allreduce", []), point(8, "res", ["residual"])])
-    entry = vrun.evidence([results], "here")["triton_symm/lamport"]
-    assert entry["ok"] and entry["world_sizes"] == [2, 8]
+    points = [_point(2, "allreduce", []), _point(2, "fp8g", ["fp8_group", "residual"]), _point(8, "allreduce", []),
+              _point(8, "res", ["residual"]), _point(8, "res", ["residual"], dtype="float32")]
+    entry = vrun.evidence([_results(points)], "here")["triton_symm/lamport"]
+    assert entry["ok"] and entry["recordable"] and entry["world_sizes"] == [2, 8] and entry["gaps"] == []
     assert entry["features"] == ["fp8_group", "residual"]
-    assert entry["features_by_world"] == {"2": ["fp8_group", "residual"], "8": ["residual"]}
+    assert entry["features_by_world"] == {"2": {"bfloat16": ["fp8_group", "residual"]},
+                                          "8": {"bfloat16": ["residual"], "float32": ["residual"]}}
+    v = verification.Verdict("p", "s", (), [dict(entry, sources="s")])
+    assert v.reason(["residual"], "res", 8, torch.float32) is None
+    assert "fp8_group not yet verified on GPUs at world size 8" in v.reason(["fp8_group"], "x", 8, torch.bfloat16)
+    assert "residual not yet verified on GPUs at world size 2" in v.reason(["residual"], "res", 2, torch.float32)
+
+
+def test_a_part_of_a_run_without_its_protocol_checks_is_a_gap_not_a_failure():
+    from arfuse.testing import verification_run as vrun
+
+    points = [_point(2, "res", ["residual"]), _point(4, "res", ["residual"])]
+    alone = vrun.evidence([_results(points, protocol_worlds=())], "here")["triton_symm/lamport"]
+    assert not alone["recordable"] and alone["cases"] == 0
+    assert alone["gaps"] == ["1 points at 2 ranks left out: no timeout or graph check there",
+                             "1 points at 4 ranks left out: no timeout or graph check there"]
+    part = vrun.evidence([_results(points, protocol_worlds=(2,))], "here")["triton_symm/lamport"]
+    assert part["ok"] and part["recordable"] and part["world_sizes"] == [2] and len(part["gaps"]) == 1
+    failed = _results(points, protocol_worlds=(2, 4))
+    failed["graphs"][1] = dict(variant="lamport", world=4, check="graph", ok=False, problem="replay 3 differs")
+    entry = vrun.evidence([failed], "here")["triton_symm/lamport"]
+    assert entry["recordable"] and not entry["ok"] and "graph check at 4 ranks failed" in entry["problems"][0]
+
+
+def test_parts_of_a_run_on_different_releases_are_not_merged():
+    from arfuse.testing import verification_run as vrun
+
+    points = [_point(2, "res", ["residual"])]
+    both = vrun.evidence([_results(points), _results(points, triton="3.6.1", device="other gpu")], "here")
+    assert both["triton_symm/lamport"]["device"] == "gpu, other gpu"
+    with pytest.raises(ValueError, match="different triton releases"):
+        vrun.evidence([_results(points), _results(points, triton="3.9.0")], "here")
 
 
 def test_evidence_covers_only_the_triton_release_it_ran_with(monkeypatch, tmp_path):
@@ -283,3 +319,39 @@ def test_evidence_covers_only_the_triton_release_it_ran_with(monkeypatch, tmp_pa
         monkeypatch.setattr(verification, "triton_version", lambda: "3.9.0")
         why = SYMM.check(_problem(), CAPS, "lamport")
         assert "verified with Triton 3.6.0, not with this Triton 3.9.0" in why and base.ALLOW_UNVERIFIED_ENV in why
+
+
+def test_the_triton_filter_comes_first_and_each_release_keeps_its_evidence(monkeypatch, tmp_path):
+    old = dict(_records.entry("triton_symm/lamport", FEATURES, world_sizes=(2,)), triton="3.6.0")
+    new = dict(_records.entry("triton_symm/lamport", FEATURES, world_sizes=(4,)), triton="3.9.0")
+    record = {"paths": {}}
+    verification.add(record, "triton_symm/lamport", old)
+    verification.add(record, "triton_symm/lamport", new)
+    assert record["paths"]["triton_symm/lamport"] == [old, new]  # a run on another Triton replaces nothing
+    v = verification.Verdict("triton_symm/lamport", old["sources"], (), [old, new])
+    why = v.reason(["residual"], "residual_rmsnorm", 2, torch.bfloat16, "3.9.0")
+    assert "not yet verified at world size 2 in bfloat16 with Triton 3.9.0 (verified: world sizes [4]" in why
+    assert v.reason(["residual"], "residual_rmsnorm", 2, torch.bfloat16, "3.6.2") is None
+    assert "not with this Triton unknown" in v.reason(["residual"], None, 2, torch.bfloat16, "unknown")
+
+
+def test_an_unreadable_triton_version_matches_only_itself(monkeypatch):
+    assert verification.same_release("3.6.0", "3.6.1+git") and not verification.same_release("3.6.0", "3.9.0")
+    assert not verification.same_release("unknown", "3.6.0") and verification.same_release("dev", "dev")
+    from arfuse.core import requirements
+
+    verification.triton_version.cache_clear()
+    monkeypatch.setattr(requirements, "installed_version",
+                        lambda name: "3.7.0+rocm" if name == "pytorch-triton-rocm" else None)
+    try:
+        assert verification.triton_version() == "3.7.0+rocm"
+    finally:
+        verification.triton_version.cache_clear()
+
+
+def test_entries_with_one_feature_list_per_world_size_are_read_too():
+    e = dict(_records.entry("triton_symm/lamport", FEATURES, world_sizes=(2, 4)),
+             features_by_world={"2": sorted(FEATURES)})
+    v = verification.Verdict("p", e["sources"], (), [e])
+    assert v.reason(["residual"], None, 2, torch.bfloat16) is None
+    assert "residual not yet verified on GPUs at world size 4" in v.reason(["residual"], None, 4, torch.bfloat16)

@@ -121,4 +121,5 @@ def test_every_variant_runs_correctly_on_interpreted_virtual_ranks():
     for path, entry in found["evidence"].items():
         assert entry["ok"] and entry["world_sizes"] == [2, 3] and entry["refused"] == {}, (path, entry)
         assert {"moe_finalize", "fp8_group", "ue8m0", "weight_offset", "also_norm"} <= set(entry["features"])
-        assert entry["features_by_world"] == {"2": entry["features"], "3": entry["features"]}, path
+        assert entry["features_by_world"] == {w: {"bfloat16": entry["features"]} for w in ("2", "3")}, path
+        assert entry["recordable"] and entry["gaps"] == [], path
