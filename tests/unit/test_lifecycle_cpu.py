@@ -70,8 +70,9 @@ def _cycles(rank: int, world: int, n: int, group=None) -> dict:
 
 
 def _judge(got: dict, context: str) -> list:
+    # a leak grows; a count that fell (gloo or the interpreter closing a descriptor of its own) is none
     problems = [f"{context}: {k} {got['start'][k]} -> {got['end'][k]}" for k in got["start"]
-                if got["end"][k] != got["start"][k]]
+                if got["end"][k] > got["start"][k]]
     if got["live"]:
         problems.append(f"{context}: {got['live']} fault workspaces never closed")
     if not got["worst"] <= TOLERANCE[torch.float32]:
