@@ -353,8 +353,11 @@ def verdicts(record: Optional[dict] = None) -> List[Verdict]:
     return found + [component_verdict(name, record) for name in COMPONENTS]
 
 
-def summary(v: Verdict) -> dict:
-    """One verdict as plain data: what is verified now, on what evidence, what went stale."""
+def summary(v: Verdict, triton: Optional[str] = None) -> dict:
+    """One verdict as plain data: what is verified now, on what evidence, what went stale. With ``triton`` (the
+    version installed here; ``doctor`` passes it), a path whose evidence is all on other Triton releases says so."""
+    other = triton is not None and v.evidence and not any(
+        not e.get("triton") or same_release(e["triton"], triton) for e in v.evidence)
     if v.failed:
         now = "nothing (failed on this code)"
     elif v.features is None:
@@ -369,6 +372,8 @@ def summary(v: Verdict) -> dict:
                 now += f"; at W={w} only {', '.join(sorted(at)) or 'the base pattern'}"
         refused = sorted({name for e in v.evidence for name in e.get("refused", {})})
         now += f" (except {', '.join(refused)})" if refused else ""
+    if other and not v.failed:
+        now = f"nothing with this Triton {triton} (verified with another release: {now})"
     return {"path": v.path, "verified": now, "evidence": [_evidence_text(e) for e in v.evidence + v.failed],
             "stale": [_evidence_text(e) for e in v.stale], "files": list(v.files)}
 

@@ -113,7 +113,7 @@ def collect(args) -> Dict[str, Any]:
 
     report = {
         "backends": backends,
-        "verification": [verification.summary(v) for v in verification.verdicts()],
+        "verification": [verification.summary(v, verification.triton_version()) for v in verification.verdicts()],
         "group_restriction": group_restriction(caps),
         "device": {"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": no_gpu is None,
                    "no_gpu_reason": no_gpu, "device": str(device),

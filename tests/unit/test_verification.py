@@ -355,3 +355,11 @@ def test_entries_with_one_feature_list_per_world_size_are_read_too():
     v = verification.Verdict("p", e["sources"], (), [e])
     assert v.reason(["residual"], None, 2, torch.bfloat16) is None
     assert "residual not yet verified on GPUs at world size 4" in v.reason(["residual"], None, 4, torch.bfloat16)
+
+
+def test_the_summary_says_when_the_evidence_is_for_another_triton(monkeypatch, tmp_path):
+    e = dict(_records.entry("triton_symm/lamport", CLASSIC_FEATURES), triton="3.6.0")
+    v = verification.Verdict("triton_symm/lamport", e["sources"], (), [e])
+    assert verification.summary(v)["verified"].startswith("fp8_static, norm")  # the README's table: whatever Triton is here
+    assert verification.summary(v, "3.6.1")["verified"].startswith("fp8_static, norm")
+    assert verification.summary(v, "3.9.0")["verified"].startswith("nothing with this Triton 3.9.0 (verified with")
