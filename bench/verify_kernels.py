@@ -40,8 +40,8 @@ def _run(args) -> int:
         tiers = [t if i in args.tiers else [] for i, t in enumerate(tiers)]
     protocol = vrun.protocol_checks(replays=args.replays) if args.protocol else None
     n = sum(len(t) for t in tiers)
-    bar = progress(n * (2 if args.workers else 1) + (len(protocol["timeouts"]) + len(protocol["graphs"]) if protocol else 0),
-                   f"verify {args.plan}", unit="check")
+    checks = len(protocol["timeouts"]) + len(protocol["graphs"]) if protocol else 0
+    bar = progress(n * (2 if args.workers else 1) + checks, f"verify {args.plan}", unit="check")
     results = vrun.run(tiers, device, protocol, args.workers, deadline_s=args.deadline,
                        progress=lambda stage, k: (bar.set_postfix_str(stage, refresh=False), bar.update(k)))
     bar.close()

@@ -185,6 +185,11 @@ def same_release(a: str, b: str) -> bool:
     return ma == mb if ma and mb else str(a) == str(b)
 
 
+def _on_release(entry: dict, triton: str) -> bool:
+    """Whether ``entry`` was made with Triton ``triton``'s release (an entry that names none covers every one)."""
+    return not entry.get("triton") or same_release(entry["triton"], triton)
+
+
 TRITON_DISTRIBUTIONS = ("triton", "pytorch-triton", "pytorch-triton-rocm")
 
 
@@ -258,7 +263,7 @@ class Verdict:
                         f"{e['refused'][spec_name]}")
         matching = self.evidence
         if triton is not None:
-            matching = [e for e in self.evidence if not e.get("triton") or same_release(e["triton"], triton)]
+            matching = [e for e in self.evidence if _on_release(e, triton)]
             if not matching:
                 ran = sorted({str(e.get("triton")) for e in self.evidence})
                 return (f"{self.path}: verified with Triton {', '.join(ran)}, not with this Triton {triton} (its "
@@ -356,8 +361,7 @@ def verdicts(record: Optional[dict] = None) -> List[Verdict]:
 def summary(v: Verdict, triton: Optional[str] = None) -> dict:
     """One verdict as plain data: what is verified now, on what evidence, what went stale. With ``triton`` (the
     version installed here; ``doctor`` passes it), a path whose evidence is all on other Triton releases says so."""
-    other = triton is not None and v.evidence and not any(
-        not e.get("triton") or same_release(e["triton"], triton) for e in v.evidence)
+    other = triton is not None and v.evidence and not any(_on_release(e, triton) for e in v.evidence)
     if v.failed:
         now = "nothing (failed on this code)"
     elif v.features is None:

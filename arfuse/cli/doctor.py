@@ -133,16 +133,11 @@ def collect(args) -> Dict[str, Any]:
 
 
 def _triton_version() -> Optional[str]:
-    """The installed Triton's version, or None (not imported: this only reads the package metadata)."""
-    import importlib.metadata
-    import importlib.util
+    """The installed Triton's version as the verification record reads it, or None (not installed)."""
+    from arfuse.backends import verification
 
-    if importlib.util.find_spec("triton") is None:
-        return None
-    try:
-        return importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        return "installed (version unknown)"
+    found = verification.triton_version()
+    return "installed (version unknown)" if found == "unknown" else found
 
 
 def _yes_no(value: bool, why_not: Optional[str] = None) -> str:

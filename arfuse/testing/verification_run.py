@@ -210,13 +210,11 @@ def evidence(results: Sequence[dict], results_dir: str, kind: str = "virtual_ran
     fps = {tuple(sorted(r["fingerprints"].items())) for r in results}
     if len(fps) != 1:
         raise ValueError("evidence: the results come from runs on different code; record each run on its own")
-    for key in ("torch", "triton"):
-        found = {str(r["environment"].get(key)) for r in results}
-        if key == "triton" and all(verification.same_release(a, b) for a in found for b in found):
-            continue
-        if len(found) > 1:
-            raise ValueError(f"evidence: the results come from different {key} releases ({', '.join(sorted(found))});"
-                             f" record each on its own")
+    for key, same in (("torch", str.__eq__), ("triton", verification.same_release)):  # Triton: per major.minor
+        found = sorted({str(r["environment"].get(key)) for r in results})
+        if not all(same(a, b) for a in found for b in found):
+            raise ValueError(f"evidence: the results come from different {key} releases ({', '.join(found)}); "
+                             f"record each on its own")
     env, prints = results[0]["environment"], results[0]["fingerprints"]
     device = ", ".join(sorted({r["environment"]["device"] for r in results}))
     entries = {}
@@ -224,11 +222,11 @@ def evidence(results: Sequence[dict], results_dir: str, kind: str = "virtual_ran
         path = f"triton_symm/{variant}"
         protocol = [c for r in results for c in r["timeouts"] + r["graphs"] if c["variant"] == variant]
         ran = [p for r in results for p in r["points"] if p["variant"] == variant]
-        checked = {w for w in {p["world"] for p in ran}
-                   if all(any(c["world"] == w and c["check"] == k for c in protocol) for k in require)}
-        gaps = [f"{sum(p['world'] == w for p in ran)} points at {w} ranks left out: no "
-                f"{' or '.join(k for k in require if not any(c['world'] == w and c['check'] == k for c in protocol))}"
-                f" check there" for w in sorted({p["world"] for p in ran} - checked)]
+        lacking = {w: [k for k in require if not any(c["world"] == w and c["check"] == k for c in protocol)]
+                   for w in sorted({p["world"] for p in ran})}  # world size -> the required checks it has none of
+        checked = {w for w, kinds in lacking.items() if not kinds}
+        gaps = [f"{sum(p['world'] == w for p in ran)} points at {w} ranks left out: no {' or '.join(kinds)} check there"
+                for w, kinds in lacking.items() if kinds]
         pts = [p for p in ran if p["world"] in checked]
         worlds = sorted(checked)
         problems = [f"{c['check']} check at {c['world']} ranks failed: {c['problem']}"
